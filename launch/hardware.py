@@ -37,7 +37,7 @@ class Chip(BaseModel):
 
     name: str = ""
     kind: Literal["cpu", "gpu", "tpu"]
-    peak_bf16_tflops: float = Field(gt=0)
+    peak_tflops: float = Field(gt=0)
     hbm_gib: float = Field(gt=0)
     hbm_gbps: float = Field(gt=0)
     ici_gbps: float = Field(gt=0, description="collective bandwidth per chip in the fast domain, one way")
@@ -54,7 +54,7 @@ class Chip(BaseModel):
     @property
     def peak_flops(self) -> float:
         """Peak dense bf16 FLOP/s of one chip."""
-        return self.peak_bf16_tflops * 1e12
+        return self.peak_tflops * 1e12
 
     @property
     def hbm_bytes(self) -> float:
@@ -115,15 +115,15 @@ def _load_cached(path: str) -> dict[str, Chip]:
         raise HardwareError(f"cannot read hardware table {file}: {err}") from None
     except yaml.YAMLError as err:
         raise HardwareError(f"{file}: not valid YAML: {err}") from None
-    entries = data.get("chips") if isinstance(data, dict) else None
+    entries = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
-        raise HardwareError(f"{file}: expected a top-level 'chips:' mapping of chip name -> figures")
+        raise HardwareError(f"{file}: expected a top-level 'devices:' mapping of chip name -> figures")
     chips: dict[str, Chip] = {}
     for name, figures in entries.items():
         try:
             chips[name] = Chip.model_validate({**(figures or {}), "name": name})
         except ValidationError as err:
-            problems = "; ".join(f"chips.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            problems = "; ".join(f"devices.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise HardwareError(f"{file}: {problems}") from None
     return chips
 
