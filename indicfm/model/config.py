@@ -1,11 +1,84 @@
-"""Config section ``model``: architecture of the MoE transformer (owned by indicfm/model/)."""
+"""Config section ``model``: architecture of the MoE transformer (owned by indicfm/model/).
 
-from pydantic import Field
+Every field is a plain scalar or string (no lists) so the whole config is hashable and can be
+a static argument under ``jax.jit``.
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from indicfm.config_base import Section
 
 
 class ModelConfig(Section):
-    vocab_size: int = Field(64000, gt=0)
-    d_model: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
+    """Decoder-only Mixture-of-Experts transformer (GQA attention, RoPE, RMSNorm, SwiGLU experts)."""
+
+    model_config = Section.model_config | {"frozen": True}
+
+    vocab_size: int = Field(64000, gt=0, description="tokenizer vocabulary size (rows of the embedding)")
+    d_model: int = Field(256, gt=0, description="width of the residual stream (D)")
+    num_layers: int = Field(4, gt=0, description="number of transformer blocks")
+    num_heads: int = Field(4, gt=0, description="query heads (H)")
+    num_kv_heads: int = Field(2, gt=0, description="key/value heads (K) for grouped-query attention; divides num_heads")
+    head_dim: int = Field(64, gt=0, description="width of one attention head")
+    d_ff: int = Field(1024, gt=0, description="hidden width (F) of the SwiGLU MLP in dense layers")
+    num_experts: int = Field(8, gt=0, description="routed experts per MoE layer (E)")
+    num_shared_experts: int = Field(0, ge=0, description="always-on shared experts per MoE layer (S)")
+    top_k: int = Field(2, gt=0, description="routed experts chosen per token")
+    d_expert: int = Field(256, gt=0, description="hidden width of one expert's SwiGLU MLP")
+    first_dense_layers: int = Field(1, ge=0, description="the first N blocks use a dense MLP instead of MoE")
+    router: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="softmax: gates are the softmax probabilities of the chosen experts; "
+        "sigmoid: sigmoid scores normalised over the chosen k (DeepSeek-V3)",
+    )
+    dispatch: Literal["capacity", "dropless"] = Field(
+        "dropless",
+        description="capacity: fixed per-expert buffers, over-capacity tokens skip the layer; "
+        "dropless: tokens sorted by expert and a grouped matmul, nothing dropped",
+    )
+    grouped_matmul: Literal["auto", "ragged_dot", "tokamax", "dense"] = Field(
+        "auto",
+        description="dropless kernel: auto = ragged_dot on CPU/TPU, tokamax on GPU if installed, else dense",
+    )
+    capacity_factor: float = Field(
+        1.25, gt=0, description="capacity dispatch: slots per expert = ceil(factor * seq_len * top_k / E) per sequence"
+    )
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight of the Switch/GShard load-balancing loss")
+    z_loss_weight: float = Field(0.001, ge=0, description="weight of the router z-loss (mean squared logsumexp)")
+    loss_free_bias: bool = Field(
+        False, description="DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added for selection only"
+    )
+    bias_update_rate: float = Field(0.001, ge=0, description="step size of the loss-free balancing bias update")
+    tie_embeddings: bool = Field(True, description="reuse the input embedding as the output projection")
+    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
+    norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon")
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype parameters are stored in")
+    compute_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="dtype matmuls run in")
+    remat: Literal["none", "attention", "full"] = Field(
+        "none", description="rematerialisation: recompute nothing, the attention sub-layer, or the whole block"
+    )
+    attention_impl: Literal["auto", "xla", "cudnn", "reference"] = Field(
+        "auto", description="auto: cudnn on GPU, xla elsewhere; reference: plain einsum (tests)"
+    )
+    max_seq_len: int = Field(2048, gt=0, description="longest sequence the model is trained/served with")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        if self.first_dense_layers > self.num_layers:
+            raise ValueError(
+                f"first_dense_layers ({self.first_dense_layers}) must not exceed num_layers ({self.num_layers})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        return self
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Blocks whose MLP is a Mixture of Experts."""
+        return self.num_layers - self.first_dense_layers

@@ -1,0 +1,109 @@
+"""Grouped-query self-attention: causal and segment-aware, with a backend chosen per platform.
+
+Packed batches (issue 3) hold several documents per row: ``segment_ids`` gives each document its
+own id > 0 (0 marks padding) and a token may only attend to earlier tokens of the same segment.
+``jax.nn.dot_product_attention`` (jax 0.10) has no segment-id argument, so the segment rule is
+passed as a boolean mask ``[B, 1, L, L]``; on cuDNN ``is_causal=True`` adds the causal part in the
+kernel and the mask is turned into an additive bias by jax.  Padding tokens attend to padding only,
+so no row is fully masked (no NaNs); their outputs are ignored by the loss.
+
+The module exposes ``project_qkv`` and ``attend`` separately so a KV cache for generation can sit
+between them (issue 9).
+
+Shape legend: B batch, L query length, S key length, D model, H query heads, K kv heads, G head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from indicfm.model.config import ModelConfig
+from indicfm.model.layers import compute_dtype, make_param, param_dtype, rope
+from indicfm.sharding import constrain
+
+
+def segment_mask(q_segment_BxL: jax.Array, kv_segment_BxS: jax.Array, q_pos_BxL=None, kv_pos_BxS=None) -> jax.Array:
+    """Boolean ``[B, 1, L, S]``: same segment, and (when positions of the flattened sequence are
+    given) causal.  Without positions the causal part is the lower triangle of the index grid."""
+    same_BxLxS = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+    if q_pos_BxL is None:
+        L, S = q_segment_BxL.shape[1], kv_segment_BxS.shape[1]
+        causal_LxS = jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :]
+        mask = same_BxLxS & causal_LxS[None]
+    else:
+        mask = same_BxLxS & (q_pos_BxL[:, :, None] >= kv_pos_BxS[:, None, :])
+    return mask[:, None, :, :]
+
+
+def reference_attention(q_BxLxHxG: jax.Array, k_BxSxKxG: jax.Array, v_BxSxKxG: jax.Array, mask_Bx1xLxS) -> jax.Array:
+    """Plain float32 softmax attention with GQA head sharing; the independent check for tests."""
+    B, L, H, G = q_BxLxHxG.shape
+    K = k_BxSxKxG.shape[2]
+    q = q_BxLxHxG.astype(jnp.float32).reshape(B, L, K, H // K, G)
+    logits_BxKxRxLxS = jnp.einsum("blkrg,bskg->bkrls", q, k_BxSxKxG.astype(jnp.float32)) * G**-0.5
+    logits_BxKxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxRxLxS, -1e30)
+    probs = jax.nn.softmax(logits_BxKxRxLxS, axis=-1)
+    out = jnp.einsum("bkrls,bskg->blkrg", probs, v_BxSxKxG.astype(jnp.float32))
+    return out.reshape(B, L, H, G).astype(q_BxLxHxG.dtype)
+
+
+def resolve_impl(attention_impl: str) -> str:
+    """'auto' -> 'cudnn' on GPU, 'xla' elsewhere (TPU splash attention is not wired yet)."""
+    if attention_impl != "auto":
+        return attention_impl
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str) -> jax.Array:
+    """Dispatch to the chosen backend; all take the same segment/causal mask."""
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return reference_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS)
+    if impl == "cudnn":
+        # cuDNN kernels need half precision; the causal part runs in-kernel.
+        dtype = jnp.bfloat16 if q_BxLxHxG.dtype == jnp.float32 else q_BxLxHxG.dtype
+        out = jax.nn.dot_product_attention(
+            q_BxLxHxG.astype(dtype), k_BxSxKxG.astype(dtype), v_BxSxKxG.astype(dtype),
+            mask=mask_Bx1xLxS, is_causal=True, implementation="cudnn",
+        )
+        return out.astype(q_BxLxHxG.dtype)
+    return jax.nn.dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask=mask_Bx1xLxS, implementation="xla")
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE; heads split over the ``tensor`` mesh axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, G = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt = param_dtype(cfg)
+        self.w_q_DxHxG = make_param(rngs, (D, H, G), ("embed", "heads", "head_dim"), pdt)
+        self.w_k_DxKxG = make_param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), pdt)
+        self.w_v_DxKxG = make_param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), pdt)
+        self.w_o_HxGxD = make_param(rngs, (H, G, D), ("heads", "head_dim", "embed"), pdt, fan_in=H * G)
+        self.rope_theta = cfg.rope_theta
+        self.impl = cfg.attention_impl
+        self.dtype = compute_dtype(cfg)
+
+    def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array):
+        """Queries, keys and values with RoPE applied (what a KV cache would store: k, v)."""
+        dt = x_BxLxD.dtype
+        q = jnp.einsum("bld,dhg->blhg", x_BxLxD, self.w_q_DxHxG[...].astype(dt))
+        k = jnp.einsum("bld,dkg->blkg", x_BxLxD, self.w_k_DxKxG[...].astype(dt))
+        v = jnp.einsum("bld,dkg->blkg", x_BxLxD, self.w_v_DxKxG[...].astype(dt))
+        q_BxLxHxG = constrain(rope(q, positions_BxL, self.rope_theta), ("batch", "length", "act_heads", None))
+        k_BxLxKxG = constrain(rope(k, positions_BxL, self.rope_theta), ("batch", "length", "act_kv_heads", None))
+        v_BxLxKxG = constrain(v, ("batch", "length", "act_kv_heads", None))
+        return q_BxLxHxG, k_BxLxKxG, v_BxLxKxG
+
+    def attend(self, q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS) -> jax.Array:
+        """Attention over given keys/values and the output projection back to D."""
+        out_BxLxHxG = dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, self.impl)
+        out_BxLxHxG = constrain(out_BxLxHxG, ("batch", "length", "act_heads", None))
+        return jnp.einsum("blhg,hgd->bld", out_BxLxHxG, self.w_o_HxGxD[...].astype(out_BxLxHxG.dtype))
+
+    def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
+        mask_Bx1xLxL = segment_mask(segment_ids_BxL, segment_ids_BxL)
+        return self.attend(q, k, v, mask_Bx1xLxL)

@@ -1,0 +1,355 @@
+"""Mixture-of-Experts feed-forward: router, two dispatch implementations, auxiliary losses.
+
+Flow of one MoE layer (``MoE.__call__``):
+
+1. **Route** (plain jit code, sharded by the compiler like any activation): float32 router logits
+   ``[B, L, E]``; scores are softmax probabilities or sigmoids; the top-k experts are chosen on
+   ``score + bias`` (the bias is the loss-free balancing term, used for *selection only*); gates are
+   the softmax probabilities of the chosen experts, or the chosen sigmoid scores renormalised to sum
+   to one.  Load-balancing loss, z-loss, per-expert counts and (capacity dispatch) each
+   assignment's slot in its expert's buffer are computed here over the *global* batch, so they do
+   not depend on the mesh.
+2. **Experts** (inside ``jax.shard_map`` when a mesh is set): tokens are grouped per expert, sent
+   with ``all_to_all`` over the ``expert`` mesh axis to the devices owning their experts, run
+   through the SwiGLU experts (hidden width split over ``tensor``, partial sums ``psum``-ed), and
+   sent back, then combined with their gates.  Shared experts are a dense SwiGLU on every token.
+
+Dispatch implementations (``ModelConfig.dispatch``), with T tokens per device, k = top_k,
+E experts, D model width, F = d_expert, n = size of the expert mesh axis:
+
+* ``capacity`` — token-choice top-k with a fixed buffer of ``C = ceil(capacity_factor * L * k / E)``
+  slots per expert *per sequence* (a sequence is the balancing group, so results do not depend on
+  how the batch is sharded).  Priority: all first choices in sequence order, then all second
+  choices, ...  Assignments beyond C are dropped: the token passes through the residual only for
+  that expert, and is counted in ``dropped_fraction``.  Buffers ``[E, B, C, D]`` are filled by a
+  scatter and read back by a gather.  FLOPs: ``6 * E * B * C * D * F`` ≈ ``capacity_factor * 6 * T * k
+  * D * F`` (padding slots are computed too); memory: ``E * B * C * (D + 2F)`` activations, i.e.
+  ``capacity_factor`` times the useful ``T * k * (D + 2F)``; one all-to-all of ``T*k*cf*D`` each way.
+* ``dropless`` — assignments sorted by expert and a grouped matmul (``jax.lax.ragged_dot`` on
+  CPU/TPU; tokamax's grouped matmul on GPU when installed, else a masked dense loop over the experts
+  — never ``ragged_dot`` on GPU, which lowers to a dense masked product there).  Nothing is dropped.
+  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax (``E`` times that with the dense GPU
+  fallback); memory ``T * k * (D + 2F)``.  With expert parallelism the number of rows a device sends
+  to each peer is data-dependent, so each peer gets a worst-case buffer of ``T * k`` rows:
+  all-to-all traffic and receive memory are ``n * T * k * D`` (n times the useful amount) — exact
+  and never dropping, at a memory price that grows with the expert axis.
+
+Shape legend: B batch, L length, D model, E experts, F expert hidden, C capacity slots,
+k chosen experts per token, T tokens, M token-expert assignments (T*k), N expert-axis size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from indicfm.model.config import ModelConfig
+from indicfm.model.layers import SwiGLU, make_param, param_dtype
+from indicfm.sharding import current_mesh, logical_to_spec
+
+
+class RouterBias(nnx.Variable):
+    """Loss-free balancing bias (DeepSeek-V3). Not an ``nnx.Param``: the optimizer never updates it;
+    ``update_router_bias`` does, from the routed token counts."""
+
+
+@struct.dataclass
+class MoEStats:
+    """Router statistics of a forward pass (a pytree, so it can leave a jitted step).
+
+    aux_loss: scalar, already weighted: sum over MoE layers of
+        ``aux_loss_weight * load_balance + z_loss_weight * z_loss`` — add it to the CE loss.
+    load_balance_loss, z_loss: unweighted, mean over MoE layers (for logging).
+    expert_counts: ``[num_moe_layers, E]`` token assignments routed to each expert (before drops,
+        padding excluded).
+    dropped_fraction: scalar, share of (non-padding) assignments dropped by capacity, mean over layers.
+    """
+
+    aux_loss: jax.Array
+    load_balance_loss: jax.Array
+    z_loss: jax.Array
+    expert_counts: jax.Array
+    dropped_fraction: jax.Array
+
+
+@struct.dataclass
+class Routing:
+    """Routing decision of one layer for a ``[B, L]`` batch."""
+
+    expert_BxLxk: jax.Array  # int32 chosen experts
+    gate_BxLxk: jax.Array  # float32 combine weights (0 for padding tokens)
+    slot_BxLxk: jax.Array  # int32 slot in the expert's per-sequence buffer; == capacity when dropped
+    counts_E: jax.Array  # float32 assignments per expert (padding excluded)
+    load_balance_loss: jax.Array
+    z_loss: jax.Array
+    dropped_fraction: jax.Array
+
+
+def capacity_per_sequence(cfg: ModelConfig, seq_len: int) -> int:
+    """Slots per expert for one sequence: ``ceil(capacity_factor * L * top_k / E)`` (at least 1)."""
+    return max(1, math.ceil(cfg.capacity_factor * seq_len * cfg.top_k / cfg.num_experts))
+
+
+def route(
+    logits_BxLxE: jax.Array,
+    valid_BxL: jax.Array,
+    cfg: ModelConfig,
+    bias_E: jax.Array | None = None,
+    capacity: int | None = None,
+) -> Routing:
+    """Choose experts, gates, capacity slots and the balancing losses from float32 router logits.
+
+    Load balance (Switch/GShard, generalised to top-k): ``E * sum_e f_e * P_e`` where ``f_e`` is the
+    share of assignments sent to expert e and ``P_e`` the mean routing probability of e (softmax
+    probabilities, or sigmoid scores normalised over all experts); 1.0 when perfectly balanced.
+    z-loss: mean over tokens of ``logsumexp(logits)**2``.  Both average over non-padding tokens.
+    """
+    E, k = cfg.num_experts, cfg.top_k
+    logits_BxLxE = logits_BxLxE.astype(jnp.float32)
+    if cfg.router == "softmax":
+        scores_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
+        probs_BxLxE = scores_BxLxE
+    else:
+        scores_BxLxE = jax.nn.sigmoid(logits_BxLxE)
+        probs_BxLxE = scores_BxLxE / jnp.sum(scores_BxLxE, axis=-1, keepdims=True)
+    select_BxLxE = scores_BxLxE if bias_E is None else scores_BxLxE + jax.lax.stop_gradient(bias_E)
+    _, expert_BxLxk = jax.lax.top_k(select_BxLxE, k)
+    chosen_BxLxk = jnp.take_along_axis(scores_BxLxE, expert_BxLxk, axis=-1)
+    if cfg.router == "sigmoid":
+        chosen_BxLxk = chosen_BxLxk / jnp.sum(chosen_BxLxk, axis=-1, keepdims=True)
+    valid = valid_BxL.astype(jnp.float32)
+    gate_BxLxk = chosen_BxLxk * valid[..., None]
+
+    onehot_BxLxkxE = jax.nn.one_hot(expert_BxLxk, E, dtype=jnp.float32) * valid[..., None, None]
+    counts_E = jnp.sum(onehot_BxLxkxE, axis=(0, 1, 2))
+    n_valid = jnp.maximum(jnp.sum(valid), 1.0)
+    f_E = counts_E / (n_valid * k)
+    p_E = jnp.sum(probs_BxLxE * valid[..., None], axis=(0, 1)) / n_valid
+    load_balance = E * jnp.sum(f_E * p_E)
+    z_BxL = jax.nn.logsumexp(logits_BxLxE, axis=-1) ** 2
+    z_loss = jnp.sum(z_BxL * valid) / n_valid
+
+    if capacity is None:  # dropless: every assignment is kept
+        slot_BxLxk = jnp.zeros_like(expert_BxLxk)
+        dropped = jnp.zeros((), jnp.float32)
+    else:
+        # Priority order inside a sequence: choice rank first, then position ([B, k*L] flattened).
+        B, L = valid_BxL.shape
+        onehot_BxKLxE = jnp.swapaxes(onehot_BxLxkxE, 1, 2).reshape(B, k * L, E).astype(jnp.int32)
+        position_BxKLxE = jnp.cumsum(onehot_BxKLxE, axis=1) - 1
+        slot_BxKL = jnp.sum(position_BxKLxE * onehot_BxKLxE, axis=-1)
+        slot_BxLxk = jnp.swapaxes(slot_BxKL.reshape(B, k, L), 1, 2)
+        kept_BxLxk = (slot_BxLxk < capacity) & valid_BxL[..., None].astype(bool)
+        slot_BxLxk = jnp.where(kept_BxLxk, slot_BxLxk, capacity)
+        dropped = jnp.sum(valid[..., None] * (1.0 - kept_BxLxk)) / (n_valid * k)
+    return Routing(expert_BxLxk.astype(jnp.int32), gate_BxLxk, slot_BxLxk.astype(jnp.int32), counts_E,
+                   load_balance, z_loss, dropped)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped matmul backends (dropless)
+
+
+def resolve_grouped_matmul(impl: str) -> str:
+    """'auto' -> ragged_dot on CPU/TPU; on GPU tokamax if importable, else the dense loop."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "gpu":
+        return "ragged_dot"
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        return "dense"
+    return "tokamax"
+
+
+def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str) -> jax.Array:
+    """Rows of ``x`` are contiguous groups; group g is multiplied by ``w[g]``.  Rows past
+    ``sum(group_sizes)`` produce zeros."""
+    impl = resolve_grouped_matmul(impl)
+    M = x_MxD.shape[0]
+    ends_G = jnp.cumsum(group_sizes_G)
+    in_group_M = jnp.arange(M) < ends_G[-1]
+    if impl == "ragged_dot":
+        out = jax.lax.ragged_dot(x_MxD, w_GxDxF, group_sizes_G.astype(jnp.int32))
+    elif impl == "tokamax":
+        import tokamax
+
+        out = tokamax.ragged_dot(x_MxD, w_GxDxF, group_sizes_G.astype(jnp.int32))
+    elif impl == "dense":
+        starts_G = ends_G - group_sizes_G
+        rows_M = jnp.arange(M)
+
+        def one_group(acc_MxF, g):
+            mask_M = (rows_M >= starts_G[g]) & (rows_M < ends_G[g])
+            return acc_MxF + jnp.where(mask_M[:, None], x_MxD @ w_GxDxF[g], 0), None
+
+        zeros = jnp.zeros((M, w_GxDxF.shape[-1]), x_MxD.dtype)
+        out, _ = jax.lax.scan(one_group, zeros, jnp.arange(w_GxDxF.shape[0]))
+    else:
+        raise ValueError(f"unknown grouped matmul implementation {impl!r}")
+    return jnp.where(in_group_M[:, None], out, 0).astype(x_MxD.dtype)
+
+
+def _grouped_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, impl):
+    h_MxF = jax.nn.silu(grouped_matmul(x_MxD, w_gate_GxDxF, group_sizes_G, impl))
+    h_MxF = h_MxF * grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, impl)
+    return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert computation (runs per device inside shard_map; plain function without a mesh)
+
+
+def _axis_size(axis: Any) -> int:
+    return 1 if axis is None else jax.lax.axis_size(axis)
+
+
+def _capacity_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl):
+    """Capacity dispatch: scatter into ``[E, B, C, D]`` buffers, all-to-all, batched einsum, back."""
+    del gmm_impl
+    B, L, D = x_BxLxD.shape
+    E, C = num_experts, capacity
+    b_BxLxk = jnp.broadcast_to(jnp.arange(B)[:, None, None], expert_BxLxk.shape)
+    x_BxLxkxD = jnp.broadcast_to(x_BxLxD[:, :, None, :], (*expert_BxLxk.shape, D))
+    buf_ExBxCxD = jnp.zeros((E, B, C, D), x_BxLxD.dtype)
+    buf_ExBxCxD = buf_ExBxCxD.at[expert_BxLxk, b_BxLxk, slot_BxLxk].add(x_BxLxkxD, mode="drop")
+    buf_ExMxD = buf_ExBxCxD.reshape(E, B * C, D)
+    if ep_axis is not None:  # [E, B*C, D] -> [E/N local experts, N*B*C, D]
+        buf_ExMxD = jax.lax.all_to_all(buf_ExMxD, ep_axis, split_axis=0, concat_axis=1, tiled=True)
+    dt = x_BxLxD.dtype
+    h = jax.nn.silu(jnp.einsum("emd,edf->emf", buf_ExMxD, w_gate.astype(dt)))
+    h = h * jnp.einsum("emd,edf->emf", buf_ExMxD, w_up.astype(dt))
+    y_ExMxD = jnp.einsum("emf,efd->emd", h, w_down.astype(dt))
+    if tp_axis is not None:
+        y_ExMxD = jax.lax.psum(y_ExMxD, tp_axis)
+    if ep_axis is not None:
+        y_ExMxD = jax.lax.all_to_all(y_ExMxD, ep_axis, split_axis=1, concat_axis=0, tiled=True)
+    y_ExBxCxD = y_ExMxD.reshape(E, B, C, D)
+    y_BxLxkxD = y_ExBxCxD.at[expert_BxLxk, b_BxLxk, slot_BxLxk].get(mode="fill", fill_value=0)
+    return jnp.sum(y_BxLxkxD * gate_BxLxk[..., None].astype(dt), axis=2)
+
+
+def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl):
+    """Dropless dispatch: sort assignments by expert, grouped matmul (see module docstring)."""
+    del slot_BxLxk, capacity
+    B, L, D = x_BxLxD.shape
+    k = expert_BxLxk.shape[-1]
+    E, M = num_experts, B * L * k
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    expert_M = expert_BxLxk.reshape(M)
+    order_M = jnp.argsort(expert_M, stable=True)
+    expert_sorted_M = expert_M[order_M]
+    x_sorted_MxD = x_TxD[order_M // k]
+    dt = x_BxLxD.dtype
+    w_gate, w_up, w_down = w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt)
+    N = _axis_size(ep_axis)
+    if N == 1:
+        sizes_E = jnp.bincount(expert_M, length=E)
+        y_sorted_MxD = _grouped_swiglu(x_sorted_MxD, w_gate, w_up, w_down, sizes_E, gmm_impl)
+    else:
+        E_loc = E // N
+        per_dest_N = jnp.bincount(expert_M // E_loc, length=N)
+        start_N = jnp.cumsum(per_dest_N) - per_dest_N
+        i_M = jnp.arange(M)
+        # send[d, i] = i-th sorted row bound for peer d (worst-case buffer of M rows per peer)
+        src_NxM = jnp.clip(start_N[:, None] + i_M[None, :], 0, M - 1)
+        ok_NxM = i_M[None, :] < per_dest_N[:, None]
+        send_x_NxMxD = jnp.where(ok_NxM[..., None], x_sorted_MxD[src_NxM], 0)
+        local_NxM = expert_sorted_M[src_NxM] - jnp.arange(N)[:, None] * E_loc
+        send_e_NxM = jnp.where(ok_NxM, local_NxM, E_loc)  # E_loc marks an empty row
+        recv_x_NxMxD = jax.lax.all_to_all(send_x_NxMxD, ep_axis, 0, 0, tiled=True)
+        recv_e_NxM = jax.lax.all_to_all(send_e_NxM, ep_axis, 0, 0, tiled=True)
+        flat_e = recv_e_NxM.reshape(N * M)
+        order2 = jnp.argsort(flat_e, stable=True)
+        xs = recv_x_NxMxD.reshape(N * M, D)[order2]
+        sizes_Eloc = jnp.bincount(flat_e, length=E_loc + 1)[:E_loc]
+        ys = _grouped_swiglu(xs, w_gate, w_up, w_down, sizes_Eloc, gmm_impl)
+        y_flat = jnp.zeros_like(ys).at[order2].set(ys)
+        back_NxMxD = jax.lax.all_to_all(y_flat.reshape(N, M, D), ep_axis, 0, 0, tiled=True)
+        dest_M = expert_sorted_M // E_loc
+        y_sorted_MxD = back_NxMxD[dest_M, i_M - start_N[dest_M]]
+    if tp_axis is not None:
+        y_sorted_MxD = jax.lax.psum(y_sorted_MxD, tp_axis)
+    y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD)
+    y_BxLxkxD = y_MxD.reshape(B, L, k, D)
+    return jnp.sum(y_BxLxkxD * gate_BxLxk[..., None].astype(dt), axis=2)
+
+
+def run_experts(x_BxLxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, cfg: ModelConfig,
+                capacity: int | None) -> jax.Array:
+    """Expert outputs combined with gates, ``[B, L, D]``; expert-parallel when a mesh is set.
+
+    With a mesh (``jax.set_mesh``), this runs inside ``jax.shard_map`` over every mesh axis:
+    tokens split over the batch axes, experts over ``expert``, expert hidden over ``tensor``
+    (weights are gathered over ``fsdp`` by the compiler on the way in — FSDP).
+    """
+    body = _capacity_experts if cfg.dispatch == "capacity" else _dropless_experts
+    static = dict(num_experts=cfg.num_experts, capacity=capacity, gmm_impl=cfg.grouped_matmul)
+    args = (x_BxLxD, routing.expert_BxLxk, routing.gate_BxLxk, routing.slot_BxLxk,
+            w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    mesh = current_mesh()
+    if mesh is None:
+        return body(*args, ep_axis=None, tp_axis=None, **static)
+    tok_spec = logical_to_spec(("batch", None, None), x_BxLxD.shape, mesh)
+    w_in_spec = logical_to_spec(("experts", None, "expert_mlp"), w_gate_ExDxF.shape, mesh)
+    w_out_spec = logical_to_spec(("experts", "expert_mlp", None), w_down_ExFxD.shape, mesh)
+    ep_axis, tp_axis = w_in_spec[0], w_in_spec[2]
+    fn = functools.partial(body, ep_axis=ep_axis, tp_axis=tp_axis, **static)
+    sharded = jax.shard_map(
+        fn, mesh=mesh,
+        in_specs=(tok_spec, tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec, w_out_spec),
+        out_specs=tok_spec,
+    )
+    return sharded(*args)
+
+
+class MoE(nnx.Module):
+    """Routed SwiGLU experts (+ optional shared experts) replacing the dense MLP of a block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, E, F = cfg.d_model, cfg.num_experts, cfg.d_expert
+        pdt = param_dtype(cfg)
+        self.cfg = cfg
+        self.router_DxE = make_param(rngs, (D, E), ("embed", None), pdt)
+        self.w_gate_ExDxF = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pdt, fan_in=D)
+        self.w_up_ExDxF = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pdt, fan_in=D)
+        self.w_down_ExFxD = make_param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), pdt, fan_in=F)
+        self.shared = SwiGLU(D, cfg.num_shared_experts * F, pdt, rngs=rngs) if cfg.num_shared_experts else None
+        self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32)) if cfg.loss_free_bias else None
+
+    def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> tuple[jax.Array, Routing]:
+        cfg = self.cfg
+        logits_BxLxE = x_BxLxD.astype(jnp.float32) @ self.router_DxE[...].astype(jnp.float32)
+        bias_E = None if self.router_bias is None else self.router_bias[...]
+        capacity = capacity_per_sequence(cfg, x_BxLxD.shape[1]) if cfg.dispatch == "capacity" else None
+        routing = route(logits_BxLxE, valid_BxL, cfg, bias_E, capacity)
+        y_BxLxD = run_experts(x_BxLxD, routing, self.w_gate_ExDxF[...], self.w_up_ExDxF[...],
+                              self.w_down_ExFxD[...], cfg, capacity)
+        if self.shared is not None:
+            y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
+        return y_BxLxD, routing
+
+
+def update_router_bias(model: nnx.Module, expert_counts: jax.Array, rate: float) -> None:
+    """DeepSeek-V3 loss-free balancing: ``bias += rate * sign(mean_count - count)`` per MoE layer.
+
+    ``expert_counts`` is ``MoEStats.expert_counts`` ``[num_moe_layers, E]`` of the last step; layers
+    are matched in the model's order.  Under-loaded experts get a larger bias, so they are selected
+    more often; the gates (and thus gradients) are unaffected.  Works eagerly or inside ``nnx.jit``.
+    A no-op for models built without ``loss_free_bias``.
+    """
+    moe_layers = model.moe_layers()
+    for i, layer in enumerate(moe_layers):
+        if layer.router_bias is None:
+            continue
+        counts_E = expert_counts[i].astype(jnp.float32)
+        delta_E = rate * jnp.sign(jnp.mean(counts_E) - counts_E)
+        layer.router_bias[...] = layer.router_bias[...] + delta_E

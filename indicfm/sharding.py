@@ -1,0 +1,210 @@
+"""Device mesh and the ONE table of sharding rules.
+
+Layers name the axes of their parameters and key activations with *logical* names (``embed``,
+``heads``, ``mlp``, ``experts``, ``batch``, ...).  :data:`LOGICAL_AXIS_RULES` maps each logical name
+to mesh axes of the 4-axis mesh ``(data, fsdp, expert, tensor)``.  Changing the parallelism plan
+means editing that table, not the layers.
+
+How a trainer uses this module::
+
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        model = create_model(cfg.model, mesh, seed)        # parameters born sharded
+        graphdef, state = nnx.split(model)
+        shardings = state_shardings(state, mesh)           # same tree as `state`
+        step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
+                       out_shardings=(shardings, None))
+
+Rules that cannot apply to a given array (the dimension does not divide the product of the mesh
+axes, or a mesh axis is already used by an earlier dimension) fall back to replication on that
+dimension, so e.g. 2 KV heads on a 4-way tensor axis are replicated rather than failing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:  # imported lazily at run time: the model imports `constrain` from here
+    from indicfm.config import MeshConfig
+    from indicfm.model.config import ModelConfig
+    from indicfm.model.transformer import Transformer
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis name -> mesh axis (str), several mesh axes (tuple), or None (replicated).
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),  # every data-like axis: expert-parallel devices see different tokens
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",  # FSDP: the d_model dimension of every weight is split over `fsdp`
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "norm": None,
+}
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+
+def logical_axis_rules(shard_weights_over_data: bool = False) -> dict[str, Any]:
+    """The rules table, optionally also sharding weights over ``data`` (ZeRO-3 over every data-like axis)."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    if shard_weights_over_data:
+        rules["embed"] = ("data", "fsdp")
+    return rules
+
+
+def make_mesh(mesh_cfg: "MeshConfig", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the ``(data, fsdp, expert, tensor)`` mesh; one size may be -1 for "all remaining devices".
+
+    Works for any device count, multi-host included (``jax.devices()`` lists every host's devices
+    once ``jax.distributed.initialize`` has run).  Axis types are ``Auto`` so the compiler propagates
+    shardings from the constraints the layers place.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
+    free = [name for name, size in sizes.items() if size == -1]
+    bad = [name for name, size in sizes.items() if size == 0 or size < -1]
+    if bad:
+        raise ValueError(f"mesh.{bad[0]} = {sizes[bad[0]]}: sizes must be positive or -1")
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + n for n in free)}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                f"({' x '.join(f'{n}={s}' for n, s in sizes.items() if s != -1)} = {fixed}) to fill mesh.{free[0]}=-1"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    elif fixed != len(devices):
+        raise ValueError(
+            f"mesh: data x fsdp x expert x tensor = {fixed} but there are {len(devices)} devices; "
+            "set one axis to -1 or make the product equal the device count"
+        )
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    # jax.make_mesh orders devices by physical topology (ICI/NVLink neighbours) where it knows it.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None,
+    mesh: Mesh | jax.sharding.AbstractMesh,
+    rules: Rules | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry logical ``names``.
+
+    A dimension is only split over mesh axes whose product divides it; a mesh axis is used at most
+    once per array.  Unknown logical names are an error (a typo would silently replicate).
+    """
+    if not names:
+        return PartitionSpec()
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    axis_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in indicfm.sharding.LOGICAL_AXIS_RULES")
+        target = rules[name]
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        axes = tuple(a for a in axes if a in axis_sizes and axis_sizes[a] > 1 and a not in used)
+        if shape is not None:
+            # drop axes from the end until the product divides the dimension
+            while axes and shape[dim] % math.prod(axis_sizes[a] for a in axes):
+                axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    names: Sequence[str | None] | None, shape: Sequence[int] | None, mesh: Mesh, rules: Rules | None = None
+) -> NamedSharding:
+    """``NamedSharding`` for an array with logical axis ``names`` (see :func:`logical_to_spec`)."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh set by ``jax.set_mesh`` (None when running without one, e.g. single-device tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not mesh.axis_names:
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op without a mesh."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def _var_names(var: nnx.Variable) -> tuple | None:
+    return var.get_metadata().get("out_sharding")
+
+
+def state_shardings(model_or_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """NamedSharding tree for a model, an ``nnx.State`` (params, optimizer state) or an abstract state.
+
+    Each ``nnx.Variable`` is mapped through its ``out_sharding`` logical names (optimizer-state
+    variables created by ``nnx.Optimizer`` inherit them from their parameter); arrays without
+    metadata are replicated.  Use it for ``jax.jit`` in/out shardings and Orbax restore targets.
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+            shape = getattr(value, "shape", None)
+            return leaf.replace(named_sharding(_var_names(leaf), shape, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+    """Sharding of ``[B, L]`` token/segment/position batches: B split over every data-like axis."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), None, mesh, rules))
+
+
+def create_model(cfg: "ModelConfig", mesh: Mesh, seed: int = 0, rules: Rules | None = None) -> "Transformer":
+    """Instantiate the transformer with every parameter created directly in its sharded layout.
+
+    The constructor runs under ``jax.jit`` with ``out_shardings`` computed from the abstract model
+    (``nnx.eval_shape``), so each device only ever materialises its own shard.
+    """
+    from indicfm.model.transformer import Transformer  # lazy: the model imports this module
+
+    def build() -> Transformer:
+        return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+    # eval_shape outside the mesh context: with a mesh set, Flax would try to read the logical
+    # names as mesh axes.
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+    with jax.set_mesh(mesh):
+        init = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)
+        state = init()
+    return nnx.merge(graphdef, state)
