@@ -33,12 +33,16 @@ class ConfigError(ValueError):
 
 
 class MeshConfig(Section):
-    """Device mesh: sizes of the named axes; exactly one may be -1 meaning "all remaining devices"."""
+    """Device mesh (see ``indicfm.sharding``): sizes of the named axes; exactly one may be -1 meaning
+    "all remaining devices".  data x fsdp x expert x tensor must equal the device count."""
 
-    data: int = Field(-1, description="pure data parallelism (replicated weights)")
-    fsdp: int = Field(1, description="data parallelism with weights sharded (ZeRO-3 style)")
-    expert: int = Field(1, description="expert parallelism: experts split over this axis")
-    tensor: int = Field(1, description="tensor parallelism: heads and MLP hidden split")
+    data: int = Field(-1, ge=-1, description="pure data parallelism (replicated weights)")
+    fsdp: int = Field(1, ge=-1, description="data parallelism with weights sharded (ZeRO-3 style)")
+    expert: int = Field(1, ge=-1, description="expert parallelism: experts split over this axis, tokens all-to-all")
+    tensor: int = Field(1, ge=-1, description="tensor parallelism: heads and MLP hidden split")
+    shard_weights_over_data: bool = Field(
+        False, description="also shard weights over the data axis (FSDP over data x fsdp)"
+    )
 
 
 class Config(BaseModel):
