@@ -1,5 +1,143 @@
 """`indicfm tokenizer train|eval` (issue 3)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
+from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
+
 app = typer.Typer(help="Train and evaluate a SentencePiece tokenizer fair to Indic scripts.", no_args_is_help=True)
+
+
+@app.command("train")
+def train(
+    input: Annotated[
+        list[Path],
+        typer.Option("--input", "-i", help="Text/JSONL file or directory (repeatable). hin_Deva.txt = Hindi, one document per line."),
+    ],
+    output_prefix: Annotated[Path, typer.Option("--output-prefix", "-o", help="Writes PREFIX.model, PREFIX.vocab, PREFIX.json")],
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="Vocabulary size (default from config: 64000)")] = None,
+    model_type: Annotated[Optional[str], typer.Option("--model-type", help="bpe (default) or unigram")] = None,
+    allow_unknown: Annotated[
+        bool, typer.Option("--allow-unknown", help="Count files without a language code under 'unknown' instead of failing")
+    ] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a SentencePiece tokenizer with language-balanced sampling.
+
+    Text is NFC-normalised once by indicfm; SentencePiece does not normalise again, so ZWJ/ZWNJ
+    survive. Special ids: pad=0, unk=1, bos=2, eos=3.
+
+    Example:
+
+        indicfm tokenizer train --input samples/train --vocab-size 8000 --output-prefix out/tok
+    """
+    cfg = load_config_or_exit(config, set_)
+    tok_cfg = cfg.tokenizer
+    try:
+        if vocab_size is not None:
+            tok_cfg.vocab_size = vocab_size
+        if model_type is not None:
+            tok_cfg.model_type = model_type
+    except ValueError as err:
+        fail(f"invalid option: {err}")
+
+    from data_pipeline.sources import InputError
+    from tokenizer.train import train_tokenizer
+
+    try:
+        result = train_tokenizer(input, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
+    except (InputError, FileNotFoundError) as err:
+        fail(str(err))
+    except (ValueError, RuntimeError) as err:  # SentencePiece reports a bad vocab size etc. as RuntimeError
+        fail(f"training failed: {err}")
+    _print_training_summary(result)
+
+
+def _print_training_summary(result) -> None:
+    from rich.table import Table
+
+    table = Table(title="documents per language")
+    for column in ("language", "available", "sampled"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for lang, available in result.available.items():
+        table.add_row(lang, f"{available:,}", f"{result.sampled[lang]:,}")
+    console.print(table)
+    skipped = [(f.path, f.dropped) for f in result.files if f.dropped]
+    if skipped:
+        skip_table = Table(title="skipped lines per file")
+        skip_table.add_column("file")
+        skip_table.add_column("skipped (reason: count)")
+        for path, dropped in skipped:
+            skip_table.add_row(path, ", ".join(f"{reason}: {n:,}" for reason, n in dropped.items()))
+        console.print(skip_table)
+    else:
+        console.print("no lines skipped")
+    console.print(
+        f"wrote {result.model_file}, {result.vocab_file}, {result.manifest_file} in {result.seconds:.1f} s", highlight=False
+    )
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="indicfm/SentencePiece .model to evaluate")],
+    parallel: Annotated[Path, typer.Option("--parallel", "-p", help="Directory with one parallel file per language (hin_Deva.dev, eng_Latn.dev, ...)")],
+    compare: Annotated[
+        Optional[list[str]],
+        typer.Option("--compare", help="Another .model or HF tokenizer.json to put side by side; NAME=PATH names it. Repeatable."),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write REPORT.json and REPORT.md")] = None,
+) -> None:
+    """Per-language fairness report: fertility, chars/token, parity vs English, akshara split rate,
+    byte-fallback rate, round trip and ZWJ/ZWNJ kept.
+
+    Example:
+
+        indicfm tokenizer eval --model out/tok.model --parallel samples/heldout --compare gemma3=tokenizer.json --output out/report
+    """
+    from tokenizer.evaluate import evaluate_tokenizers, write_report
+
+    try:
+        report = evaluate_tokenizers([str(model), *(compare or [])], parallel)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
+    _print_report(report)
+    if output is not None:
+        json_path, md_path = write_report(report, output)
+        console.print(f"wrote {json_path} and {md_path}", highlight=False)
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tokenizer.evaluate import _fmt, _pct
+
+    out = Console()
+    table = Table(title=f"tokenizer fairness on {report.parallel_dir}")
+    for column in ("language", "tokenizer", "fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"):
+        table.add_column(column, justify="left" if column in ("language", "tokenizer") else "right")
+    languages = list(report.tokenizers[0].languages)
+    for lang in languages:
+        for i, t in enumerate(report.tokenizers):
+            m = t.languages[lang]
+            table.add_row(
+                lang if i == 0 else "", t.name, _fmt(m.fertility), _fmt(m.chars_per_token), _fmt(m.parity),
+                _pct(m.akshara_split_rate), _pct(m.byte_fallback_rate), _pct(m.round_trip_rate),
+                f"{m.zero_width_kept}/{m.zero_width}",
+            )  # fmt: skip
+        if len(report.tokenizers) > 1:
+            table.add_section()
+    out.print(table)
+    for t in report.tokenizers:
+        s = t.summary()
+        out.print(
+            f"{t.name}: mean fertility ({s['focus_languages']} focus languages) {_fmt(s['mean_fertility'])}, "
+            f"worst parity {_fmt(s['max_parity'])}, worst akshara split {_pct(s['max_akshara_split_rate'])}, "
+            f"lowest round trip {_pct(s['min_round_trip_rate'])}, ZWJ/ZWNJ kept {s['zero_width_kept']}/{s['zero_width_total']}",
+            highlight=False,
+        )
