@@ -1,0 +1,157 @@
+"""The token cache on disk: packed rows per language in tensorstore zarr v3 arrays.
+
+Layout of a cache directory::
+
+    metadata.json              written LAST: its presence means the cache is complete
+    report.json                per-language document accounting (see data_pipeline.report)
+    examples.json              a few dropped documents per reason (``indicfm data inspect``)
+    rows/<lang>/tokens         zarr v3 int32 [rows, seq_len]
+    rows/<lang>/segment_ids    zarr v3 int32 [rows, seq_len]  (0 = padding)
+    rows/<lang>/positions      zarr v3 int32 [rows, seq_len]
+    .prepare_state/            resume state of an unfinished prepare (removed when complete)
+
+Arrays are sharded (``sharding_indexed``): a shard file holds ``ROWS_PER_SHARD`` rows, each row its
+own zstd-compressed inner chunk, so the loader reads any single row with one small byte-range read
+instead of decompressing a whole chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.pack import PackedRows
+
+FORMAT_VERSION = 1
+ARRAYS = ("tokens", "segment_ids", "positions")
+ROWS_PER_SHARD = 4096
+METADATA = "metadata.json"
+STATE_DIR = ".prepare_state"
+
+
+class CacheError(ValueError):
+    """A cache directory that can't be used (incomplete, wrong format, missing)."""
+
+
+def _spec(path: Path, seq_len: int) -> dict:
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": [0, seq_len],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [ROWS_PER_SHARD, seq_len]}},
+            "data_type": "int32",
+            "fill_value": 0,
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": [1, seq_len],
+                        "codecs": inner,
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file, fsync it, then rename: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(data, out, ensure_ascii=False, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class LanguageWriter:
+    """Appends packed rows of one language; ``rows`` counts rows durably written so far."""
+
+    def __init__(self, directory: Path, seq_len: int, rows: int = 0):
+        import tensorstore as ts
+
+        self.directory = directory
+        self.seq_len = seq_len
+        self.rows = rows
+        self._arrays = {}
+        for name in ARRAYS:
+            path = directory / name
+            if rows == 0 or not path.exists():
+                arr = ts.open(_spec(path, seq_len), create=True, delete_existing=True).result()
+            else:
+                arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result()
+            # Rows past ``rows`` may hold data from an interrupted run: they are overwritten.
+            self._arrays[name] = arr.resize(exclusive_max=[rows, seq_len], resize_tied_bounds=False).result()
+
+    def append(self, packed: PackedRows) -> None:
+        if len(packed) == 0:
+            return
+        start, end = self.rows, self.rows + len(packed)
+        futures = []
+        for name in ARRAYS:
+            arr = self._arrays[name].resize(exclusive_max=[end, self.seq_len]).result()
+            self._arrays[name] = arr
+            futures.append(arr[start:end].write(getattr(packed, name)))
+        for f in futures:
+            f.result()
+        self.rows = end
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What ``metadata.json`` of a complete cache says."""
+
+    directory: Path
+    seq_len: int
+    tokenizer_sha256: str
+    languages: dict[str, dict]  # lang -> {"rows": int, "tokens": int, "documents": int, ...}
+    metadata: dict
+
+
+def read_metadata(directory: str | Path) -> CacheInfo:
+    """Metadata of a complete cache, or :class:`CacheError` saying what is wrong."""
+    directory = Path(directory)
+    meta_path = directory / METADATA
+    if not meta_path.is_file():
+        if (directory / STATE_DIR).exists():
+            raise CacheError(
+                f"{directory}: token cache is incomplete (an interrupted `indicfm data prepare`?); "
+                "run the same prepare command again to finish it"
+            )
+        raise CacheError(f"{directory}: not a token cache (no {METADATA}); create one with `indicfm data prepare`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{meta_path}: format_version {meta.get('format_version')} (expected {FORMAT_VERSION})")
+    return CacheInfo(directory, meta["seq_len"], meta["tokenizer_sha256"], meta["languages"], meta)
+
+
+def open_language_arrays(directory: Path, lang: str) -> dict:
+    """Read-only tensorstore handles of one language's arrays."""
+    import tensorstore as ts
+
+    out = {}
+    for name in ARRAYS:
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(directory / "rows" / lang / name)},
+            "context": {"cache_pool": {"total_bytes_limit": 64 << 20}},
+            "recheck_cached_data": False,
+        }
+        out[name] = ts.open(spec, read=True).result()
+    return out
+
+
+def read_rows(directory: str | Path, lang: str, rows: np.ndarray | slice) -> PackedRows:
+    """Rows of one language (for inspection and tests; the loader keeps its handles open)."""
+    arrays = open_language_arrays(Path(directory), lang)
+    return PackedRows(*(np.asarray(arrays[name][rows].read().result()) for name in ARRAYS))

@@ -1,0 +1,431 @@
+"""``indicfm data prepare``: raw text → cleaned, deduplicated, tokenized, packed token cache.
+
+One document's path::
+
+    sources.iter_documents      read, NFC-normalise; malformed_record / invalid_utf8 /
+                                control_chars / empty / too_long
+      → worker process          filters (quality, wrong_script), lid (wrong_language),
+                                exact key + MinHash signature, SentencePiece ids + EOS
+      → main process, in order  dedup (exact_duplicate, near_duplicate; first occurrence wins)
+                                → report → pack (per language) → cache (tensorstore)
+
+Workers get batches of documents and return results in input order, so the cache is identical
+whatever the number of workers.  Every ``checkpoint_every_docs`` documents the written rows, the
+dedup index, the packers' unfinished rows and the report are committed to ``.prepare_state``;
+re-running the same command after an interruption continues from there without duplicating rows.
+``metadata.json`` is written last: a cache without it is never taken as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, write_json_atomic
+from data_pipeline.config import DataConfig
+from data_pipeline.dedup import DuplicateIndex, exact_key, minhasher
+from data_pipeline.filters import filters_for, quality_reason, script_reason
+from data_pipeline.lid import get_identifier, lid_reason
+from data_pipeline.pack import Packer
+from data_pipeline.report import Report, render_table
+from data_pipeline.sources import Document, InputError, find_input_files, iter_documents, iter_hub_dataset
+
+BATCH_DOCS = 512
+#: Rows of one language gathered in memory before they are appended to its arrays.
+WRITE_ROWS = 1024
+
+
+class PrepareError(ValueError):
+    """A prepare that can't start (mismatching existing output, bad tokenizer, ...)."""
+
+
+@dataclass
+class PrepareResult:
+    output: Path
+    report: dict  # the content of report.json
+    languages: dict[str, dict]  # lang -> {"rows", "tokens", "documents", "split_documents"}
+    documents: int  # documents read in this run (after a resume: only the new ones)
+    tokens: int  # tokens packed in this run
+    seconds: float
+    resumed: bool
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.documents / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+# -- the per-document work, run in worker processes ---------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    reasons: list[str | None]  # per input document: filter/LID reason, or None when it passed
+    keys: list[bytes]  # for passing documents, in order
+    signatures: np.ndarray | None  # [passing, num_perm] uint32
+    token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
+    lengths: np.ndarray  # [passing] tokens of each
+
+
+class DocumentProcessor:
+    """Filters, language ID, dedup keys and tokenization of a batch of accepted documents."""
+
+    def __init__(self, config: DataConfig, tokenizer_file: str):
+        import sentencepiece as spm
+
+        self.config = config
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+        self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
+        self.minhasher = minhasher(config.dedup)
+        self._filters: dict = {}
+
+    def reason(self, lang: str, text: str) -> str | None:
+        f = self._filters.get(lang)
+        if f is None:
+            f = self._filters[lang] = filters_for(self.config, lang)
+        if len(text) > f.max_chars:  # a per-language limit below the reader's global one
+            return "too_long"
+        reason = quality_reason(text, f) or script_reason(text, lang, f)
+        if reason is None and self.identifier is not None and lang not in self.config.lid.skip_languages:
+            lid = self.config.lid
+            reason = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
+        return reason
+
+    def __call__(self, items: list[tuple[str, str]]) -> BatchResult:
+        reasons = [self.reason(lang, text) for lang, text in items]
+        texts = [text for (_, text), r in zip(items, reasons) if r is None]
+        keys = [exact_key(t) for t in texts]
+        signatures = self.minhasher.signatures(texts) if self.config.dedup.near else None
+        ids = self.sp.encode(texts, add_eos=True, num_threads=1) if texts else []
+        lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+        return BatchResult(reasons, keys, signatures, flat, lengths)
+
+
+_WORKER: DocumentProcessor | None = None
+
+
+def _init_worker(config_json: str, tokenizer_file: str) -> None:
+    global _WORKER
+    _WORKER = DocumentProcessor(DataConfig.model_validate_json(config_json), tokenizer_file)
+
+
+def _work(items: list[tuple[str, str]]) -> BatchResult:
+    assert _WORKER is not None
+    return _WORKER(items)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) -> dict:
+    """What must be identical for a resume to be valid (inputs by path, size and mtime)."""
+    relevant = config.model_dump(mode="json", exclude={"inputs", "cache_dir", "workers", "language_weights",
+                                                       "mixture_temperature", "checkpoint_every_docs"})
+    return {
+        "seq_len": seq_len,
+        "tokenizer_sha256": tokenizer_sha,
+        "config": relevant,
+        "inputs": [[str(f.path), f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in files],
+    }
+
+
+def _documents(files, config: DataConfig) -> Iterator[Document]:
+    for f in files:
+        yield from iter_documents(
+            f, max_chars=config.filters.max_chars, text_field=config.text_field, lang_field=config.lang_field
+        )
+    for hub in config.hub:
+        yield from iter_hub_dataset(
+            hub.name, config_name=hub.config_name, split=hub.split, text_field=hub.text_field,
+            lang_field=hub.lang_field, lang=hub.lang, max_chars=config.filters.max_chars,
+        )
+
+
+def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
+    while batch := list(itertools.islice(docs, size)):
+        yield batch
+
+
+def _checkpoint_hook(checkpoints_done: int) -> None:
+    """Called after every committed checkpoint (tests replace it to simulate an interruption)."""
+
+
+class _Run:
+    """State of one prepare run: packers and writers per language, dedup index, report."""
+
+    def __init__(self, out: Path, config: DataConfig, seq_len: int, pad_id: int):
+        self.out = out
+        self.config = config
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.state_dir = out / STATE_DIR
+        self.report = Report(config.examples_per_reason)
+        self.dedup = DuplicateIndex(config.dedup)
+        self.packers: dict[str, Packer] = {}
+        self.writers: dict[str, LanguageWriter] = {}
+        self.docs_done = 0
+        self.parts = 0
+
+    def _lang(self, lang: str, rows: int = 0) -> tuple[Packer, LanguageWriter]:
+        if lang not in self.packers:
+            self.packers[lang] = Packer(self.seq_len, self.pad_id)
+            self.writers[lang] = LanguageWriter(self.out / "rows" / lang, self.seq_len, rows)
+        return self.packers[lang], self.writers[lang]
+
+    def consume(self, batch: list[Document], accepted: list[int], result: BatchResult) -> int:
+        """Apply dedup, count, pack; returns tokens packed."""
+        keep_mask = np.zeros(len(result.lengths), bool)
+        langs = []
+        passing = 0
+        accepted_pos = {doc_i: k for k, doc_i in enumerate(accepted)}
+        for i, doc in enumerate(batch):
+            if doc.drop_reason is not None:
+                self.report.dropped(doc.lang, doc.drop_reason, doc.source, doc.line, doc.preview)
+                continue
+            reason = result.reasons[accepted_pos[i]]
+            if reason is None:
+                sig = result.signatures[passing] if result.signatures is not None else None
+                reason = self.dedup.check_and_add(result.keys[passing], sig)
+                if reason is None:
+                    keep_mask[passing] = True
+                    self.report.kept(doc.lang, int(result.lengths[passing]))
+                langs.append(doc.lang)
+                passing += 1
+            if reason is not None:
+                self.report.dropped(doc.lang, reason, doc.source, doc.line, doc.text or "")
+        langs_arr = np.array(langs)
+        for lang in dict.fromkeys(langs):
+            sel = keep_mask & (langs_arr == lang)
+            if not sel.any():
+                continue
+            packer, writer = self._lang(lang)
+            packer.add_many(result.token_ids[np.repeat(sel, result.lengths)], result.lengths[sel])
+            if packer.pending_tokens >= WRITE_ROWS * self.seq_len:
+                writer.append(packer.pop_full_rows())
+        self.docs_done += len(batch)
+        return int(result.lengths[keep_mask].sum())
+
+    def checkpoint(self, fingerprint: dict) -> None:
+        """Make everything so far durable, then commit state.json (atomically, last)."""
+        for lang, packer in self.packers.items():
+            self.writers[lang].append(packer.pop_full_rows())
+        self.dedup.save_increment(self.state_dir, self.parts)
+        self.parts += 1
+        state = {
+            "fingerprint": fingerprint,
+            "docs_done": self.docs_done,
+            "dedup_parts": self.parts,
+            "rows": {lang: w.rows for lang, w in self.writers.items()},
+            "packers": {lang: p.state() for lang, p in self.packers.items()},
+            "report": self.report.state(),
+        }
+        write_json_atomic(self.state_dir / "state.json", state)
+
+    def resume(self, state: dict) -> None:
+        self.docs_done = state["docs_done"]
+        self.parts = state["dedup_parts"]
+        self.dedup.load(self.state_dir, self.parts)
+        self.report = Report.from_state(state["report"], self.config.examples_per_reason)
+        for lang, rows in state["rows"].items():
+            packer, _ = self._lang(lang, rows)
+            packer.load_state(state["packers"][lang])
+
+    def finish(self) -> dict[str, dict]:
+        languages = {}
+        report = self.report.to_dict()["languages"]
+        for lang, packer in sorted(self.packers.items()):
+            writer = self.writers[lang]
+            writer.append(packer.finish())
+            languages[lang] = {
+                "rows": writer.rows,
+                "tokens": report[lang]["tokens"],
+                "documents": report[lang]["docs_kept"],
+                "split_documents": packer.split_documents,
+            }
+        return languages
+
+
+def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
+    """Check the output directory; returns the resume state when a matching run was interrupted."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    state_file = out / STATE_DIR / "state.json"
+    if (out / METADATA).is_file():
+        meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
+        if meta.get("fingerprint") == fingerprint:
+            return {"complete": True}
+        raise PrepareError(
+            f"{out} already holds a token cache made from other inputs/config/tokenizer; "
+            "choose another --output or pass --overwrite"
+        )
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state["fingerprint"] == fingerprint:
+            return state
+        raise PrepareError(
+            f"{out} holds an interrupted prepare of other inputs/config/tokenizer; "
+            "re-run that command to finish it, or pass --overwrite"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise PrepareError(f"{out} exists and is not an unfinished token cache; choose an empty directory")
+    return None
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer: str | Path,
+    output: str | Path,
+    *,
+    seq_len: int | None = None,
+    config: DataConfig | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    console=None,
+) -> PrepareResult:
+    """Build (or finish, or find complete) the token cache in ``output``; see the module docstring.
+
+    ``inputs`` (files/dirs) default to ``config.inputs``; ``seq_len`` to ``config.seq_len``;
+    ``workers`` to ``config.workers`` (0 = CPU count; 1 = no worker processes).
+    """
+    import sentencepiece as spm
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    config = config or DataConfig()
+    seq_len = seq_len or config.seq_len
+    out = Path(output)
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_file():
+        raise InputError(f"{tokenizer}: tokenizer model not found (train one with `indicfm tokenizer train`)")
+    files = find_input_files(list(inputs) or config.inputs, allow_unknown=config.allow_unknown_languages)
+    if not files and not config.hub:
+        raise InputError("no input files found (give --input PATH or data.inputs in the config)")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    eos_id, pad_id = sp.eos_id(), max(sp.pad_id(), 0)
+    if eos_id < 0:
+        raise PrepareError(f"{tokenizer}: the tokenizer has no EOS token (train it with eos_id=3)")
+    tokenizer_sha = file_sha256(tokenizer)
+    fingerprint = _fingerprint(config, files, seq_len, tokenizer_sha)
+
+    start = time.perf_counter()
+    state = _prepare_output(out, fingerprint, overwrite)
+    if state and state.get("complete"):
+        meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        console.print(f"{out}: token cache already complete; nothing to do")
+        return PrepareResult(out, report, meta["languages"], 0, 0, time.perf_counter() - start, resumed=True)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(out, config, seq_len, pad_id)
+    if state:
+        run.resume(state)
+        console.print(f"{out}: resuming an interrupted prepare after {run.docs_done:,} documents")
+    else:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+
+    n_workers = workers if workers is not None else config.workers
+    n_workers = n_workers or os.cpu_count() or 1
+    docs = itertools.islice(_documents(files, config), run.docs_done, None)
+    documents = tokens = 0
+    checkpoints = 0
+    since_checkpoint = 0
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+        console=console, disable=not show_progress, transient=False,
+    ) as progress:
+        task = progress.add_task("preparing")
+        for batch, accepted, result in _process(_batches(docs, BATCH_DOCS), config, tokenizer, n_workers):
+            tokens += run.consume(batch, accepted, result)
+            documents += len(batch)
+            since_checkpoint += len(batch)
+            if since_checkpoint >= config.checkpoint_every_docs:
+                run.checkpoint(fingerprint)
+                checkpoints += 1
+                since_checkpoint = 0
+                _checkpoint_hook(checkpoints)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.update(
+                task,
+                description=f"{run.docs_done:,} docs · {documents / elapsed:,.0f} docs/s · "
+                f"{tokens / elapsed:,.0f} tokens/s",
+            )
+        languages = run.finish()
+
+    report = run.report.to_dict()
+    run.report.save(out)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "tokenizer": str(tokenizer),
+        "tokenizer_sha256": tokenizer_sha,
+        "vocab_size": sp.get_piece_size(),
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "config": config.model_dump(mode="json"),
+        "languages": languages,
+        "fingerprint": fingerprint,
+    }
+    write_json_atomic(out / METADATA, metadata)  # last: from here on the cache is complete
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    if show_progress:
+        render_table(report, console)
+    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state))
+
+
+def _process(batches: Iterator[list[Document]], config: DataConfig, tokenizer: Path, n_workers: int):
+    """Yield (batch, indices of read-accepted docs, BatchResult) in input order.
+
+    With several workers at most ``2 × workers`` batches are in flight (``Pool.imap`` would read the
+    whole input ahead into memory).
+    """
+    def split(batch):
+        accepted = [i for i, d in enumerate(batch) if d.drop_reason is None]
+        return accepted, [(batch[i].lang, batch[i].text) for i in accepted]
+
+    if n_workers <= 1:
+        processor = DocumentProcessor(config, str(tokenizer))
+        for batch in batches:
+            accepted, items = split(batch)
+            yield batch, accepted, processor(items)
+        return
+
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent runs tensorstore threads
+    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            accepted, items = split(batch)
+            pending.append((batch, accepted, pool.apply_async(_work, (items,))))
+            if len(pending) >= 2 * n_workers:
+                b, a, r = pending.popleft()
+                yield b, a, r.get()
+        while pending:
+            b, a, r = pending.popleft()
+            yield b, a, r.get()

@@ -1,0 +1,134 @@
+"""Per-language accounting of every document: in, kept, tokens, dropped by reason; and examples.
+
+``report.json`` has exactly the shape::
+
+    {"languages": {LANG: {"docs_in": int, "docs_kept": int, "tokens": int, "dropped": {REASON: int}}}}
+
+with ``docs_in == docs_kept + sum(dropped.values())`` for every language (checked before writing).
+``examples.json`` keeps the first few dropped documents per reason for ``indicfm data inspect``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.sources import READ_REASONS
+from data_pipeline.filters import QUALITY_REASONS, SCRIPT_REASON
+from data_pipeline.lid import LID_REASON
+
+#: Every drop reason in the order the pipeline checks them (a document gets the first that applies).
+DROP_REASONS = (
+    *READ_REASONS,
+    *QUALITY_REASONS,
+    SCRIPT_REASON,
+    LID_REASON,
+    "exact_duplicate",
+    "near_duplicate",
+)
+REPORT_FILE = "report.json"
+EXAMPLES_FILE = "examples.json"
+
+
+@dataclass
+class LanguageCounts:
+    docs_in: int = 0
+    docs_kept: int = 0
+    tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+
+class Report:
+    def __init__(self, examples_per_reason: int = 5):
+        self.languages: dict[str, LanguageCounts] = defaultdict(LanguageCounts)
+        self.examples: dict[str, list[dict]] = defaultdict(list)
+        self.examples_per_reason = examples_per_reason
+
+    def kept(self, lang: str, tokens: int) -> None:
+        counts = self.languages[lang]
+        counts.docs_in += 1
+        counts.docs_kept += 1
+        counts.tokens += tokens
+
+    def dropped(self, lang: str, reason: str, source: str, line: int, text: str) -> None:
+        counts = self.languages[lang]
+        counts.docs_in += 1
+        counts.dropped[reason] += 1
+        if len(self.examples[reason]) < self.examples_per_reason:
+            self.examples[reason].append(
+                {"lang": lang, "source": source, "line": line, "text": text[:300]}
+            )
+
+    def totals(self) -> LanguageCounts:
+        total = LanguageCounts()
+        for c in self.languages.values():
+            total.docs_in += c.docs_in
+            total.docs_kept += c.docs_kept
+            total.tokens += c.tokens
+            total.dropped.update(c.dropped)
+        return total
+
+    def to_dict(self) -> dict:
+        out = {}
+        for lang in sorted(self.languages):
+            c = self.languages[lang]
+            if c.docs_in != c.docs_kept + sum(c.dropped.values()):
+                raise AssertionError(f"report for {lang} does not add up: {c}")
+            dropped = {r: c.dropped[r] for r in DROP_REASONS if c.dropped.get(r)}
+            out[lang] = {"docs_in": c.docs_in, "docs_kept": c.docs_kept, "tokens": c.tokens, "dropped": dropped}
+        return {"languages": out}
+
+    def state(self) -> dict:
+        return {"report": self.to_dict(), "examples": dict(self.examples)}
+
+    @classmethod
+    def from_state(cls, state: dict, examples_per_reason: int) -> "Report":
+        report = cls(examples_per_reason)
+        for lang, c in state["report"]["languages"].items():
+            report.languages[lang] = LanguageCounts(c["docs_in"], c["docs_kept"], c["tokens"], Counter(c["dropped"]))
+        for reason, items in state["examples"].items():
+            report.examples[reason] = list(items)
+        return report
+
+    def save(self, directory: Path) -> None:
+        from data_pipeline.cache import write_json_atomic
+
+        write_json_atomic(directory / REPORT_FILE, self.to_dict())
+        write_json_atomic(directory / EXAMPLES_FILE, dict(self.examples))
+
+
+def render_table(report: dict, console) -> None:
+    """Print the per-language table (documents in/kept, tokens, the main drop reasons)."""
+    from rich.table import Table
+
+    langs = report["languages"]
+    reasons = [r for r in DROP_REASONS if any(r in v["dropped"] for v in langs.values())]
+    table = Table(title="data prepare: documents per language", show_lines=False)
+    table.add_column("language")
+    table.add_column("in", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("kept %", justify="right")
+    table.add_column("tokens", justify="right")
+    for reason in reasons:
+        table.add_column(reason.replace("_", " "), justify="right")
+    total = {"docs_in": 0, "docs_kept": 0, "tokens": 0, "dropped": Counter()}
+    for lang, v in langs.items():
+        pct = f"{v['docs_kept'] / v['docs_in']:.1%}" if v["docs_in"] else "-"
+        table.add_row(lang, f"{v['docs_in']:,}", f"{v['docs_kept']:,}", pct, f"{v['tokens']:,}",
+                      *(f"{v['dropped'].get(r, 0):,}" for r in reasons))
+        for key in ("docs_in", "docs_kept", "tokens"):
+            total[key] += v[key]
+        total["dropped"].update(v["dropped"])
+    pct = f"{total['docs_kept'] / total['docs_in']:.1%}" if total["docs_in"] else "-"
+    table.add_row("[bold]total", f"{total['docs_in']:,}", f"{total['docs_kept']:,}", pct, f"{total['tokens']:,}",
+                  *(f"{total['dropped'].get(r, 0):,}" for r in reasons))
+    console.print(table)
+
+
+def load_examples(directory: str | Path) -> dict[str, list[dict]]:
+    path = Path(directory) / EXAMPLES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no examples file (is {directory} a token cache made by `data prepare`?)")
+    return json.loads(path.read_text(encoding="utf-8"))
