@@ -1,0 +1,191 @@
+"""Checkpoints with orbax-checkpoint's ``CheckpointManager``: asynchronous, atomic, restorable onto
+another mesh, and robust to a damaged latest checkpoint.
+
+One checkpoint (directory ``<workdir>/checkpoints/<step>/``) holds three items:
+
+* ``state`` — the arrays: parameters, optimizer state, non-parameter model state (the MoE router
+  bias) and the RNG key (``ocp.args.StandardSave``; each host writes its own shards).
+* ``meta`` — small JSON: step, the data loader's state, the resolved config, the tokenizer's sha256.
+* ``tokenizer`` — the tokenizer ``.model`` file itself (base64 in JSON), so a checkpoint is
+  self-contained even if the workdir's tokenizer is replaced.
+
+Why Orbax and not hand-written files: its saves are atomic (a step directory only appears, renamed
+from a temporary one, once every host finished writing, so a save cut off halfway never becomes the
+latest), it writes in a background thread while training continues, it restores each array straight
+into the target sharding (so a checkpoint saved on 8 data-parallel devices restores onto a
+2 data × 4 expert mesh) and it ties into JAX's multi-host preemption notice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
+
+from indicfm.train.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "meta", "tokenizer")
+DAMAGED_DIR_NAME = "damaged_checkpoints"
+
+
+@dataclass
+class Restored:
+    """What a restore returns: the step, the arrays (in the target shardings) and the JSON metadata."""
+
+    step: int
+    state: Any
+    meta: dict
+    tokenizer: dict | None
+    skipped_damaged: list[int]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_item(path: str | Path) -> dict:
+    """The ``tokenizer`` checkpoint item: file name, sha256 and the file's bytes (base64)."""
+    data = Path(path).read_bytes()
+    return {
+        "file_name": Path(path).name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "base64": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def write_tokenizer_item(item: dict, path: str | Path) -> Path:
+    """Write a checkpoint's tokenizer back to a file, checking its sha256."""
+    data = base64.b64decode(item["base64"])
+    if hashlib.sha256(data).hexdigest() != item["sha256"]:
+        raise ValueError(f"tokenizer stored in the checkpoint does not match its sha256 {item['sha256']}")
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
+def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
+    """``jax.ShapeDtypeStruct`` tree describing ``tree`` (with ``shardings`` if given, else the arrays' own)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """A thin, explicit wrapper over ``ocp.CheckpointManager`` for indicfm's three items."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).resolve()
+        self.cfg = cfg
+        keep: list[Any] = [ocp_preservation.LatestN(n=cfg.keep_last)]
+        if cfg.keep_every:
+            keep.append(ocp_preservation.EveryNSteps(interval_steps=cfg.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.every_steps,
+            preservation_policy=ocp_preservation.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    # ---- saving -----------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """True every ``checkpoint.every_steps`` steps (Orbax's own decision, identical on all hosts)."""
+        return self.manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once any host got a preemption notice (multi-host only; JAX's sync point)."""
+        if jax.process_count() == 1:
+            return False
+        return self.manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, meta: dict, tokenizer: dict | None = None, *, force: bool = True) -> bool:
+        """Start saving (returns once the arrays are copied off the devices; writing continues in the
+        background when ``checkpoint.async_save``).  Returns False if the step already exists."""
+        if step in self.manager.all_steps():
+            return False
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "step": step})}
+        if tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(tokenizer)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self) -> None:
+        """Block until background saves are on disk (call before exiting)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ---- restoring --------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: Any, *, with_tokenizer: bool = False) -> Restored:
+        """Restore one step; arrays land directly in the shardings named by ``abstract_state``."""
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if with_tokenizer:
+            items["tokenizer"] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = dict(out["meta"])
+        if int(meta.get("step", step)) != step:
+            raise ValueError(f"checkpoint {step}: metadata says step {meta.get('step')}")
+        return Restored(step, out["state"], meta, out.get("tokenizer") if with_tokenizer else None, [])
+
+    def restore_latest_good(self, abstract_state: Any, *, warn=log.warning) -> Restored | None:
+        """Restore the newest checkpoint that reads back whole; older ones are tried if it is damaged.
+
+        A damaged checkpoint (missing or truncated file, unreadable metadata) is moved to
+        ``<workdir>/damaged_checkpoints/`` with a warning, so that the run can save that step again.
+        Returns None when there is no checkpoint at all.
+        """
+        damaged: list[int] = []
+        for step in reversed(self.steps()):
+            try:
+                restored = self.restore(step, abstract_state)
+            except Exception as err:  # any read failure means "damaged": fall back, never crash
+                warn(f"checkpoint at step {step} is damaged ({type(err).__name__}: {_first_line(err)}); "
+                     "falling back to the previous one")
+                damaged.append(step)
+                self._set_aside(step)
+                continue
+            restored.skipped_damaged = damaged
+            return restored
+        if damaged:
+            warn(f"no readable checkpoint left (damaged: {damaged}); starting from scratch")
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Move a damaged step out of the checkpoint directory (process 0 only; others wait)."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / DAMAGED_DIR_NAME / f"{step}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = self.directory / str(step)
+            if source.exists():
+                shutil.move(str(source), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"indicfm_set_aside_{step}")
+        self.manager.reload()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -1,0 +1,255 @@
+"""What a run shows: ``metrics.jsonl``, TensorBoard event files, a live progress line, and MFU.
+
+Only process 0 writes or prints (``MetricsWriter(enabled=jax.process_index() == 0)``), so a run on
+many hosts produces one log, not one per host.
+
+MFU (model FLOPs utilisation) = model FLOPs per step ÷ step time ÷ peak FLOP/s of all devices.  The
+peak comes from :func:`peak_flops_per_device`: ``trainer.peak_flops`` if set, else
+``configs/hardware.yaml`` (owned by the launch planner; entries under ``devices:`` with
+``peak_tflops`` and ``device_kinds``) when it names the device, else the table :data:`PEAK_FLOPS`
+below; on CPU it is measured at start-up with a short matmul, because CPUs differ too much for a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from indicfm.config import CONFIG_DIR
+
+#: Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.  Keys are matched, in this order,
+#: as lower-case substrings of ``jax.Device.device_kind``; more specific names come first.
+PEAK_FLOPS: dict[str, float] = {
+    "h200": 989e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,
+    "a100": 312e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+}
+
+HARDWARE_FILE = CONFIG_DIR / "hardware.yaml"
+
+
+def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of the host on a float32 matmul (best of a few runs), the CPU's practical peak."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _hardware_file_peak(device_kind: str, path: Path) -> float | None:
+    """Peak FLOP/s for the device from ``configs/hardware.yaml`` if it lists one.
+
+    Accepted shape: a mapping (optionally under ``devices:``) of name → either a number or a mapping
+    with ``peak_flops`` (FLOP/s) or ``peak_tflops``; names match as lower-case substrings of the device kind.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return None
+    table = data.get("devices", data) if isinstance(data, dict) else {}
+    kind = device_kind.lower()
+    best: tuple[int, Any] | None = None  # (length of the matching alias, entry): longest match wins
+    for name, entry in table.items():
+        aliases = entry.get("device_kinds", []) if isinstance(entry, dict) else []
+        for alias in [name, *aliases]:
+            alias = str(alias).lower()
+            if alias in kind and (best is None or len(alias) > best[0]):
+                best = (len(alias), entry)
+    if best is None:
+        return None
+    entry = best[1]
+    if isinstance(entry, (int, float)):
+        return float(entry)
+    if isinstance(entry, dict):
+        if "peak_flops" in entry:
+            return float(entry["peak_flops"])
+        if "peak_tflops" in entry:
+            return float(entry["peak_tflops"]) * 1e12
+    return None
+
+
+def peak_flops_per_device(device: Any, hardware_file: Path = HARDWARE_FILE) -> float:
+    """Peak FLOP/s of one device: on CPU a measurement; else the hardware file, else the built-in table.
+
+    On CPU the measurement is of the whole host (all cores), so callers must not multiply it by the
+    number of (virtual) CPU devices; :func:`total_peak_flops` does this right.
+    """
+    if getattr(device, "platform", None) == "cpu":
+        return measure_cpu_peak_flops()
+    kind = str(getattr(device, "device_kind", device))
+    from_file = _hardware_file_peak(kind, hardware_file)
+    if from_file:
+        return from_file
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind.lower():
+            return peak
+    raise ValueError(f"no peak FLOP/s known for device kind {kind!r}: set trainer.peak_flops or add it to {hardware_file}")
+
+
+def total_peak_flops(devices: list[Any], override: float | None = None, hardware_file: Path = HARDWARE_FILE) -> float:
+    """Peak FLOP/s of all devices of the run (on CPU: the host, however many virtual devices it has)."""
+    if override:
+        return override * (1 if devices[0].platform == "cpu" else len(devices))
+    per_device = peak_flops_per_device(devices[0], hardware_file)
+    if devices[0].platform == "cpu":
+        return per_device
+    return per_device * len(devices)
+
+
+def mfu(model_flops_per_step: float, step_seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation, a fraction in [0, 1] on honest hardware."""
+    if step_seconds <= 0 or peak_flops <= 0:
+        return 0.0
+    return model_flops_per_step / step_seconds / peak_flops
+
+
+def expert_load_stats(expert_counts_MxE: np.ndarray) -> tuple[float, float]:
+    """Load imbalance of the MoE layers: (max ÷ mean, worst layer) and (max ÷ mean, averaged over layers).
+
+    1.0 means every expert received the same number of tokens.
+    """
+    counts = np.asarray(expert_counts_MxE, dtype=np.float64)
+    if counts.size == 0:
+        return 1.0, 1.0
+    counts = counts.reshape(-1, counts.shape[-1])
+    mean = counts.mean(axis=-1)
+    ratio = np.where(mean > 0, counts.max(axis=-1) / np.maximum(mean, 1e-12), 1.0)
+    return float(ratio.max()), float(ratio.mean())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible instead of failing the run
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: Path, *, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(Path(workdir) / "tensorboard"))
+
+    def drop_after(self, step: int) -> None:
+        """Forget logged steps after ``step`` (written by a run that died before checkpointing them),
+        so that after a resume the file reads as one clean history."""
+        if not self.enabled or not self.path.exists():
+            return
+        self._file.close()
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, float(value), int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` (for tests and reports)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class ProgressLine:
+    """A rich progress bar with step, loss, tokens/s, MFU and ETA; plain log lines when not a terminal."""
+
+    def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True, console=None):
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self.total = total_steps
+        self._progress = None
+        self._task = None
+        self._log_every = max(1, total_steps // 20)
+        if enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self._progress.start()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu_value: float) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {loss:.4f} · {tokens_per_s:,.0f} tok/s · MFU {100 * mfu_value:.1f}%"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        elif step % self._log_every == 0 or step == self.total:
+            self.console.print(f"step {step}/{self.total} · {info}", highlight=False)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,175 @@
+"""The train state and the one jitted train step (and the evaluation forward pass).
+
+The model is an NNX module; the step is a pure function over its split state, so it can be compiled
+once with explicit shardings and donated buffers::
+
+    TrainState = {"params": nnx.State of nnx.Param, "opt_state": optax state,
+                  "model_state": every other nnx.Variable (MoE router bias), "rng": uint32 key data}
+
+One step: the global batch is split into ``trainer.micro_batches`` micro-batches (gradient
+accumulation, ``lax.scan``), loss = mean next-token cross-entropy over the whole global batch (each
+micro-batch's CE *sum* is divided by the global batch's token count, so splitting does not change
+the result) + the model's weighted MoE auxiliary losses (``stats.aux_loss``, averaged over
+micro-batches); optax then clips, applies AdamW, and skips the update if anything is non-finite; the
+loss-free router bias is updated from the step's expert counts (also skipped on a non-finite step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from indicfm.train.loss import count_loss_tokens, masked_cross_entropy_sum
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def init_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Split a sharded model (``indicfm.sharding.create_model``) into its graph definition, a fresh
+    train state and the state's sharding tree (for ``jax.jit`` and Orbax restore targets).
+
+    Optimizer moments are built with ``jax.tree.map`` over the ``nnx.Param`` variables, so they keep
+    the parameters' logical-axis metadata and ``state_shardings`` shards them like the parameters.
+    They are created inside ``jax.jit`` with those output shardings: every array is born global and
+    sharded (this is also what makes it work with several processes).
+    """
+    from indicfm.sharding import state_shardings
+
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+
+    def fresh(params_: Any) -> dict[str, Any]:
+        return {"opt_state": tx.init(params_), "rng": jax.random.key_data(jax.random.key(seed))}
+
+    abstract = {"params": params, "model_state": model_state, **jax.eval_shape(fresh, params)}
+    shardings = state_shardings(abstract, mesh)
+    created = jax.jit(fresh, out_shardings={k: shardings[k] for k in ("opt_state", "rng")})(params)
+    state = {"params": params, "model_state": model_state, **created}
+    return graphdef, state, shardings
+
+
+def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """``[B, L] → [M, B/M, L]`` taking every M-th row, so each device's rows spread over all micro-batches."""
+
+    def split(x_BxL: jax.Array) -> jax.Array:
+        B, L = x_BxL.shape
+        return x_BxL.reshape(B // micro_batches, micro_batches, L).swapaxes(0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    micro_batches: int = 1,
+    router_bias_rate: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure (un-jitted) train step ``(state, batch) -> (state, metrics)``; jit it with
+    :func:`jit_train_step`."""
+    from indicfm.model.moe import update_router_bias
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        params, model_state = state["params"], state["model_state"]
+        loss_tokens = jnp.maximum(count_loss_tokens(batch["segment_ids"]), 1.0)
+
+        def micro_loss(params_, micro: Batch):
+            model = nnx.merge(graphdef, params_, model_state)
+            logits_BxLxV, stats = model(micro["tokens"], micro["segment_ids"], micro["positions"])
+            ce_sum, _ = masked_cross_entropy_sum(logits_BxLxV, micro["tokens"], micro["segment_ids"])
+            loss = ce_sum / loss_tokens + stats.aux_loss / micro_batches
+            return loss, (ce_sum, stats)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if micro_batches == 1:
+            (_, (ce_sum, stats)), grads = grad_fn(params, batch)
+            aux, counts, dropped = stats.aux_loss, stats.expert_counts, stats.dropped_fraction
+        else:
+            micro = _split_micro_batches(batch, micro_batches)
+
+            def accumulate(carry, one: Batch):
+                grads_acc, ce_acc, aux_acc, counts_acc, dropped_acc = carry
+                (_, (ce_sum_, stats_)), grads_ = grad_fn(params, one)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads_)
+                return (
+                    grads_acc,
+                    ce_acc + ce_sum_,
+                    aux_acc + stats_.aux_loss,
+                    counts_acc + stats_.expert_counts,
+                    dropped_acc + stats_.dropped_fraction,
+                ), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            counts_shape = jax.eval_shape(lambda p: micro_loss(p, first)[1][1].expert_counts, params)
+            zero = jnp.zeros((), jnp.float32)
+            init = (jax.tree.map(jnp.zeros_like, params), zero, zero, jnp.zeros(counts_shape.shape, jnp.float32), zero)
+            (grads, ce_sum, aux, counts, dropped), _ = jax.lax.scan(accumulate, init, micro)
+            aux, dropped = aux / micro_batches, dropped / micro_batches
+
+        ce_loss = ce_sum / loss_tokens
+        loss = ce_loss + aux
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        step_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # apply_if_finite looks at the gradients only; a non-finite loss with finite gradients is skipped too.
+        new_params = jax.tree.map(lambda new, old: jnp.where(step_ok, new, old), new_params, params)
+
+        new_model_state = model_state
+        if router_bias_rate > 0:
+            model = nnx.merge(graphdef, new_params, model_state)
+            update_router_bias(model, counts, router_bias_rate)
+            _, _, updated = nnx.split(model, nnx.Param, ...)
+            new_model_state = jax.tree.map(lambda new, old: jnp.where(step_ok, new, old), updated, model_state)
+
+        metrics = {
+            "loss": loss,
+            "ce_loss": ce_loss,
+            "aux_loss": aux,
+            "grad_norm": grad_norm,
+            "lr": schedule(_applied_updates(state["opt_state"])),  # the rate this update used
+            "loss_tokens": loss_tokens,
+            "expert_counts": counts,
+            "dropped_fraction": dropped,
+            "step_ok": step_ok,
+            "nonfinite_in_a_row": opt_state.notfinite_count,
+            "nonfinite_total": opt_state.total_notfinite,
+        }
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+        return {"params": new_params, "opt_state": opt_state, "model_state": new_model_state, "rng": rng}, metrics
+
+    return train_step
+
+
+def _applied_updates(opt_state: Any) -> jax.Array:
+    """How many updates were applied so far (the schedule's position), from ``apply_if_finite``'s state."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state.inner_state, "count")
+    return counts[0][1] if counts else jnp.zeros((), jnp.int32)
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, batch_sharding: Any) -> Callable:
+    """Compile the step with explicit shardings; the old state's buffers are donated (reused in place)."""
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
+    """``(params, model_state, batch) -> (CE sum in nats, number of predicted tokens)`` for evaluation."""
+
+    def eval_step(params: Any, model_state: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params, model_state)
+        logits_BxLxV, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+        return masked_cross_entropy_sum(logits_BxLxV, batch["tokens"], batch["segment_ids"])
+
+    return eval_step
