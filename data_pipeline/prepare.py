@@ -41,6 +41,8 @@ from data_pipeline.report import Report, render_table
 from data_pipeline.sources import Document, InputError, find_input_files, iter_documents, iter_hub_dataset
 
 BATCH_DOCS = 512
+#: Every dropped document, one line each: source, line, language, reason (tab-separated).
+DROP_LOG = "dropped.tsv"
 #: Rows of one language gathered in memory before they are appended to its arrays.
 WRITE_ROWS = 1024
 
@@ -187,6 +189,7 @@ class _Run:
         self.writers: dict[str, LanguageWriter] = {}
         self.docs_done = 0
         self.parts = 0
+        self.drop_log = open(out / DROP_LOG, "a", encoding="utf-8")
 
     def _lang(self, lang: str, rows: int = 0) -> tuple[Packer, LanguageWriter]:
         if lang not in self.packers:
@@ -200,9 +203,11 @@ class _Run:
         langs = []
         passing = 0
         accepted_pos = {doc_i: k for k, doc_i in enumerate(accepted)}
+        log = self.drop_log
         for i, doc in enumerate(batch):
             if doc.drop_reason is not None:
                 self.report.dropped(doc.lang, doc.drop_reason, doc.source, doc.line, doc.preview)
+                log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{doc.drop_reason}\n")
                 continue
             reason = result.reasons[accepted_pos[i]]
             if reason is None:
@@ -215,6 +220,7 @@ class _Run:
                 passing += 1
             if reason is not None:
                 self.report.dropped(doc.lang, reason, doc.source, doc.line, doc.text or "")
+                log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{reason}\n")
         langs_arr = np.array(langs)
         for lang in dict.fromkeys(langs):
             sel = keep_mask & (langs_arr == lang)
@@ -233,7 +239,10 @@ class _Run:
             self.writers[lang].append(packer.pop_full_rows())
         self.dedup.save_increment(self.state_dir, self.parts)
         self.parts += 1
+        self.drop_log.flush()
+        os.fsync(self.drop_log.fileno())
         state = {
+            "drop_log_bytes": self.drop_log.tell(),
             "fingerprint": fingerprint,
             "docs_done": self.docs_done,
             "dedup_parts": self.parts,
@@ -244,6 +253,7 @@ class _Run:
         write_json_atomic(self.state_dir / "state.json", state)
 
     def resume(self, state: dict) -> None:
+        self.drop_log.truncate(state["drop_log_bytes"])  # lines past the checkpoint are re-done
         self.docs_done = state["docs_done"]
         self.parts = state["dedup_parts"]
         self.dedup.load(self.state_dir, self.parts)
@@ -253,6 +263,7 @@ class _Run:
             packer.load_state(state["packers"][lang])
 
     def finish(self) -> dict[str, dict]:
+        self.drop_log.close()
         languages = {}
         report = self.report.to_dict()["languages"]
         for lang, packer in sorted(self.packers.items()):
@@ -288,6 +299,9 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | Non
             f"{out} holds an interrupted prepare of other inputs/config/tokenizer; "
             "re-run that command to finish it, or pass --overwrite"
         )
+    if (out / STATE_DIR).is_dir():  # interrupted before its first checkpoint: nothing to keep
+        shutil.rmtree(out)
+        return None
     if out.exists() and any(out.iterdir()):
         raise PrepareError(f"{out} exists and is not an unfinished token cache; choose an empty directory")
     return None

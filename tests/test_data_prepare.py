@@ -1,0 +1,188 @@
+"""`data prepare` end to end on the shipped sample, with planted bad documents.
+
+Expected reasons come from how each planted document was built (data_pipeline.testing), expected
+line counts from counting newlines, expected token streams from encoding the kept lines directly
+with SentencePiece — never from the pipeline's own output.
+"""
+
+import json
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import data_pipeline.prepare as prepare_mod
+from data_pipeline.cache import CacheError, read_metadata, read_rows
+from data_pipeline.config import DataConfig
+from data_pipeline.prepare import DROP_LOG, PrepareError, prepare
+from data_pipeline.testing import make_injected_corpus, train_tiny_tokenizer
+
+SEQ_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, sample_train_dir) -> Path:
+    return train_tiny_tokenizer(sample_train_dir, tmp_path_factory.mktemp("tok") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, sample_train_dir, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "cache"
+    prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory, sample_train_dir, tokenizer):
+    corpus = tmp_path_factory.mktemp("corpus")
+    planted = make_injected_corpus(sample_train_dir, corpus)
+    out = tmp_path_factory.mktemp("injected") / "cache"
+    prepare([corpus], tokenizer, out, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    return corpus, planted, out
+
+
+def _drop_log(cache: Path) -> dict[tuple[str, int], str]:
+    """(file name, line) -> reason, from the drop log."""
+    out = {}
+    for row in (cache / DROP_LOG).read_text(encoding="utf-8").splitlines():
+        source, line, _lang, reason = row.split("\t")
+        out[(Path(source).name, int(line))] = reason
+    return out
+
+
+def _line_count(path: Path) -> int:
+    data = path.read_bytes()
+    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+
+
+def test_every_planted_document_dropped_for_its_reason(injected):
+    corpus, planted, out = injected
+    dropped = _drop_log(out)
+    for p in planted:
+        assert dropped.get((p.file, p.line)) == p.reason, p
+    assert {p.reason for p in planted} >= {
+        "malformed_record", "invalid_utf8", "control_chars", "empty", "too_long", "too_short",
+        "too_many_symbols", "repeated_ngrams", "wrong_script", "wrong_language", "exact_duplicate",
+        "near_duplicate",
+    }
+
+
+def test_originals_kept_and_counts_add_up(injected, clean_cache, sample_train_dir):
+    corpus, planted, out = injected
+    report = json.loads((out / "report.json").read_text())["languages"]
+    clean = json.loads((clean_cache / "report.json").read_text())["languages"]
+    # docs_in is every line of every file (counted here independently), and adds up.
+    jsonl_langs = Counter()
+    for raw in (corpus / "extra.jsonl").read_text().splitlines():
+        try:
+            jsonl_langs[json.loads(raw)["lang"]] += 1
+        except ValueError:
+            jsonl_langs["unknown"] += 1
+    for path in sorted(corpus.glob("*.txt")):
+        lang = path.name.split(".")[0]
+        assert report[lang]["docs_in"] == _line_count(path) + jsonl_langs[lang]
+    for lang, v in report.items():
+        assert v["docs_in"] == v["docs_kept"] + sum(v["dropped"].values()), lang
+    # Planting changes exactly the planted counts: clean counts + one per planted document.
+    planted_counts = Counter((p.lang, p.reason) for p in planted)
+    for lang in clean:
+        for reason in set(clean[lang]["dropped"]) | set(report[lang]["dropped"]):
+            expected = clean[lang]["dropped"].get(reason, 0) + planted_counts[(lang, reason)]
+            assert report[lang]["dropped"].get(reason, 0) == expected, (lang, reason)
+        assert report[lang]["docs_kept"] == clean[lang]["docs_kept"] + (lang == "eng_Latn"), lang
+    assert jsonl_langs["unknown"] == 1
+    assert report["unknown"] == {"docs_in": 1, "docs_kept": 0, "tokens": 0, "dropped": {"malformed_record": 1}}
+    # The same original lines are dropped with and without the planted ones (originals of the
+    # planted duplicates included: the first occurrence is kept).
+    originals = {(f.name, n) for f in sample_train_dir.glob("*.txt") for n in range(1, _line_count(f) + 1)}
+    assert {k: r for k, r in _drop_log(out).items() if k in originals} == _drop_log(clean_cache)
+    # Nearly all of the clean sample is kept by the default filters.
+    for lang, v in clean.items():
+        assert v["docs_kept"] >= 0.85 * v["docs_in"], (lang, v)
+
+
+def _expected_stream(cache: Path, corpus: Path, tokenizer: Path, lang: str) -> list[list[int]]:
+    """Token ids (+EOS) of the kept lines of ``lang``, encoded directly with SentencePiece."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    dropped = _drop_log(cache)
+    path = corpus / f"{lang}.txt"
+    docs = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n")[: _line_count(path)], start=1):
+        if (path.name, n) in dropped:
+            continue
+        text = unicodedata.normalize("NFC", raw.decode("utf-8").removesuffix("\r"))
+        docs.append(sp.encode(text) + [sp.eos_id()])
+    return docs
+
+
+@pytest.mark.parametrize("lang", ["hin_Deva", "tam_Taml", "urd_Arab"])
+def test_rows_hold_exactly_the_kept_documents(injected, tokenizer, lang):
+    corpus, _, out = injected
+    docs = _expected_stream(out, corpus, tokenizer, lang)
+    info = read_metadata(out)
+    rows = read_rows(out, lang, slice(0, info.languages[lang]["rows"]))
+    flat_seg = rows.segment_ids.reshape(-1)
+    real = flat_seg > 0
+    # No token lost or added: the non-padding tokens are the documents end to end.
+    assert rows.tokens.reshape(-1)[real].tolist() == [t for d in docs for t in d]
+    assert not real[: real.sum()].__invert__().any(), "padding only at the very end"
+    # Positions: index inside the document (continuing across row boundaries).
+    assert rows.positions.reshape(-1)[real].tolist() == [i for d in docs for i in range(len(d))]
+    # Segment ids: documents numbered 1.. within each row, a new number exactly at each document start.
+    doc_of_token = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    L = SEQ_LEN
+    for r in range(len(rows)):
+        ids = doc_of_token[r * L : (r + 1) * L]
+        assert rows.segment_ids[r, : len(ids)].tolist() == (ids - ids[0] + 1).tolist()
+    assert info.languages[lang]["tokens"] == sum(len(d) for d in docs)
+    assert info.seq_len == SEQ_LEN and len(info.tokenizer_sha256) == 64
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_dir, tokenizer, clean_cache, monkeypatch):
+    out = tmp_path / "cache"
+    config = DataConfig(checkpoint_every_docs=3000)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(n):
+        if n == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", interrupt)
+    with pytest.raises(Interrupted):
+        prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
+    with pytest.raises(CacheError, match="incomplete"):
+        read_metadata(out)  # a partial run never looks complete
+    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", lambda n: None)
+    result = prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
+    assert result.resumed and 0 < result.documents < 11191
+    a, b = read_metadata(out), read_metadata(clean_cache)
+    assert a.languages == b.languages
+    assert json.loads((out / "report.json").read_text()) == json.loads((clean_cache / "report.json").read_text())
+    assert (out / DROP_LOG).read_text() == (clean_cache / DROP_LOG).read_text()
+    for lang, v in b.languages.items():
+        ra, rb = read_rows(out, lang, slice(0, v["rows"])), read_rows(clean_cache, lang, slice(0, v["rows"]))
+        for name in ("tokens", "segment_ids", "positions"):
+            np.testing.assert_array_equal(getattr(ra, name), getattr(rb, name))
+
+
+def test_rerun_on_complete_cache_is_a_no_op_and_mismatch_is_refused(clean_cache, sample_train_dir, tokenizer):
+    result = prepare([sample_train_dir], tokenizer, clean_cache, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    assert result.documents == 0 and result.resumed
+    with pytest.raises(PrepareError, match="--overwrite"):
+        prepare([sample_train_dir], tokenizer, clean_cache, seq_len=SEQ_LEN * 2, workers=1, show_progress=False)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_cache(tmp_path, sample_train_dir, tokenizer, clean_cache):
+    out = tmp_path / "cache"
+    prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, workers=2, show_progress=False)
+    assert read_metadata(out).languages == read_metadata(clean_cache).languages
+    for lang, v in read_metadata(out).languages.items():
+        np.testing.assert_array_equal(
+            read_rows(out, lang, slice(0, v["rows"])).tokens, read_rows(clean_cache, lang, slice(0, v["rows"])).tokens
+        )
