@@ -19,6 +19,7 @@ into the target sharding (so a checkpoint saved on 8 data-parallel devices resto
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -158,7 +159,8 @@ class Checkpointer:
         damaged: list[int] = []
         for step in reversed(self.steps()):
             try:
-                restored = self.restore(step, abstract_state)
+                with _quiet_library_logs():  # the reason is reported once below, not as pages of tracebacks
+                    restored = self.restore(step, abstract_state)
             except Exception as err:  # any read failure means "damaged": fall back, never crash
                 warn(f"checkpoint at step {step} is damaged ({type(err).__name__}: {_first_line(err)}); "
                      "falling back to the previous one")
@@ -184,6 +186,20 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"indicfm_set_aside_{step}")
         self.manager.reload()
+
+
+@contextlib.contextmanager
+def _quiet_library_logs():
+    """Silence Orbax/tensorstore/asyncio error logs while trying a checkpoint that may be damaged."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _first_line(err: BaseException) -> str:

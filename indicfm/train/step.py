@@ -54,6 +54,31 @@ def init_train_state(
     return graphdef, state, shardings
 
 
+def abstract_train_state(
+    model_cfg: Any, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Like :func:`init_train_state` but nothing is allocated: ``jax.ShapeDtypeStruct`` leaves that
+    carry their target sharding on ``mesh``.
+
+    This is the restore target: Orbax reads each array straight into its sharding (the mesh may
+    differ from the one the checkpoint was saved from) and no throw-away initialisation runs.
+    """
+    from indicfm.model.transformer import Transformer
+    from indicfm.sharding import state_shardings
+
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
+    fresh = jax.eval_shape(
+        lambda p: {"opt_state": tx.init(p), "rng": jax.random.key_data(jax.random.key(seed))}, params
+    )
+    abstract = {"params": params, "model_state": model_state, **fresh}
+    shardings = state_shardings(abstract, mesh)
+    with_shardings = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+    return graphdef, with_shardings, shardings
+
+
 def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     """``[B, L] → [M, B/M, L]`` taking every M-th row, so each device's rows spread over all micro-batches."""
 

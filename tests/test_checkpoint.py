@@ -1,0 +1,118 @@
+"""Checkpoints: restore onto another mesh, damaged latest → fallback, retention, tokenizer item."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from indicfm.config import MeshConfig
+from indicfm.model.config import ModelConfig
+from indicfm.sharding import create_model, make_mesh
+from indicfm.train.checkpoint import Checkpointer, tokenizer_item, write_tokenizer_item
+from indicfm.train.config import CheckpointConfig, OptimizerConfig
+from indicfm.train.optimizer import make_optimizer
+from indicfm.train.step import abstract_train_state, init_train_state
+
+TINY = ModelConfig(
+    vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=64,
+    num_experts=4, top_k=2, d_expert=32, first_dense_layers=1, loss_free_bias=True,
+    compute_dtype="float32", max_seq_len=32,
+)
+
+
+def _numpy(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_restore_onto_another_mesh_gives_the_same_parameters(tmp_path):
+    tx = make_optimizer(OptimizerConfig(), 10, 3)
+    mesh8 = make_mesh(MeshConfig(data=8))
+    _, state, _ = init_train_state(create_model(TINY, mesh8, 0), tx, 0, mesh8)
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
+    ckpt.save(3, state, {"loader": {"seed": 0}})
+    ckpt.close()
+    original = _numpy(state)
+
+    mesh_2x4 = make_mesh(MeshConfig(data=2, expert=4))
+    _, target, _ = abstract_train_state(TINY, tx, 0, mesh_2x4)
+    restored = Checkpointer(tmp_path / "ckpt", CheckpointConfig()).restore_latest_good(target)
+    assert restored.step == 3 and restored.meta["loader"] == {"seed": 0}
+    for got, want in zip(_numpy(restored.state), original, strict=True):
+        np.testing.assert_array_equal(got, want)
+    expert_weight = restored.state["params"]["blocks"][1]["mlp"]["w_up_ExDxF"]
+    assert dict(expert_weight.sharding.mesh.shape)["expert"] == 4
+    assert expert_weight.sharding.spec[0] == "expert"  # experts really split over the new axis
+
+
+def _arrays(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    return {f"w{i}": rng.normal(size=(64, 48 * (i + 1))).astype(np.float32) for i in range(4)}
+
+
+_RESTORE_IN_FRESH_PROCESS = """
+import json, sys
+import numpy as np, jax
+from indicfm.train.checkpoint import Checkpointer
+from indicfm.train.config import CheckpointConfig
+target = {f"w{i}": jax.ShapeDtypeStruct((64, 48 * (i + 1)), np.float32) for i in range(4)}
+warnings = []
+r = Checkpointer(sys.argv[1], CheckpointConfig()).restore_latest_good(target, warn=warnings.append)
+np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in r.state.items()})
+print(json.dumps({"step": r.step, "skipped": r.skipped_damaged, "warnings": warnings}))
+"""
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_good_one(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=2, keep_last=5))
+    for step in (2, 4, 6):
+        ckpt.save(step, {k: jnp.asarray(v) for k, v in _arrays(step).items()}, {"loader": {}})
+    ckpt.close()
+
+    def largest_file(step: int) -> Path:
+        files = [p for p in (tmp_path / "ckpt" / str(step)).rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_size)
+
+    truncated = largest_file(6)
+    with open(truncated, "r+b") as handle:
+        handle.truncate(truncated.stat().st_size // 2)  # a write cut off halfway
+    largest_file(4).unlink()  # a lost file
+
+    # A fresh process, as after a crash (an in-process restore could be served from tensorstore's cache).
+    out = subprocess.run(
+        [sys.executable, "-c", _RESTORE_IN_FRESH_PROCESS, str(tmp_path / "ckpt"), str(tmp_path / "got.npz")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["step"] == 2 and report["skipped"] == [6, 4]
+    assert len(report["warnings"]) == 2 and "step 6" in report["warnings"][0]
+    got = np.load(tmp_path / "got.npz")
+    for key, value in _arrays(2).items():
+        np.testing.assert_array_equal(got[key], value)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()) == ["4", "6"]
+    assert Checkpointer(tmp_path / "ckpt", CheckpointConfig()).steps() == [2]  # 4 and 6 can be saved again
+
+
+def test_retention_keeps_last_n_and_every_mth(tmp_path):
+    state = {"w": jnp.ones((4,))}
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1, keep_last=2, keep_every=4, async_save=False))
+    for step in range(1, 10):
+        ckpt.save(step, state, {})
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ckpt", CheckpointConfig()).steps() == [4, 8, 9]
+
+
+def test_tokenizer_item_round_trip_checks_sha(tmp_path):
+    source = tmp_path / "tok.model"
+    source.write_bytes(os.urandom(1000))
+    item = tokenizer_item(source)
+    assert write_tokenizer_item(item, tmp_path / "copy.model").read_bytes() == source.read_bytes()
+    item["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="sha256"):
+        write_tokenizer_item(item, tmp_path / "bad.model")

@@ -1,0 +1,71 @@
+"""Metrics: MFU arithmetic, expert load statistics, the hardware-table lookup, metrics.jsonl and
+TensorBoard files."""
+
+import numpy as np
+import pytest
+
+from indicfm.train.metrics import (
+    MetricsWriter,
+    _hardware_file_peak,
+    expert_load_stats,
+    mfu,
+    peak_flops_per_device,
+    read_metrics,
+    total_peak_flops,
+)
+
+
+def test_mfu_is_flops_over_time_over_peak():
+    assert mfu(6e12, 2.0, 1e13) == pytest.approx(0.3)
+    assert mfu(1.0, 0.0, 1.0) == 0.0
+
+
+def test_expert_load_stats_hand_values():
+    counts = np.array([[1, 1, 1, 1], [4, 0, 0, 0]], np.float32)  # balanced layer, one-expert layer
+    worst, average = expert_load_stats(counts)
+    assert worst == pytest.approx(4.0)
+    assert average == pytest.approx(2.5)
+    assert expert_load_stats(np.zeros((0, 4))) == (1.0, 1.0)
+
+
+def test_hardware_file_lookup_prefers_the_longest_matching_name(tmp_path):
+    table = tmp_path / "hardware.yaml"
+    table.write_text(
+        "devices:\n"
+        "  v5p: {peak_tflops: 459, device_kinds: ['TPU v5']}\n"
+        "  v5e: {peak_tflops: 197, device_kinds: ['TPU v5 lite']}\n"
+        "  h100: {peak_flops: 9.89e14}\n"
+    )
+    assert _hardware_file_peak("TPU v5 lite", table) == pytest.approx(197e12)
+    assert _hardware_file_peak("TPU v5", table) == pytest.approx(459e12)
+    assert _hardware_file_peak("NVIDIA H100 80GB HBM3", table) == pytest.approx(9.89e14)
+    assert _hardware_file_peak("TPU v4", table) is None
+
+
+class _FakeDevice:
+    def __init__(self, kind, platform="gpu"):
+        self.device_kind, self.platform = kind, platform
+
+
+def test_builtin_table_and_totals(tmp_path):
+    missing = tmp_path / "none.yaml"
+    assert peak_flops_per_device(_FakeDevice("NVIDIA A100-SXM4-80GB"), missing) == pytest.approx(312e12)
+    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4, hardware_file=missing) == pytest.approx(4 * 275e12)
+    cpu = peak_flops_per_device(_FakeDevice("cpu", "cpu"), missing)  # measured, not looked up
+    assert 1e8 < cpu < 1e14
+
+
+def test_writer_jsonl_tensorboard_and_drop_after(tmp_path):
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 1.0 / step, "lr": np.float32(0.1), "nan": float("nan")})
+    writer.drop_after(2)  # a resume from step 2 forgets step 3
+    writer.write(3, {"loss": 0.25})
+    writer.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] == 0.25 and records[0]["nan"] == "nan"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    silent = MetricsWriter(tmp_path / "other", enabled=False)
+    silent.write(1, {"loss": 1.0})
+    assert not (tmp_path / "other").exists()
