@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ class MinHasher:
     shingle_unit: str
     seed: int
 
-    @property
+    @cached_property
     def _params(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         a = (rng.integers(0, 2**31, size=self.num_perm, dtype=np.uint32) * 2 + 1).astype(np.uint32)
@@ -79,31 +79,52 @@ class MinHasher:
     def shingle_hashes(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """64-bit hashes of every n-gram shingle of every text, and each text's offset into them.
 
-        Texts shorter than one shingle contribute one shingle of the whole text.
+        A text shorter than one shingle contributes one shingle: itself, padded.  Character shingles
+        of a whole batch are computed at once: the texts are joined with NUL (never inside a
+        document: the reader rejects control characters) and windows that contain one are dropped.
         """
+        if self.shingle_unit != "char":
+            return self._shingle_hashes_one_by_one(texts)
         n = self.shingle_size
-        pieces, owners = [], []
-        for index, text in enumerate(texts):
-            units = self._units(text)
-            if len(units) < n:  # pad a short text to one shingle
-                units = np.concatenate([units, np.full(n - len(units), _SEPARATOR, np.uint64)])
-            pieces.append(units)
-            pieces.append(np.full(n - 1, _SEPARATOR, np.uint64))
-            owners.append(np.full(len(units) - n + 1, index, np.int64))
-        if not pieces:
-            return np.zeros(0, np.uint64), np.zeros(1, np.int64)
-        seq = np.concatenate(pieces)
-        windows = len(seq) - n + 1
+        joined = "\x00".join(_whitespace_collapsed(t) for t in texts)
+        units = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
+        windows = max(len(units) - n + 1, 0)
         h = np.zeros(windows, np.uint64)
         with np.errstate(over="ignore"):
             for k in range(n):
-                h = h * _SHINGLE_BASE + seq[k : k + windows]
-        # Keep windows that lie inside one text: those starting at each text's own positions.
-        starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])[:-1:2]
-        counts = np.array([len(o) for o in owners])
-        idx = np.concatenate([s + np.arange(c) for s, c in zip(starts, counts)])
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        return _splitmix64(h[idx]), offsets
+                h = h * _SHINGLE_BASE + units[k : k + windows]
+        separators_before = np.concatenate([[0], np.cumsum(units == 0)])
+        valid = separators_before[n : n + windows] == separators_before[:windows]
+        owners = separators_before[:windows][valid]
+        hashes = _splitmix64(h[valid])
+        counts = np.bincount(owners, minlength=len(texts))
+        short = np.nonzero(counts == 0)[0]
+        if len(short):  # texts shorter than a shingle: hash the padded text, insert in order
+            extra, _ = self._shingle_hashes_one_by_one([texts[i] for i in short])
+            owners = np.concatenate([owners, short])
+            hashes = np.concatenate([hashes, extra])
+            order = np.argsort(owners, kind="stable")
+            hashes = hashes[order]
+            counts[short] = 1
+        return hashes, np.concatenate([[0], np.cumsum(counts)])
+
+    def _shingle_hashes_one_by_one(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        n = self.shingle_size
+        out, counts = [], []
+        for text in texts:
+            units = self._units(text)
+            if len(units) < n:
+                units = np.concatenate([units, np.full(n - len(units), _SEPARATOR, np.uint64)])
+            windows = len(units) - n + 1
+            h = np.zeros(windows, np.uint64)
+            with np.errstate(over="ignore"):
+                for k in range(n):
+                    h = h * _SHINGLE_BASE + units[k : k + windows]
+            out.append(_splitmix64(h))
+            counts.append(windows)
+        if not out:
+            return np.zeros(0, np.uint64), np.zeros(1, np.int64)
+        return np.concatenate(out), np.concatenate([[0], np.cumsum(counts)])
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """uint32 MinHash signatures, shape [len(texts), num_perm].
@@ -136,6 +157,19 @@ def minhasher(config: DedupConfig) -> MinHasher:
     return MinHasher(config.num_perm, config.shingle_size, config.shingle_unit, config.seed)
 
 
+_BAND_MULTIPLIERS = (np.random.default_rng(0x5EED).integers(0, 2**63, size=64, dtype=np.uint64) * np.uint64(2)
+                     + np.uint64(1))
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One 64-bit hash per LSH band of each signature, shape [docs, bands] (vectorised, so the
+    single process deciding duplicates only does dictionary look-ups of plain integers)."""
+    sig = signatures[:, : bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
+    with np.errstate(over="ignore"):
+        mixed = (sig * _BAND_MULTIPLIERS[:rows]).sum(axis=2, dtype=np.uint64)
+    return _splitmix64(mixed + np.arange(bands, dtype=np.uint64))
+
+
 @lru_cache(maxsize=None)
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands·rows ≤ num_perm minimising false-positive + false-negative area.
@@ -166,7 +200,7 @@ class DuplicateIndex:
         self.config = config
         self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
         self._exact: set[bytes] = set()
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self._buckets: dict[int, int | list[int]] = {}
         self._signatures: list[np.ndarray] = []
         self._new_keys: list[bytes] = []  # kept since the last save_increment
         self._saved_signatures = 0
@@ -174,39 +208,48 @@ class DuplicateIndex:
     def __len__(self) -> int:
         return len(self._signatures) if self.config.near else len(self._exact)
 
-    def check_and_add(self, key: bytes, signature: np.ndarray | None) -> str | None:
-        """Reason the document is a duplicate, or None (then it is recorded as kept)."""
+    def check_and_add(self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | None = None) -> str | None:
+        """Reason the document is a duplicate, or None (then it is recorded as kept).
+
+        ``bands`` are the signature's :func:`band_hashes` when the caller computed them in bulk.
+        """
         if self.config.exact and key in self._exact:
             return "exact_duplicate"
-        if self.config.near and signature is not None and self._near_match(signature):
-            return "near_duplicate"
-        self._add(key, signature)
-        return None
-
-    def _band_keys(self, signature: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [signature[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
-
-    def _near_match(self, signature: np.ndarray) -> bool:
-        seen: set[int] = set()
-        for band, key in zip(self._buckets, self._band_keys(signature)):
-            for doc in band.get(key, ()):
-                if doc in seen:
-                    continue
-                seen.add(doc)
-                if np.mean(self._signatures[doc] == signature) >= self.config.threshold:
-                    return True
-        return False
-
-    def _add(self, key: bytes, signature: np.ndarray | None) -> None:
+        if self.config.near and signature is not None:
+            if bands is None:
+                bands = band_hashes(signature[None, :], self.bands, self.rows)[0]
+            band_keys = bands.tolist()
+            found = list(map(self._buckets.get, band_keys))
+            if any(v is not None for v in found) and self._near_match(signature, found):
+                return "near_duplicate"
+            self._add_signature(signature, band_keys, found)
         if self.config.exact:
             self._exact.add(key)
             self._new_keys.append(key)
-        if self.config.near and signature is not None:
-            doc = len(self._signatures)
-            self._signatures.append(signature.copy())
-            for band, bkey in zip(self._buckets, self._band_keys(signature)):
-                band.setdefault(bkey, []).append(doc)
+        return None
+
+    def _near_match(self, signature: np.ndarray, found: list) -> bool:
+        """Is any kept document sharing a band really similar (estimated Jaccard ≥ threshold)?"""
+        candidates: set[int] = set()
+        for v in found:
+            if v is not None:
+                candidates.update(v) if type(v) is list else candidates.add(v)
+        need = self.config.threshold * len(signature)
+        return any(np.count_nonzero(self._signatures[doc] == signature) >= need for doc in sorted(candidates))
+
+    def _add_signature(self, signature: np.ndarray, band_keys: list[int], found: list) -> None:
+        """Record a kept document in every band's bucket (an int for one document, a list for more;
+        band hashes include the band number, so one dictionary serves all bands)."""
+        doc = len(self._signatures)
+        self._signatures.append(signature)
+        buckets = self._buckets
+        for k, v in zip(band_keys, found):
+            if v is None:
+                buckets[k] = doc
+            elif type(v) is list:
+                v.append(doc)
+            else:
+                buckets[k] = [v, doc]
 
     # -- checkpointing -------------------------------------------------------------------------
     def save_increment(self, directory: Path, part: int) -> None:
@@ -229,9 +272,8 @@ class DuplicateIndex:
         for part in range(parts):
             for row in np.load(directory / f"exact_keys.{part:06d}.npy"):
                 self._exact.add(row.tobytes())
-            for sig in np.load(directory / f"signatures.{part:06d}.npy"):
-                doc = len(self._signatures)
-                self._signatures.append(sig)
-                for band, bkey in zip(self._buckets, self._band_keys(sig)):
-                    band.setdefault(bkey, []).append(doc)
+            sigs = np.load(directory / f"signatures.{part:06d}.npy")
+            for sig, bands in zip(sigs, band_hashes(sigs, self.bands, self.rows)):
+                band_keys = bands.tolist()
+                self._add_signature(sig, band_keys, list(map(self._buckets.get, band_keys)))
         self._saved_signatures = len(self._signatures)

@@ -51,6 +51,7 @@ _PY3LANGID_CODES = {
 BACKEND_CODES = {"pycld2": _CLD2_CODES, "py3langid": _PY3LANGID_CODES}
 
 
+@lru_cache(maxsize=None)
 def shares_script(lang: str) -> bool:
     """True when another known language is written in ``lang``'s script (so LID is needed)."""
     script = script_of_language(lang)

@@ -33,8 +33,8 @@ import numpy as np
 
 from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, write_json_atomic
 from data_pipeline.config import DataConfig
-from data_pipeline.dedup import DuplicateIndex, exact_key, minhasher
-from data_pipeline.filters import filters_for, quality_reason, script_reason
+from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, lsh_bands, minhasher
+from data_pipeline.filters import batch_reasons, filters_for
 from data_pipeline.lid import get_identifier, lid_reason
 from data_pipeline.pack import Packer
 from data_pipeline.report import Report, render_table
@@ -78,6 +78,7 @@ class BatchResult:
     reasons: list[str | None]  # per input document: filter/LID reason, or None when it passed
     keys: list[bytes]  # for passing documents, in order
     signatures: np.ndarray | None  # [passing, num_perm] uint32
+    bands: np.ndarray | None  # [passing, bands] uint64 LSH band hashes
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
 
@@ -92,29 +93,39 @@ class DocumentProcessor:
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
         self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
         self.minhasher = minhasher(config.dedup)
+        self.lsh_bands, self.lsh_rows = lsh_bands(config.dedup.threshold, config.dedup.num_perm)
         self._filters: dict = {}
 
-    def reason(self, lang: str, text: str) -> str | None:
+    def _filters_for(self, lang: str):
         f = self._filters.get(lang)
         if f is None:
             f = self._filters[lang] = filters_for(self.config, lang)
-        if len(text) > f.max_chars:  # a per-language limit below the reader's global one
-            return "too_long"
-        reason = quality_reason(text, f) or script_reason(text, lang, f)
-        if reason is None and self.identifier is not None and lang not in self.config.lid.skip_languages:
-            lid = self.config.lid
-            reason = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
-        return reason
+        return f
+
+    def reasons(self, items: list[tuple[str, str]]) -> list[str | None]:
+        """Quality, script and language-ID reason (or None) of each (lang, text)."""
+        configs = [self._filters_for(lang) for lang, _ in items]
+        reasons = batch_reasons([t for _, t in items], [lang for lang, _ in items], configs)
+        lid = self.config.lid
+        for i, ((lang, text), f) in enumerate(zip(items, configs)):
+            if reasons[i] is None and len(text) > f.max_chars:  # a per-language limit below the global one
+                reasons[i] = "too_long"
+            if reasons[i] is None and self.identifier is not None and lang not in lid.skip_languages:
+                reasons[i] = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
+        return reasons
 
     def __call__(self, items: list[tuple[str, str]]) -> BatchResult:
-        reasons = [self.reason(lang, text) for lang, text in items]
+        reasons = self.reasons(items)
         texts = [text for (_, text), r in zip(items, reasons) if r is None]
         keys = [exact_key(t) for t in texts]
-        signatures = self.minhasher.signatures(texts) if self.config.dedup.near else None
+        signatures = bands = None
+        if self.config.dedup.near:
+            signatures = self.minhasher.signatures(texts)
+            bands = band_hashes(signatures, self.lsh_bands, self.lsh_rows)
         ids = self.sp.encode(texts, add_eos=True, num_threads=1) if texts else []
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-        return BatchResult(reasons, keys, signatures, flat, lengths)
+        return BatchResult(reasons, keys, signatures, bands, flat, lengths)
 
 
 _WORKER: DocumentProcessor | None = None
@@ -211,8 +222,10 @@ class _Run:
                 continue
             reason = result.reasons[accepted_pos[i]]
             if reason is None:
-                sig = result.signatures[passing] if result.signatures is not None else None
-                reason = self.dedup.check_and_add(result.keys[passing], sig)
+                sig = bands = None
+                if result.signatures is not None:
+                    sig, bands = result.signatures[passing], result.bands[passing]
+                reason = self.dedup.check_and_add(result.keys[passing], sig, bands)
                 if reason is None:
                     keep_mask[passing] = True
                     self.report.kept(doc.lang, int(result.lengths[passing]))

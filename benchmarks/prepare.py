@@ -1,0 +1,83 @@
+"""Prepare throughput (documents/s, tokens/s) and its ratio to bare SentencePiece encoding.
+
+``python -m benchmarks.prepare [--quick] [--tokenizer P.model]``.  Input: ``../shared/data/corpus``
+when present (≈160k real lines), else the shipped sample; ``--quick`` uses the sample.  Without
+``--tokenizer`` an 8k-piece BPE tokenizer is trained on the sample first (≈2 s, not timed).
+
+Both sides run in this one process, on the same NFC-normalised text:
+
+* bare: ``sp.encode(all_lines, num_threads=1)``, best of two passes (one core, no cleaning);
+* prepare: the full ``data prepare`` (read, filters, LID, dedup, tokenize, pack, write the cache),
+  with every CPU as a worker and with a single process.
+
+ratio = bare seconds / prepare seconds (the issue's goal: ≥ 0.6 with all workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "corpus"
+
+
+def _lines(input_dir: Path) -> list[str]:
+    from indicfm.text import normalize
+
+    lines = []
+    for path in sorted(input_dir.glob("*.txt")):
+        lines += [normalize(x) for x in path.read_bytes().decode("utf-8", errors="replace").splitlines()]
+    return lines
+
+
+def run(quick: bool = False, tokenizer: str | None = None) -> dict:
+    import sentencepiece as spm
+
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import train_tiny_tokenizer
+
+    input_dir = REPO / "samples" / "train" if quick or not SHARED_CORPUS.is_dir() else SHARED_CORPUS
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = Path(tokenizer) if tokenizer else train_tiny_tokenizer(REPO / "samples" / "train", tmp / "tok", 8000)
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        texts = _lines(input_dir)
+        bare_s = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            ids = sp.encode(texts, num_threads=1)
+            bare_s = min(bare_s, time.perf_counter() - start)
+        bare_tokens = sum(map(len, ids))
+        cpus = os.cpu_count() or 1
+        figures = {
+            "input": str(input_dir.relative_to(REPO.parent)) if input_dir.is_relative_to(REPO.parent) else str(input_dir),
+            "documents": len(texts),
+            "vocab_size": sp.get_piece_size(),
+            "bare_sp_docs_per_s": len(texts) / bare_s,
+            "bare_sp_tokens_per_s": bare_tokens / bare_s,
+            "cpus": cpus,
+        }
+        for label, workers in (("all_workers", cpus), ("one_process", 1)):
+            result = prepare([input_dir], model, tmp / f"cache-{label}", seq_len=2048, workers=workers, show_progress=False)
+            figures[f"prepare_{label}_docs_per_s"] = result.docs_per_s
+            figures[f"prepare_{label}_tokens_per_s"] = result.tokens_per_s
+            figures[f"ratio_{label}_vs_bare"] = bare_s / result.seconds
+        figures["goal_ratio"] = 0.6
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokenizer", help="SentencePiece .model to use (default: train an 8k BPE on the sample)")
+    args = parser.parse_args()
+    for key, value in run(quick=args.quick, tokenizer=args.tokenizer).items():
+        print(f"{key:>36}: {value:,.3f}" if isinstance(value, float) else f"{key:>36}: {value}")
+
+
+if __name__ == "__main__":
+    main()
