@@ -28,7 +28,8 @@ def _lines(path: Path, limit: int | None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def run(quick: bool = False) -> dict:
+def measure(quick: bool = False) -> dict:
+    """Nested figures: {"backends": {backend: {"languages": {lang: {...} or "script rules only"}}}}."""
     data_dir = FLORES_DEV if FLORES_DEV.is_dir() else SAMPLE_DEV
     limit = 200 if quick else None
     lid_cfg = LidConfig()
@@ -58,11 +59,24 @@ def run(quick: bool = False) -> dict:
     return results
 
 
+def run(quick: bool = False) -> dict:
+    """Flat figures for ``benchmarks.run``: accuracy per backend and language, and pycld2's drop rate."""
+    res = measure(quick)
+    flat: dict = {"data": res["data"]}
+    for backend, b in res["backends"].items():
+        for lang, v in b["languages"].items():
+            flat[f"{backend} {lang}"] = v["accuracy"] if isinstance(v, dict) else v
+            if backend == "pycld2" and isinstance(v, dict) and v["lid_applied"]:
+                flat[f"{backend} {lang} dropped_as_wrong_language"] = v["dropped_as_wrong_language"]
+        flat[f"{backend} lines_per_s"] = b["lines_per_s"]
+    return flat
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    res = run(quick=args.quick)
+    res = measure(quick=args.quick)
     print(f"LID accuracy on {res['data']} (lines per language: {res['lines_per_language']})")
     backends = list(res["backends"])
     print(f"{'language':<10}" + "".join(f"{b + ' acc':>16}{'drop':>8}" for b in backends))

@@ -43,6 +43,17 @@ def temperature_weights(rows: dict[str, int], temperature: float) -> dict[str, f
     return {lang: w / total for lang, w in raw.items()}
 
 
+def mixture_weights(
+    cache_dir: str | Path, language_weights: dict[str, float] | None, mixture_temperature: float | None
+) -> dict[str, float] | None:
+    """The ``language_weights`` to give :class:`TokenLoader` from ``data.language_weights`` or
+    ``data.mixture_temperature`` (explicit weights win; neither = proportional to the cache)."""
+    if language_weights is not None or mixture_temperature is None:
+        return language_weights
+    info = read_metadata(cache_dir)
+    return temperature_weights({lang: v["rows"] for lang, v in info.languages.items()}, mixture_temperature)
+
+
 class TokenLoader:
     """Batches ``{"tokens", "segment_ids", "positions"}`` (int32 ``[G / process_count, seq_len]``).
 

@@ -68,3 +68,22 @@ def test_per_language_overrides_only_the_given_keys():
     san = filters_for(cfg, "san_Deva")
     assert san.max_non_letter_ratio == 0.9 and san.min_words == 4  # global value kept
     assert filters_for(cfg, "hin_Deva").max_non_letter_ratio == FilterConfig().max_non_letter_ratio
+
+
+def test_batch_path_equals_per_document_path(sample_train_dir):
+    """The vectorised batch checks give what indicfm.text.script_share and the per-document
+    functions give, on real text of every shipped language."""
+    from data_pipeline.filters import batch_reasons, char_stats, expected_scripts
+    from indicfm.text import normalize, script_share
+
+    f = FilterConfig()
+    for path in sorted(sample_train_dir.glob("*.txt")):
+        lang = path.name.split(".")[0]
+        texts = [normalize(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:150]
+        texts += ["English words only here", "१२३ ४५६ ७८९", "mixed हिंदी text 😀 𑀅"]
+        stats = char_stats(texts, [expected_scripts(lang, f)] * len(texts))
+        ref = [script_share(t, lang.split("_")[1]) for t in texts]
+        assert stats.in_script.tolist() == [r[0] for r in ref], lang
+        assert stats.letters.tolist() == [r[1] for r in ref], lang
+        per_doc = [quality_reason(t, f) or script_reason(t, lang, f) for t in texts]
+        assert batch_reasons(texts, [lang] * len(texts), [f] * len(texts)) == per_doc, lang
