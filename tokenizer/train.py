@@ -9,9 +9,11 @@ One path, four steps, each a function:
 2. :func:`tokenizer.sampling.allocate` decides how many documents each language contributes.
 3. :func:`sampled_sentences` reads the inputs a second time and yields the chosen documents, so
    memory holds only SentencePiece's own copy of the sample, never the whole corpus.
-4. SentencePiece trains with :func:`sentencepiece_options`: no normalisation of its own (the text is
-   already NFC; its default NFKC would delete ZWJ/ZWNJ), byte fallback, split digits and every
-   letter of the 22 languages' scripts as required characters.
+4. Training: by default BPE whose merges keep aksharas whole (:mod:`tokenizer.akshara_bpe`, saved
+   as a SentencePiece model), otherwise SentencePiece's own trainer.  Either way the options of
+   :func:`sentencepiece_options` hold: no normalisation of its own (the text is already NFC; its
+   default NFKC would delete ZWJ/ZWNJ), byte fallback, split digits and every letter of the 22
+   languages' scripts as required characters.
 
 It writes ``P.model``, ``P.vocab`` and ``P.json`` (inputs with sha256, per-language counts, every
 training parameter, the indicfm version).  The ``.model`` is a plain SentencePiece model: load it
@@ -34,6 +36,7 @@ from pathlib import Path
 from data_pipeline.sources import InputFile, find_input_files, iter_documents
 from indicfm import __version__
 from indicfm.text import SCRIPT_RANGES, script_letters
+from tokenizer import akshara_bpe
 from tokenizer.config import TokenizerConfig
 from tokenizer.sampling import allocate, choose_indices
 
@@ -165,6 +168,42 @@ def sampled_sentences(
                         yield line
 
 
+def train_akshara_bpe(
+    sentences: list[str], output_prefix: Path, cfg: TokenizerConfig, options: dict, on_progress=None
+) -> None:
+    """Write ``P.model``/``P.vocab`` whose BPE merges keep aksharas whole (:mod:`tokenizer.akshara_bpe`).
+
+    SentencePiece still provides everything but the merges: a tiny model trained with the same options
+    gives the normaliser spec, special and byte pieces and the required characters.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    characters = set("".join(sentences)) | set(options["required_chars"]) | {akshara_bpe.WHITESPACE}
+    skeleton = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=skeleton,
+        minloglevel=2,
+        **{**options, "vocab_size": len(SPECIAL_IDS) + 256 + len(characters) + 8},
+    )
+    fixed = len(SPECIAL_IDS) + 256 + len(characters)
+    pieces, seen = akshara_bpe.learn_pieces(
+        sentences,
+        cfg.vocab_size - fixed,
+        min_cluster_count=cfg.min_cluster_count,
+        max_piece_chars=cfg.max_piece_chars,
+        on_progress=on_progress,
+    )
+    model = akshara_bpe.build_model(skeleton.getvalue(), pieces, characters | seen, cfg.vocab_size)
+    output_prefix.with_name(output_prefix.name + ".model").write_bytes(model)
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    with open(output_prefix.with_name(output_prefix.name + ".vocab"), "w", encoding="utf-8") as vocab:
+        for i in range(processor.vocab_size()):
+            vocab.write(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n")
+
+
 def train_tokenizer(
     inputs: Iterable[str | Path],
     output_prefix: str | Path,
@@ -202,13 +241,16 @@ def train_tokenizer(
         sampled = allocate(available, cfg.max_sentences, cfg.sampling_alpha)
         chosen = {lang: choose_indices(available[lang], k, cfg.seed, lang) for lang, k in sampled.items()}
         options = sentencepiece_options(cfg)
-        bar.stage(f"sampling {sum(sampled.values()):,} documents and training SentencePiece {cfg.model_type} {cfg.vocab_size:,}")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sampled_sentences(files, chosen, cfg.max_document_chars, on_file=bar.file),
-            model_prefix=str(output_prefix),
-            minloglevel=2,
-            **options,
-        )
+        sentences = sampled_sentences(files, chosen, cfg.max_document_chars, on_file=bar.file)
+        if cfg.model_type == "bpe" and cfg.whole_aksharas:
+            bar.stage(f"sampling {sum(sampled.values()):,} documents")
+            sentence_list = list(sentences)
+            train_akshara_bpe(sentence_list, output_prefix, cfg, options, on_progress=bar.merges)
+        else:
+            bar.stage(f"sampling {sum(sampled.values()):,} documents and training SentencePiece {cfg.model_type} {cfg.vocab_size:,}")
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences, model_prefix=str(output_prefix), minloglevel=2, **options
+            )
 
     seconds = time.perf_counter() - start
     result = TrainResult(
@@ -248,6 +290,7 @@ class _Progress:
         self.enabled, self.files = enabled, files
         self._progress = None
         self._task = None
+        self._merge_task = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -264,6 +307,12 @@ class _Progress:
             if self._task is not None:
                 self._progress.update(self._task, completed=self.files)
             self._task = self._progress.add_task(description, total=self.files)
+
+    def merges(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            if self._merge_task is None:
+                self._merge_task = self._progress.add_task("learning akshara BPE merges", total=total)
+            self._progress.update(self._merge_task, completed=done)
 
     def file(self, f: InputFile) -> None:
         if self._progress is not None and self._task is not None:
