@@ -58,7 +58,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = param_dtype(cfg)
         self.cfg = cfg
-        self.embed_VxD = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt, fan_in=1)
+        self.embed_VxD = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt, fan_in=cfg.d_model)
         self.blocks = nnx.List(
             [Block(cfg, is_moe=i >= cfg.first_dense_layers, rngs=rngs) for i in range(cfg.num_layers)]
         )
