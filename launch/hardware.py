@@ -50,6 +50,7 @@ class Chip(BaseModel):
     price_on_demand: float = Field(ge=0, description="USD per chip-hour")
     price_spot: float = Field(ge=0, description="USD per chip-hour")
     device_kinds: list[str] = Field(default_factory=list, description="substrings of jax Device.device_kind")
+    typical_mfu: float = Field(0.35, gt=0, le=1, description="MFU the planner assumes when not told")
 
     @property
     def peak_flops(self) -> float:

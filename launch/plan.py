@@ -1,0 +1,697 @@
+"""The planner: what a training config needs on some hardware, and what it costs, before spending money.
+
+Memory per device comes from the model itself, not from hand-kept formulas:
+
+* **parameters, gradients, optimizer state**: every parameter of the abstract model
+  (``nnx.eval_shape``, nothing allocated) is sharded with the one rules table of
+  ``indicfm.sharding`` under the config's mesh, exactly as training shards it. AdamW keeps two
+  moments per parameter in the parameter dtype (optax's default).
+* **activations**: the tensors autodiff saves for the backward pass, found by tracing
+  ``jax.vjp`` of the loss at one device's micro-batch (``jax.make_jaxpr``, no compilation) and
+  keeping the residuals that are not inputs, the same trick as ``jax.ad_checkpoint.print_saved_residuals``.
+  The remat policy of the config (``model.remat``) is part of the traced model, so it is honoured
+  automatically. Residuals carrying a tensor-sharded axis (heads, MLP hidden, vocab) are divided by
+  the tensor-parallel size.
+* **backward working set**: while the backward pass runs, the gradient of the largest activation
+  (typically the float32 logits) exists next to the saved ones.
+
+Time is a roofline: model FLOPs per step (``indicfm.model.flops``) at an assumed MFU, plus the
+communication the mesh implies (FSDP all-gathers and gradient reduce-scatters, data-parallel
+all-reduces, expert all-to-alls, tensor-parallel all-reduces) at the interconnect bandwidth in
+``configs/hardware.yaml``. Collectives XLA overlaps with compute (FSDP, data parallel) only cost what
+exceeds the compute time; all-to-all and tensor-parallel all-reduces sit on the critical path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from launch.hardware import GIB, Chip, Slice, parse_slice
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+#: fraction of HBM a run may plan to use: XLA needs room for fragmentation, collectives' buffers
+#: and the program itself
+USABLE_HBM_FRACTION = 0.9
+
+
+class PlanError(ValueError):
+    """The config cannot be planned on this hardware as given (e.g. a mesh that does not fit the slice)."""
+
+
+# ------------------------------------------------------------------------------------------ mesh
+
+
+def mesh_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+    """Sizes of the (data, fsdp, expert, tensor) axes on ``num_devices`` (-1 fills the rest), as
+    ``indicfm.sharding.make_mesh`` does for real devices."""
+    sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise PlanError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + n for n in free)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise PlanError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"({' x '.join(f'{n}={s}' for n, s in sizes.items() if s != -1)} = {fixed})"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise PlanError(
+            f"mesh: data x fsdp x expert x tensor = {fixed} but the hardware has {num_devices} devices; "
+            "set one axis to -1"
+        )
+    return sizes
+
+
+def _abstract_mesh(sizes: dict[str, int]):
+    import jax
+
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def describe_mesh(sizes: dict[str, int]) -> str:
+    return " ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class _Var:
+    shape: tuple[int, ...]
+    itemsize: int
+    names: tuple | None
+    trainable: bool
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_variables(model_cfg: Any) -> tuple[_Var, ...]:
+    """Every variable of the model with its logical axis names, from the abstract (unallocated) model."""
+    import jax
+    from flax import nnx
+
+    from indicfm.model.transformer import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    out = []
+    for _, var in nnx.to_flat_state(nnx.state(abstract)):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        out.append(
+            _Var(
+                shape=tuple(value.shape),
+                itemsize=jax.numpy.dtype(value.dtype).itemsize,
+                names=var.get_metadata().get("out_sharding"),
+                trainable=isinstance(var, nnx.Param),
+            )
+        )
+    return tuple(out)
+
+
+def _shard_elements(var: _Var, sizes: dict[str, int], rules: dict) -> int:
+    """Elements of ``var`` one device holds under the mesh (the rules table decides the split)."""
+    from indicfm.sharding import logical_to_spec
+
+    spec = logical_to_spec(var.names, var.shape, _abstract_mesh(sizes), rules)
+    elements = 1
+    for dim, axes in itertools.zip_longest(var.shape, tuple(spec)):
+        split = 1
+        if axes is not None:
+            split = math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        elements *= dim // split
+    return elements
+
+
+def state_bytes_per_device(cfg: Any, sizes: dict[str, int]) -> tuple[float, float]:
+    """(all variables, trainable parameters) bytes one device holds under the mesh."""
+    from indicfm.sharding import logical_axis_rules
+
+    rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
+    everything = trainable = 0.0
+    for var in _abstract_variables(cfg.model):
+        nbytes = _shard_elements(var, sizes, rules) * var.itemsize
+        everything += nbytes
+        if var.trainable:
+            trainable += nbytes
+    return everything, trainable
+
+
+# ----------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One tensor the backward pass keeps: its global shape and bytes, and whether it was produced
+    inside ``shard_map`` (then it is split over every mesh axis, one block per device)."""
+
+    shape: tuple[int, ...]
+    nbytes: int
+    per_device_block: bool
+    from_batch: bool  # computed from the tokens (split with the batch), not only from weights
+
+
+@functools.lru_cache(maxsize=64)
+def saved_residuals(model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[int, ...]) -> tuple[Residual, ...]:
+    """Every tensor the backward pass keeps for one micro-batch of ``batch`` rows (global shapes).
+
+    Traced (never compiled) with ``jax.make_jaxpr`` of ``jax.vjp`` over the loss, under an abstract
+    mesh of ``mesh_shape`` so expert-parallel dispatch is traced as training runs it. Residuals that
+    are just the inputs (weights, tokens) are not new memory and are left out.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from indicfm.model.transformer import Transformer
+    from indicfm.train.loss import masked_cross_entropy_sum
+
+    # The loss-free router bias only changes which experts are picked, never a shape; leaving it out
+    # avoids a Flax trace-level error when it sits inside remat (seen with flax 0.12.8).
+    traced_cfg = model_cfg.model_copy(update={"loss_free_bias": False})
+    # the abstract model is built outside the mesh: with one set, Flax reads logical names as mesh axes
+    abstract = nnx.eval_shape(lambda: Transformer(traced_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+    def loss(params_, rest_, tokens_, segments_, positions_):
+        model = nnx.merge(graphdef, params_, rest_)
+        logits, stats = model(tokens_, segments_, positions_)
+        ce, count = masked_cross_entropy_sum(logits, tokens_, segments_)
+        return ce / jnp.maximum(count, 1.0) + stats.aux_loss
+
+    def forward_for_backward(params_, rest_, tokens_, segments_, positions_):
+        _, f_vjp = jax.vjp(lambda p: loss(p, rest_, tokens_, segments_, positions_), params_)
+        return f_vjp
+
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)):
+        jaxpr = jax.make_jaxpr(forward_for_backward)(params, rest, tokens, tokens, tokens).jaxpr
+    inputs = set(map(id, jaxpr.invars)) | set(map(id, jaxpr.constvars))
+    from_shard_map = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map" for v in eqn.outvars}
+    # data flow from the three [B, L] inputs: what depends on them is split with the batch
+    batch_vars = {id(v) for v in jaxpr.invars[-3:]}
+    for eqn in jaxpr.eqns:
+        if any(id(v) in batch_vars for v in eqn.invars if type(v).__name__ != "Literal"):
+            batch_vars.update(id(v) for v in eqn.outvars)
+    seen: set[int] = set()
+    residuals = []
+    for var in jaxpr.outvars:
+        aval = getattr(var, "aval", None)
+        if aval is None or not hasattr(aval, "shape") or id(var) in inputs or id(var) in seen:
+            continue
+        if type(var).__name__ == "Literal":
+            continue
+        seen.add(id(var))
+        nbytes = math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+        residuals.append(Residual(tuple(aval.shape), nbytes, id(var) in from_shard_map, id(var) in batch_vars))
+    return tuple(residuals)
+
+
+def _tensor_split(shape: tuple[int, ...], model_cfg: Any, tensor: int) -> int:
+    """How many ways the tensor axis splits a residual: by a heads / MLP / vocab dimension it carries."""
+    if tensor == 1:
+        return 1
+    split_dims = {model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.d_ff, model_cfg.d_expert, model_cfg.vocab_size}
+    split_dims.discard(model_cfg.d_model)
+    return tensor if any(d in split_dims and d % tensor == 0 for d in shape[1:]) else 1
+
+
+def activation_bytes_per_device(cfg: Any, sizes: dict[str, int]) -> tuple[float, float]:
+    """(saved activations, backward working set) bytes on one device for one micro-batch."""
+    micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batches
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    devices = batch_shards * sizes["tensor"]
+    mesh_shape = tuple(sizes[a] for a in MESH_AXES)
+    per_device = []
+    for r in saved_residuals(cfg.model, micro, cfg.data.seq_len, mesh_shape):
+        if r.per_device_block:
+            per_device.append(r.nbytes / devices)
+        elif r.from_batch:
+            per_device.append(r.nbytes / batch_shards / _tensor_split(r.shape, cfg.model, sizes["tensor"]))
+        else:  # a weight in compute dtype: gathered over FSDP, still split over experts / tensor
+            expert_split = sizes["expert"] if r.shape and r.shape[0] == cfg.model.num_experts else 1
+            per_device.append(r.nbytes / expert_split / _tensor_split((1, *r.shape), cfg.model, sizes["tensor"]))
+    return sum(per_device), max(per_device, default=0.0)
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class Memory:
+    """Bytes per device during one train step."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    working: float
+    capacity: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.working
+
+    @property
+    def usable(self) -> float:
+        return self.capacity * USABLE_HBM_FRACTION
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def reason(self) -> str:
+        if self.fits:
+            return f"fits: {self.total / GIB:.2f} GiB of {self.capacity / GIB:.1f} GiB per device"
+        parts = {
+            "parameters": self.params,
+            "gradients": self.grads,
+            "optimizer state": self.optimizer,
+            "activations": self.activations + self.working,
+        }
+        biggest = max(parts, key=lambda k: parts[k])
+        return (
+            f"does not fit: needs {self.total / GIB:.2f} GiB per device but only "
+            f"{USABLE_HBM_FRACTION:.0%} of {self.capacity / GIB:.1f} GiB is usable; "
+            f"the largest part is {biggest} ({parts[biggest] / GIB:.2f} GiB)"
+        )
+
+
+def per_device_batch(cfg: Any, sizes: dict[str, int]) -> int:
+    """Rows of one micro-batch on one device: the batch is split over every data-like axis."""
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batches
+    if micro % shards:
+        raise PlanError(
+            f"trainer.global_batch_size / trainer.micro_batches = {micro} rows do not split over "
+            f"data x fsdp x expert = {shards} devices; make the batch a multiple of {shards} "
+            f"(e.g. --set trainer.global_batch_size={shards * cfg.trainer.micro_batches * max(1, -(-micro // shards))})"
+        )
+    return micro // shards
+
+
+def _gathered_sizes(cfg: Any, sizes: dict[str, int]) -> dict[str, int]:
+    """The mesh as a weight looks once FSDP has all-gathered it (no split over the weight-sharding axes)."""
+    gathered = dict(sizes, fsdp=1)
+    if cfg.mesh.shard_weights_over_data:
+        gathered["data"] = 1
+    return gathered
+
+
+def largest_gathered_weight(cfg: Any, sizes: dict[str, int]) -> float:
+    """Bytes of the largest trainable variable after the FSDP all-gather (0 without FSDP)."""
+    from indicfm.sharding import logical_axis_rules
+
+    gathered = _gathered_sizes(cfg, sizes)
+    if gathered == sizes:
+        return 0.0
+    rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
+    return max(
+        (_shard_elements(v, gathered, rules) * v.itemsize for v in _abstract_variables(cfg.model) if v.trainable),
+        default=0.0,
+    )
+
+
+def memory_per_device(cfg: Any, sizes: dict[str, int], chip: Chip) -> Memory:
+    """Parameters, gradients, AdamW moments, activations and backward working set of one device.
+
+    Working set: the backward pass holds the gradient of the largest activation next to it, and
+    with FSDP the largest weight is all-gathered in full and its full gradient exists before the
+    reduce-scatter.
+    """
+    variables, trainable = state_bytes_per_device(cfg, sizes)
+    micro_batch = per_device_batch(cfg, sizes)
+    saved, largest_activation = activation_bytes_per_device(cfg, sizes)
+    working = 2 * largest_activation + 2 * largest_gathered_weight(cfg, sizes)
+    grads = trainable * (2 if cfg.trainer.micro_batches > 1 else 1)  # + the accumulator
+    notes = [f"micro-batch per device: {micro_batch} x {cfg.data.seq_len} tokens, remat={cfg.model.remat}"]
+    if cfg.trainer.micro_batches > 1:
+        notes.append(f"{cfg.trainer.micro_batches} micro-batches: gradients counted twice (accumulator)")
+    return Memory(
+        params=variables,
+        grads=grads,
+        optimizer=2 * trainable,  # AdamW: first and second moments in the parameter dtype
+        activations=saved,
+        working=working,
+        capacity=chip.hbm_bytes,
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------ time and traffic
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step on the whole slice."""
+
+    compute: float
+    fsdp: float
+    data_parallel: float
+    all_to_all: float
+    tensor_parallel: float
+
+    @property
+    def exposed_communication(self) -> float:
+        overlapped = self.fsdp + self.data_parallel
+        return self.all_to_all + self.tensor_parallel + max(0.0, overlapped - self.compute)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.exposed_communication
+
+
+def _axis_bandwidth(axis: str, sizes: dict[str, int], slice_: Slice) -> float:
+    """Bytes/s one device gets in a collective over ``axis``.
+
+    Devices are laid out with ``tensor`` innermost, then ``expert``, ``fsdp``, ``data`` (the order of
+    ``indicfm.sharding.make_mesh``): on GPUs an axis whose groups span more devices than a node holds
+    goes over the network; a TPU slice is all ICI.
+    """
+    chip = slice_.chip
+    if chip.kind == "tpu":
+        return chip.ici_bytes_per_s
+    inner = math.prod(sizes[a] for a in MESH_AXES[MESH_AXES.index(axis) :])
+    return chip.ici_bytes_per_s if inner <= slice_.chips_per_host else chip.dcn_bytes_per_s
+
+
+def step_time(cfg: Any, sizes: dict[str, int], slice_: Slice, mfu: float) -> StepTime:
+    """Roofline compute at ``mfu`` plus ring-collective time for the traffic the mesh implies."""
+    from indicfm.model.flops import train_flops_per_token
+
+    model = cfg.model
+    n = slice_.num_chips
+    tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+    compute = train_flops_per_token(model, cfg.data.seq_len) * tokens / n / (slice_.chip.peak_flops * mfu)
+
+    _, trainable = state_bytes_per_device(cfg, sizes)
+    micro = cfg.trainer.micro_batches
+    act_bytes = DTYPE_BYTES[model.compute_dtype]
+    tokens_per_device = tokens / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+
+    def ring(nbytes: float, group: int, axis: str) -> float:
+        return 0.0 if group <= 1 else nbytes * (group - 1) / group / _axis_bandwidth(axis, sizes, slice_)
+
+    f = sizes["fsdp"] * (sizes["data"] if cfg.mesh.shard_weights_over_data else 1)
+    gathered = trainable * f
+    # all-gather for forward and again for backward in every micro-batch, one reduce-scatter of gradients
+    fsdp = ring(gathered * (2 * micro + 1), f, "fsdp")
+    data_parallel = 0.0 if cfg.mesh.shard_weights_over_data else ring(2 * trainable, sizes["data"], "data")
+    # dispatch + combine, forward and backward, of every routed token copy in every MoE layer
+    a2a_bytes = 4 * model.num_moe_layers * tokens_per_device * model.top_k * model.d_model * act_bytes
+    all_to_all = ring(a2a_bytes, sizes["expert"], "expert")
+    # two all-reduces (attention and MLP outputs) forward and two backward per block; all-reduce = 2x ring
+    tp_bytes = 4 * 2 * model.num_layers * tokens_per_device * model.d_model * act_bytes
+    tensor_parallel = ring(tp_bytes, sizes["tensor"], "tensor")
+    return StepTime(compute, fsdp, data_parallel, all_to_all, tensor_parallel)
+
+
+# ------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class MeshOption:
+    sizes: dict[str, int]
+    memory: Memory
+    time: StepTime
+    remat: str
+
+
+@dataclass
+class Plan:
+    hardware: str
+    num_chips: int
+    num_hosts: int
+    chip: Chip
+    mesh: dict[str, int]
+    params: int
+    active_params: int
+    flops_per_token: float
+    seq_len: int
+    global_batch: int
+    memory: Memory
+    time: StepTime
+    mfu: float
+    spot: bool
+    remat: str = "none"
+    tokens: float | None = None
+    days: float | None = None
+    chips_for_days: int | None = None
+    slice_for_days: str | None = None
+    suggestion: MeshOption | None = None
+    suggestion_note: str | None = None
+
+    @property
+    def price_per_hour(self) -> float:
+        price = self.chip.price_spot if self.spot else self.chip.price_on_demand
+        return price * self.num_chips
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.global_batch * self.seq_len / self.time.total
+
+    @property
+    def hours_per_billion(self) -> float:
+        return 1e9 / self.tokens_per_second / 3600
+
+    @property
+    def dollars_per_billion(self) -> float:
+        return self.hours_per_billion * self.price_per_hour
+
+    def to_dict(self) -> dict:
+        out = {
+            "hardware": self.hardware,
+            "chips": self.num_chips,
+            "hosts": self.num_hosts,
+            "mesh": self.mesh,
+            "params": self.params,
+            "active_params": self.active_params,
+            "train_flops_per_token": self.flops_per_token,
+            "memory_gib": {
+                k: getattr(self.memory, k) / GIB for k in ("params", "grads", "optimizer", "activations", "working", "total")
+            },
+            "hbm_gib": self.memory.capacity / GIB,
+            "fits": self.memory.fits,
+            "reason": self.memory.reason(),
+            "step_seconds": dataclasses.asdict(self.time) | {"total": self.time.total},
+            "mfu": self.mfu,
+            "tokens_per_second": self.tokens_per_second,
+            "hours_per_billion_tokens": self.hours_per_billion,
+            "dollars_per_billion_tokens": self.dollars_per_billion,
+            "price_per_hour": self.price_per_hour,
+            "spot": self.spot,
+        }
+        if self.tokens:
+            out["tokens"] = self.tokens
+            out["hours"] = self.tokens / 1e9 * self.hours_per_billion
+            out["dollars"] = self.tokens / 1e9 * self.dollars_per_billion
+        if self.chips_for_days:
+            out["days"] = self.days
+            out["chips_for_days"] = self.chips_for_days
+            out["slice_for_days"] = self.slice_for_days
+        if self.suggestion:
+            out["suggested_mesh"] = self.suggestion.sizes
+            out["suggested_remat"] = self.suggestion.remat
+            out["suggested_memory_gib"] = self.suggestion.memory.total / GIB
+        if self.suggestion_note:
+            out["suggestion_note"] = self.suggestion_note
+        return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_meshes(cfg: Any, slice_: Slice) -> Iterable[dict[str, int]]:
+    """Meshes worth trying on the slice: experts split evenly, tensor parallelism inside one host and
+    dividing the KV heads, and the micro-batch splitting over the data-like axes."""
+    n = slice_.num_chips
+    model = cfg.model
+    micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batches
+    for tensor in _divisors(n):
+        if tensor > slice_.chips_per_host or model.num_kv_heads % tensor:
+            continue
+        for expert in _divisors(n // tensor):
+            if model.num_experts % expert:
+                continue
+            for fsdp in _divisors(n // tensor // expert):
+                data = n // tensor // expert // fsdp
+                if micro % (data * fsdp * expert):
+                    continue
+                yield {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+
+
+def suggest_mesh(cfg: Any, slice_: Slice, mfu: float, max_traces: int = 6) -> tuple[MeshOption | None, str]:
+    """The fastest mesh (by the roofline) whose memory fits, trying the config's remat policy first and
+    then ``remat=full``. Memory of parameters and optimizer state is cheap to get for every candidate;
+    activations need a trace, so only the most promising few are traced."""
+    remats = [cfg.model.remat] + (["full"] if cfg.model.remat != "full" else [])
+    for remat in remats:
+        trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"remat": remat})})
+        ranked = []
+        for sizes in candidate_meshes(trial, slice_):
+            variables, trainable = state_bytes_per_device(trial, sizes)
+            if variables + 3 * trainable > slice_.chip.hbm_bytes * USABLE_HBM_FRACTION:
+                continue
+            ranked.append((step_time(trial, sizes, slice_, mfu).total, variables + 3 * trainable, sizes))
+        ranked.sort(key=lambda item: (item[0], item[1]))
+        for _, _, sizes in ranked[:max_traces]:
+            memory = memory_per_device(trial, sizes, slice_.chip)
+            if memory.fits:
+                return MeshOption(sizes, memory, step_time(trial, sizes, slice_, mfu), remat), ""
+    return None, (
+        f"no mesh fits on {slice_.num_chips} x {slice_.chip.name} even with remat=full; "
+        "use more chips, a smaller micro-batch (--set trainer.micro_batches=N) or a shorter sequence"
+    )
+
+
+def _round_slice(chips: int, slice_: Slice) -> int:
+    """Round a chip count up to an orderable size: a power of two for TPU slices, whole nodes for GPUs."""
+    if slice_.chip.kind == "tpu":
+        return 1 << max(0, math.ceil(math.log2(max(chips, 1))))
+    per_node = slice_.chip.chips_per_host
+    return per_node * math.ceil(chips / per_node) if chips > per_node else chips
+
+
+def make_plan(
+    cfg: Any,
+    hardware: str,
+    *,
+    tokens: float | None = None,
+    days: float | None = None,
+    mfu: float | None = None,
+    spot: bool = False,
+) -> Plan:
+    """Everything ``indicfm plan`` prints, as data."""
+    from indicfm.model.flops import count_active_params, count_params, train_flops_per_token
+
+    slice_ = parse_slice(hardware)
+    mfu = mfu if mfu is not None else slice_.chip.typical_mfu
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
+    sizes = mesh_sizes(cfg.mesh, slice_.num_chips)
+    memory = memory_per_device(cfg, sizes, slice_.chip)
+    plan = Plan(
+        hardware=slice_.name,
+        num_chips=slice_.num_chips,
+        num_hosts=slice_.num_hosts,
+        chip=slice_.chip,
+        mesh=sizes,
+        params=count_params(cfg.model),
+        active_params=count_active_params(cfg.model),
+        flops_per_token=train_flops_per_token(cfg.model, cfg.data.seq_len),
+        seq_len=cfg.data.seq_len,
+        global_batch=cfg.trainer.global_batch_size,
+        memory=memory,
+        time=step_time(cfg, sizes, slice_, mfu),
+        mfu=mfu,
+        spot=spot,
+        remat=cfg.model.remat,
+        tokens=tokens,
+        days=days,
+    )
+    if tokens and days:
+        per_chip = plan.tokens_per_second / slice_.num_chips
+        needed = tokens / (days * 86400) / per_chip
+        plan.chips_for_days = _round_slice(math.ceil(needed), slice_)
+        plan.slice_for_days = Slice(slice_.chip, plan.chips_for_days).name
+    if not memory.fits:
+        plan.suggestion, plan.suggestion_note = suggest_mesh(cfg, slice_, mfu)
+    return plan
+
+
+# ------------------------------------------------------------------------------------- printing
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(hours: float) -> str:
+    if hours >= 48:
+        return f"{hours / 24:.1f} days"
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.1f} min"
+
+
+def render_plan(plan: Plan, console: Any = None) -> None:
+    """Print the plan as a few small tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    chip = plan.chip
+    price = "spot" if plan.spot else "on-demand"
+    console.print(
+        f"[bold]{plan.hardware}[/]: {plan.num_chips} x {chip.name} on {plan.num_hosts} host(s), "
+        f"{chip.hbm_gib:g} GiB and {chip.peak_tflops:g} bf16 TFLOP/s per chip, ${plan.price_per_hour:,.2f}/h {price}"
+    )
+    console.print(
+        f"model: {_human(plan.params)} parameters, {_human(plan.active_params)} active per token; "
+        f"{_human(plan.flops_per_token)} training FLOPs per token at sequence length {plan.seq_len}"
+    )
+    mem = plan.memory
+    table = Table(title=f"memory per device, mesh {describe_mesh(plan.mesh)}", title_justify="left")
+    table.add_column("part")
+    table.add_column("per device", justify="right")
+    for label, value in (
+        ("parameters", mem.params),
+        ("gradients", mem.grads),
+        ("optimizer state (AdamW)", mem.optimizer),
+        ("activations saved for backward", mem.activations),
+        ("backward working set", mem.working),
+        ("total", mem.total),
+    ):
+        table.add_row(label, _gib(value))
+    console.print(table)
+    for note in mem.notes:
+        console.print(f"  {note}")
+    console.print(("[green]" if mem.fits else "[bold red]") + mem.reason() + "[/]")
+
+    t = plan.time
+    console.print(
+        f"step ({plan.global_batch} x {plan.seq_len} tokens): {t.total:.3f} s = compute {t.compute:.3f} s at "
+        f"{plan.mfu:.0%} MFU + exposed communication {t.exposed_communication:.3f} s "
+        f"(FSDP {t.fsdp:.3f}, data-parallel {t.data_parallel:.3f}, all-to-all {t.all_to_all:.3f}, "
+        f"tensor {t.tensor_parallel:.3f})"
+    )
+    console.print(
+        f"throughput: {plan.tokens_per_second:,.0f} tokens/s; per billion tokens: "
+        f"{_duration(plan.hours_per_billion)} and ${plan.dollars_per_billion:,.2f}"
+    )
+    if plan.tokens:
+        hours = plan.tokens / 1e9 * plan.hours_per_billion
+        console.print(
+            f"{_human(plan.tokens)} tokens: {_duration(hours)} and ${plan.tokens / 1e9 * plan.dollars_per_billion:,.0f}"
+        )
+    if plan.chips_for_days:
+        console.print(
+            f"to finish in {plan.days:g} days: about {plan.chips_for_days} chips ({plan.slice_for_days}), "
+            "assuming throughput per chip stays the same"
+        )
+    if plan.suggestion:
+        s = plan.suggestion
+        console.print(
+            f"[bold]suggested mesh[/]: {describe_mesh(s.sizes)}"
+            + (f" with model.remat={s.remat}" if s.remat != "none" else "")
+            + f" -> {_gib(s.memory.total)} per device, step {s.time.total:.3f} s. Set it with "
+            + " ".join(f"--set mesh.{a}={s.sizes[a]}" for a in MESH_AXES)
+            + (f" --set model.remat={s.remat}" if s.remat != plan.remat else "")
+        )
+    elif plan.suggestion_note:
+        console.print(f"[bold red]{plan.suggestion_note}[/]")
+
