@@ -85,12 +85,30 @@ def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _use_replica_parallel(enabled: bool) -> None:
+    """Orbax's replica-parallel saving splits each replicated array over its replicas so that every
+    replica writes a slice; each slice is one eager op, which on CPU (or with many small arrays)
+    costs more than it saves.  Process-wide setting of Orbax's ``jax.Array`` handler."""
+    global _REPLICA_PARALLEL
+    if _REPLICA_PARALLEL == enabled:
+        return
+    with _quiet_library_logs():  # Orbax warns that it overrides its default handler: that is the point
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=enabled), override=True
+        )
+    _REPLICA_PARALLEL = enabled
+
+
+_REPLICA_PARALLEL: bool | None = None  # what the registered handler does (None: Orbax's default)
+
+
 class Checkpointer:
     """A thin, explicit wrapper over ``ocp.CheckpointManager`` for indicfm's three items."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).resolve()
         self.cfg = cfg
+        _use_replica_parallel(cfg.replica_parallel)
         keep: list[Any] = [ocp_preservation.LatestN(n=cfg.keep_last)]
         if cfg.keep_every:
             keep.append(ocp_preservation.EveryNSteps(interval_steps=cfg.keep_every))

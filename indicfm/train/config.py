@@ -44,6 +44,11 @@ class TrainerConfig(Section):
     max_consecutive_nonfinite: int = Field(
         5, gt=0, description="stop the run after this many non-finite (NaN/inf) steps in a row; each one is skipped"
     )
+    compilation_cache_dir: str | None = Field(
+        "",
+        description="JAX persistent compilation cache, so a resumed or restarted run skips recompiling; "
+        "empty = <workdir>/compile_cache, null = off",
+    )
     peak_flops: float | None = Field(
         None, gt=0, description="device peak FLOP/s for MFU; default: looked up (configs/hardware.yaml or built-in table)"
     )
@@ -68,6 +73,11 @@ class CheckpointConfig(Section):
     )
     async_save: bool = Field(True, description="write checkpoints in a background thread while training goes on")
     dir_name: str = Field("checkpoints", description="sub-directory of the workdir that holds the checkpoints")
+    replica_parallel: bool = Field(
+        False,
+        description="spread the writing of replicated arrays over their replicas (Orbax); can speed up "
+        "saves of large purely data-parallel runs, slows small ones and CPU runs",
+    )
 
 
 class EvalConfig(Section):

@@ -105,24 +105,27 @@ def train(
     workdir: str | Path,
     *,
     on_step: StepCallback | None = None,
+    stop_at_step: int | None = None,
     console: Any = None,
     progress: bool | None = None,
 ) -> TrainResult:
     """Train (or resume training) ``cfg`` in ``workdir``; see the module docstring.
 
     ``on_step(step, record)`` is called after every step with the metrics record (tests use it to
-    simulate a crash).  ``progress`` overrides ``logging.progress``.
+    simulate a crash).  ``stop_at_step`` stops early as a preemption would (save, return
+    ``stopped="preempted"``); the schedule still follows ``trainer.steps``.  ``progress`` overrides
+    ``logging.progress``.
     """
     from rich.console import Console
 
     from data_pipeline.loader import TokenLoader
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, create_model, make_mesh
-    from indicfm.train.checkpoint import Checkpointer, abstract_like, file_sha256, tokenizer_item
+    from indicfm.train.checkpoint import Checkpointer, file_sha256, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
     from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
-    from indicfm.train.step import init_train_state, jit_train_step, make_train_step
+    from indicfm.train.step import abstract_train_state, init_train_state, jit_train_step, make_train_step
 
     workdir = Path(workdir).resolve()
     is_main = jax.process_index() == 0
@@ -131,6 +134,8 @@ def train(
     show_progress = cfg.logging.progress if progress is None else progress
     workdir.mkdir(parents=True, exist_ok=True)
 
+    _enable_compilation_cache(cfg.trainer.compilation_cache_dir, workdir)
+
     # 1. tokenizer and token cache
     cfg = ensure_tokenizer_and_cache(cfg, workdir, progress=show_progress and is_main, console=console if is_main else None)
     tokenizer_sha = file_sha256(cfg.tokenizer.model_file)
@@ -138,7 +143,7 @@ def train(
         cfg.data.cache_dir,
         cfg.trainer.global_batch_size,
         cfg.trainer.seed,
-        language_weights=cfg.data.language_weights,
+        language_weights=_language_weights(cfg),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -152,15 +157,13 @@ def train(
     total_steps = cfg.trainer.steps
     tx = make_optimizer(cfg.optimizer, total_steps, cfg.trainer.max_consecutive_nonfinite)
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    model = create_model(cfg.model, mesh, cfg.trainer.seed)
-    graphdef, state, shardings = init_train_state(model, tx, cfg.trainer.seed, mesh)
-    del model
+    graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, cfg.trainer.seed, mesh)
     data_sharding = batch_sharding(mesh)
 
-    # 3. resume
+    # 3. resume, or start fresh
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
     result = TrainResult(workdir=workdir, start_step=0, final_step=0, stopped="completed")
-    restored = checkpointer.restore_latest_good(abstract_like(state, shardings), warn=lambda m: say(f"[yellow]warning:[/] {m}"))
+    restored = checkpointer.restore_latest_good(abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"))
     if restored is not None:
         saved_sha = restored.meta.get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer_sha:
@@ -172,10 +175,12 @@ def train(
         result.start_step = restored.step
         result.last_checkpoint_step = restored.step
         result.damaged_checkpoints = restored.skipped_damaged
-        if "loader" in restored.meta:
-            loader.load_state_dict(restored.meta["loader"])
+        loader.load_state_dict({**restored.meta.get("loader", {}), "step": restored.step})
         say(f"resuming from step {restored.step} ({checkpointer.directory / str(restored.step)})")
     else:
+        model = create_model(cfg.model, mesh, cfg.trainer.seed)
+        graphdef, state, _ = init_train_state(model, tx, cfg.trainer.seed, mesh)
+        del model
         say(f"starting a fresh run in {workdir}")
     start_step = result.start_step
     if start_step >= total_steps:
@@ -229,9 +234,10 @@ def train(
     step = start_step
     try:
         with PreemptionWatcher() as watcher, jax.set_mesh(mesh):
+            batches = iter(loader)  # loader.step == start_step: batch s is a pure function of (seed, s)
             last_time = time.perf_counter()
             for step_index in range(start_step, total_steps):
-                batch = _place_batch(loader.batch(step_index), data_sharding, cfg.trainer.global_batch_size)
+                batch = _place_batch(next(batches), data_sharding, cfg.trainer.global_batch_size)
                 state, step_metrics = train_step(state, batch)
                 host = jax.device_get(step_metrics)
                 now = time.perf_counter()
@@ -254,8 +260,11 @@ def train(
                     )
                     bar.log(f"[bold red]{result.message}[/]")
                     break
-                preempted = watcher.requested or checkpointer.reached_preemption(step)
-                if preempted or checkpointer.should_save(step) or step == total_steps:
+                preempted = watcher.requested or checkpointer.reached_preemption(step) or step == stop_at_step
+                # Periodic saves wait out a run of non-finite steps, so the newest checkpoint is one a
+                # finite step produced; a preemption or the end of the run saves regardless.
+                in_streak = int(host["nonfinite_in_a_row"]) > 0
+                if preempted or step == total_steps or (checkpointer.should_save(step) and not in_streak):
                     save(step)
                 if evaluator and (step == total_steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
                     bpb = evaluator(state)
@@ -266,7 +275,8 @@ def train(
                     on_step(step, record)
                 if preempted:
                     result.stopped = "preempted"
-                    result.message = f"{watcher.requested or 'preemption notice'}: saved step {step}, exiting"
+                    why = watcher.requested or ("stop_at_step" if step == stop_at_step else "preemption notice")
+                    result.message = f"{why}: saved a checkpoint at step {step}, stopping"
                     bar.log(result.message)
                     break
                 last_time = time.perf_counter()  # checkpoint and eval time is not step time
@@ -276,6 +286,25 @@ def train(
         writer.close()
     result.final_step = step
     return result
+
+
+def _enable_compilation_cache(setting: str | None, workdir: Path) -> None:
+    """Point JAX's persistent compilation cache at ``setting`` (``""`` = ``<workdir>/compile_cache``)
+    unless the user already configured one (e.g. ``JAX_COMPILATION_CACHE_DIR``)."""
+    if setting is None or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(setting).expanduser() if setting else workdir / "compile_cache"))
+
+
+def _language_weights(cfg: Config) -> dict[str, float] | None:
+    """``data.language_weights``, or weights from ``data.mixture_temperature`` and the cache's row counts."""
+    if cfg.data.language_weights is not None or cfg.data.mixture_temperature is None:
+        return cfg.data.language_weights
+    from data_pipeline.cache import read_metadata
+    from data_pipeline.loader import temperature_weights
+
+    rows = {lang: int(v["rows"]) for lang, v in read_metadata(cfg.data.cache_dir).languages.items()}
+    return temperature_weights(rows, cfg.data.mixture_temperature)
 
 
 def _check_inputs(cfg: Config, loader: Any, tokenizer_sha: str) -> None:

@@ -140,7 +140,7 @@ def make_train_step(
 
         ce_loss = ce_sum / loss_tokens
         loss = ce_loss + aux
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         step_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

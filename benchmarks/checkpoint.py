@@ -1,0 +1,143 @@
+"""Checkpoint benchmark: how long an asynchronous save blocks the training loop, and restore time.
+
+* **save stall ÷ step time** (goal ≤ 2 %): the train loop calls ``Checkpointer.save`` between two
+  steps; with async saving it only waits until the arrays are copied off the devices, then the
+  writing runs in a background thread while training continues.  The figure is the median time the
+  loop is blocked by one save divided by the median step time.  ``save_overhead_at_every_100`` is the
+  same stall spread over the default ``checkpoint.every_steps = 100`` steps.
+* **restore time** of the full train state (parameters + AdamW moments + router bias + RNG) of a
+  model config, read back into its target shardings.
+
+``run(quick=True)`` uses ``tiny-moe`` for both (a few minutes on 2 CPU cores); ``quick=False`` times
+the step and stall with ``tiny-moe`` and restores the ``small-moe`` state (~1.0 B parameters, ~12 GB
+with Adam moments: needs that much free memory and disk).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from indicfm.config import CONFIG_DIR, MeshConfig, load_config
+
+
+def _state_for(model_cfg, mesh):
+    from indicfm.sharding import create_model
+    from indicfm.train.config import OptimizerConfig
+    from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
+    from indicfm.train.step import init_train_state
+
+    opt_cfg = OptimizerConfig()
+    tx = make_optimizer(opt_cfg, 1000, 5)
+    graphdef, state, shardings = init_train_state(create_model(model_cfg, mesh, 0), tx, 0, mesh)
+    return graphdef, tx, learning_rate_schedule(opt_cfg, 1000), state, shardings
+
+
+def measure_stall(model_cfg, seq_len: int, batch_size: int, steps: int, saves: int, workdir: Path) -> dict:
+    """Median step time, and median time one async save blocks the loop (same process, same load)."""
+    from indicfm.sharding import batch_sharding, make_mesh
+    from indicfm.train.checkpoint import Checkpointer
+    from indicfm.train.config import CheckpointConfig
+    from indicfm.train.step import jit_train_step, make_train_step
+
+    mesh = make_mesh(MeshConfig(data=-1))
+    graphdef, tx, schedule, state, shardings = _state_for(model_cfg, mesh)
+    data = batch_sharding(mesh)
+    step_fn = jit_train_step(make_train_step(graphdef, tx, schedule), shardings, data)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, model_cfg.vocab_size, (batch_size, seq_len)).astype(np.int32)
+    batch = {
+        "tokens": jax.device_put(tokens, data),
+        "segment_ids": jax.device_put(np.ones_like(tokens), data),
+        "positions": jax.device_put(np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)), data),
+    }
+    checkpointer = Checkpointer(workdir, CheckpointConfig(every_steps=1, keep_last=2))
+    with jax.set_mesh(mesh):
+        state, metrics = step_fn(state, batch)  # compile
+        jax.block_until_ready(metrics)
+        checkpointer.save(0, state, {"loader": {}})  # first save sets up Orbax's threads and files
+        checkpointer.wait()
+        step_times, stalls = [], []
+        for i in range(steps):
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            jax.block_until_ready(metrics)
+            step_times.append(time.perf_counter() - start)
+            if i % max(1, steps // saves) == 0 and len(stalls) < saves:
+                start = time.perf_counter()
+                checkpointer.save(i + 1, state, {"loader": {}})
+                stalls.append(time.perf_counter() - start)
+    checkpointer.close()
+    step_s = statistics.median(step_times)
+    stall_s = statistics.median(stalls)
+    return {
+        "step_s": round(step_s, 4),
+        "save_stall_s": round(stall_s, 4),
+        "save_stall_over_step": round(stall_s / step_s, 4),
+        "save_overhead_at_every_100": round(stall_s / (100 * step_s), 5),
+        "stall_goal_met(<=2%_of_a_step)": bool(stall_s / step_s <= 0.02),
+    }
+
+
+def measure_restore(model_cfg, workdir: Path, repeats: int = 2) -> dict:
+    """Save the full train state once, then time restoring it into freshly described shardings."""
+    from indicfm.sharding import make_mesh
+    from indicfm.train.checkpoint import Checkpointer
+    from indicfm.train.config import CheckpointConfig
+    from indicfm.train.step import abstract_train_state
+
+    mesh = make_mesh(MeshConfig(data=-1))
+    _, tx, _, state, _ = _state_for(model_cfg, mesh)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    checkpointer = Checkpointer(workdir, CheckpointConfig(every_steps=1))
+    checkpointer.save(1, state, {"loader": {}})
+    checkpointer.close()
+    del state
+    times = []
+    for _ in range(repeats):
+        _, target, _ = abstract_train_state(model_cfg, tx, 0, mesh)
+        start = time.perf_counter()
+        restored = Checkpointer(workdir, CheckpointConfig()).restore_latest_good(target)
+        jax.block_until_ready(jax.tree.leaves(restored.state))
+        times.append(time.perf_counter() - start)
+        del restored
+    seconds = min(times)
+    return {
+        "restore_s": round(seconds, 3),
+        "state_gb": round(state_bytes / 1e9, 3),
+        "restore_gb_per_s": round(state_bytes / 1e9 / seconds, 3),
+    }
+
+
+def run(quick: bool) -> dict:
+    tiny = load_config(CONFIG_DIR / "model" / "tiny-moe.yaml").model
+    big = tiny if quick else load_config(CONFIG_DIR / "model" / "small-moe.yaml").model
+    root = Path(tempfile.mkdtemp(prefix="indicfm-bench-ckpt-"))
+    try:
+        figures = {"stall_model": "tiny-moe", "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
+        figures.update(measure_stall(tiny, seq_len=128, batch_size=16, steps=10 if quick else 30, saves=3, workdir=root / "stall"))
+        figures["restore_model"] = "tiny-moe" if quick else "small-moe"
+        figures.update(measure_restore(big, root / "restore"))
+        return figures
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""``indicfm quickstart``: the whole path on the shipped sample, in a few minutes on a laptop CPU.
+
+tokenizer → token cache → train tiny-moe → stop halfway as a preemption would (checkpoint) →
+resume from that checkpoint in a fresh ``train`` call → per-language bits per byte before and after.
+Everything comes from ``configs/quickstart.yaml``; the workdir can be reused (a second quickstart in
+the same workdir starts over: it removes the previous run's checkpoints and metrics, keeping the
+tokenizer and token cache).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from indicfm.config import CONFIG_DIR, load_config
+from indicfm.train.loop import TrainResult, train
+
+QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+
+@dataclass
+class QuickstartResult:
+    first: TrainResult  # the run stopped halfway
+    resumed: TrainResult  # the run that resumed and finished
+    bpb_before: dict[str, float]
+    bpb_after: dict[str, float]
+
+
+def run_quickstart(workdir: str | Path, overrides: list[str] | None = None, console=None) -> QuickstartResult:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    workdir = Path(workdir)
+    cfg = load_config(QUICKSTART_CONFIG, overrides or [])
+    for stale in ("checkpoints", "damaged_checkpoints", "metrics.jsonl", "tensorboard"):
+        path = workdir / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    halfway = max(1, cfg.trainer.steps // 2)
+    console.rule(f"[bold]1/2 · train to step {halfway}, then stop as if preempted")
+    first = train(cfg, workdir, stop_at_step=halfway, console=console)
+    console.rule(f"[bold]2/2 · resume from the checkpoint and finish {cfg.trainer.steps} steps")
+    resumed = train(cfg, workdir, console=console)
+
+    before = first.eval_bpb.get(0, {})
+    after = resumed.eval_bpb.get(resumed.final_step, {})
+    table = Table(title="held-out bits per byte (lower is better)")
+    table.add_column("language")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for lang in sorted(after, key=lambda k: (k == "mean", k)):
+        table.add_row(lang, f"{before.get(lang, float('nan')):.3f}", f"{after[lang]:.3f}")
+    console.print(table)
+    first_loss = first.losses.get(min(first.losses)) if first.losses else float("nan")
+    last_loss = resumed.losses.get(resumed.final_step, float("nan"))
+    console.print(
+        f"loss {first_loss:.3f} → {last_loss:.3f}; stopped at step {first.final_step} and resumed from step "
+        f"{resumed.start_step}; checkpoints, metrics.jsonl and TensorBoard logs are in {workdir}"
+    )
+    return QuickstartResult(first, resumed, before, after)

@@ -1,0 +1,101 @@
+"""The training loop end to end on the shipped sample, with a tiny model (fast variants):
+crash → resume gives bit-identical losses, the loss falls, non-finite steps stop the run with the
+last good checkpoint intact, metrics.jsonl and TensorBoard files are written."""
+
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+from indicfm.config import load_config
+from indicfm.train.inputs import ensure_tokenizer_and_cache
+from indicfm.train.loop import read_losses, train
+
+LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
+
+# Share compiled programs between the train() calls of this module (each call builds new jit
+# functions).  Only effective if nothing in this worker process compiled before this import.
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="indicfm-test-jax-cache-"))
+
+TINY_SETTINGS = [
+    "model.vocab_size=2048", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.head_dim=16", "model.d_ff=64", "model.num_experts=4", "model.top_k=2",
+    "model.d_expert=32", "model.first_dense_layers=1", "model.compute_dtype=float32", "model.max_seq_len=64",
+    "model.loss_free_bias=true",
+    "tokenizer.vocab_size=2048", "data.seq_len=64", "data.workers=1",
+    "trainer.global_batch_size=8", "trainer.steps=6", "checkpoint.every_steps=2",
+    "optimizer.learning_rate=0.01", "optimizer.warmup_steps=1",
+    "logging.progress=false", "mesh.data=-1", "trainer.compilation_cache_dir=null",
+]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, sample_train_dir) -> list[str]:
+    """Tokenizer and token cache built once from three languages of the shipped sample."""
+    root = tmp_path_factory.mktemp("inputs")
+    src = root / "text"
+    src.mkdir()
+    for lang in LANGS:
+        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
+    cfg = load_config(None, TINY_SETTINGS + [f"data.inputs=[{src}]"])
+    cfg = ensure_tokenizer_and_cache(cfg, root, progress=False)
+    return TINY_SETTINGS + [f"tokenizer.model_file={cfg.tokenizer.model_file}", f"data.cache_dir={cfg.data.cache_dir}"]
+
+
+def test_crash_and_resume_reproduces_losses_bit_for_bit(prepared, tmp_path):
+    """Crash after step 5 (checkpoint at 4), re-run: step 5 is recomputed from the checkpoint and
+    must give the loss the crashed run logged, bit for bit.  (The SIGKILL test in
+    test_train_signals.py compares every step against an uninterrupted run.)"""
+    cfg = load_config(None, prepared)
+
+    def crash_after_5(step, record):
+        if step == 5:
+            raise Crash
+
+    crashed_losses = {}
+    with pytest.raises(Crash):
+        train(cfg, tmp_path, on_step=lambda s, r: (crashed_losses.__setitem__(s, r["loss"]), crash_after_5(s, r)))
+    resumed = train(cfg, tmp_path)
+    assert resumed.start_step == 4 and resumed.final_step == 6 and resumed.stopped == "completed"
+    assert resumed.losses[5] == crashed_losses[5]  # exact float equality, not approx
+    # metrics.jsonl reads as one clean history: the crashed run's record of step 5 was replaced
+    logged = read_losses(tmp_path)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert {s: logged[s] for s in (1, 2, 3, 4)} == {s: crashed_losses[s] for s in (1, 2, 3, 4)}
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(records) == 6
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.yaml").is_file()
+    # the loss falls on real text
+    assert np.mean([logged[5], logged[6]]) < logged[1]
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    cfg = load_config(None, prepared + ["trainer.steps=4"])
+    first = train(cfg, tmp_path)
+    assert first.last_checkpoint_step == 4
+
+    import indicfm.train.step as step_module
+
+    real = step_module.masked_cross_entropy_sum
+
+    def poisoned(*args):
+        total, count = real(*args)
+        return total * np.nan, count
+
+    monkeypatch.setattr(step_module, "masked_cross_entropy_sum", poisoned)
+    cfg = load_config(None, prepared + ["trainer.steps=10", "trainer.max_consecutive_nonfinite=3"])
+    result = train(cfg, tmp_path)
+    assert result.stopped == "nonfinite" and result.final_step == 7
+    assert result.skipped_steps == 3 and "3 non-finite steps in a row" in result.message
+    assert result.last_checkpoint_step == 4
+    from indicfm.train.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).steps() == [2, 4]
