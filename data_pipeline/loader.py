@@ -113,6 +113,7 @@ class TokenLoader:
         self.language_weights = {lang: float(p) for lang, p in zip(self.languages, self.probabilities)}
         self._rows = np.array([rows[lang] for lang in self.languages], np.int64)
         self._largest = int(np.argmax(self.probabilities))
+        self._systematic = bool(global_batch_size * self.probabilities.max() < len(self.languages))
         self._phases = np.random.default_rng([self.seed, 0x9E37]).random(len(self.languages))
         self._arrays = {lang: open_language_arrays(self.cache_dir, lang) for lang in self.languages}
         self._permutations: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -125,6 +126,19 @@ class TokenLoader:
         taken[self._largest] = 0
         taken[self._largest] = step * self.global_batch_size - taken.sum()
         return taken
+
+    def _systematic_counts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows per language for a global batch too small for the closed form (G·p_largest < number
+        of languages, e.g. the CPU quickstart): systematic sampling, G evenly spaced points with a
+        step-seeded offset through the cumulative weights.  Unbiased, never negative, a pure function
+        of (seed, step); rows taken before ``step`` are estimated as ``floor(step·G·p)``, so a few
+        rows of an epoch may repeat or be skipped."""
+        offset = np.random.default_rng([self.seed, step, 0x5A5A]).random()
+        points = (np.arange(self.global_batch_size) + offset) / self.global_batch_size
+        picks = np.searchsorted(np.cumsum(self.probabilities), points, side="right")
+        counts = np.bincount(np.minimum(picks, len(self.languages) - 1), minlength=len(self.languages))
+        before = np.floor(step * self.global_batch_size * self.probabilities).astype(np.int64)
+        return before, counts
 
     def _permutation(self, lang_index: int, epoch: int) -> np.ndarray:
         key = (lang_index, epoch)
@@ -144,10 +158,13 @@ class TokenLoader:
         """(language index, row) of every element of the global batch of ``step``, in batch order."""
         if step < 0:
             raise ValueError(f"step must be ≥ 0, got {step}")
-        before, after = self._taken_before(step), self._taken_before(step + 1)
-        counts = after - before
-        if (counts < 0).any():  # only if G·p_largest < number of languages; never with sane weights
-            raise ValueError("global batch too small for this many languages; raise global_batch_size")
+        if self._systematic:
+            before, counts = self._systematic_counts(step)
+        else:
+            before, after = self._taken_before(step), self._taken_before(step + 1)
+            counts = after - before
+            if (counts < 0).any():  # only if G·p_largest < number of languages (handled above)
+                raise ValueError("global batch too small for this many languages; raise global_batch_size")
         lang_idx = np.repeat(np.arange(len(self.languages)), counts)
         # k-th row of its language overall: before[l] + rank within this step.
         starts = np.cumsum(counts) - counts
