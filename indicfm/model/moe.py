@@ -25,11 +25,12 @@ E experts, D model width, F = d_expert, n = size of the expert mesh axis:
   scatter and read back by a gather.  FLOPs: ``6 * E * B * C * D * F`` ≈ ``capacity_factor * 6 * T * k
   * D * F`` (padding slots are computed too); memory: ``E * B * C * (D + 2F)`` activations, i.e.
   ``capacity_factor`` times the useful ``T * k * (D + 2F)``; one all-to-all of ``T*k*cf*D`` each way.
-* ``dropless`` — assignments sorted by expert and a grouped matmul (``jax.lax.ragged_dot`` on
-  CPU/TPU; tokamax's grouped matmul on GPU when installed, else a masked dense loop over the experts
-  — never ``ragged_dot`` on GPU, which lowers to a dense masked product there).  Nothing is dropped.
-  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax (``E`` times that with the dense GPU
-  fallback); memory ``T * k * (D + 2F)``.  With expert parallelism the number of rows a device sends
+* ``dropless`` — assignments sorted by expert and a grouped matmul (``jax.lax.ragged_dot`` on TPU;
+  tokamax's grouped matmul on GPU when installed; elsewhere ``blocks``: each expert's rows padded to
+  whole blocks and one batched matmul — never ``ragged_dot`` on CPU/GPU, which XLA lowers to a dense
+  product over every expert with the other rows masked).  Nothing is dropped.
+  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax, ~1.1-1.3x that with ``blocks``
+  (``E`` times that with ``ragged_dot`` on CPU/GPU or the ``dense`` loop); memory ``T * k * (D + 2F)``.  With expert parallelism the number of rows a device sends
   to each peer is data-dependent, so each peer gets a worst-case buffer of ``T * k`` rows:
   all-to-all traffic and receive memory are ``n * T * k * D`` (n times the useful amount) — exact
   and never dropping, at a memory price that grows with the expert axis.
@@ -155,17 +156,58 @@ def route(
 # Grouped matmul backends (dropless)
 
 
-def resolve_grouped_matmul(impl: str) -> str:
-    """'auto' -> ragged_dot on CPU/TPU; on GPU tokamax if importable, else the dense loop."""
+def resolve_grouped_matmul(impl: str, platform: str | None = None) -> str:
+    """'auto' -> ragged_dot on TPU (native kernel); tokamax on GPU if importable; else ``blocks``.
+
+    Not ragged_dot on CPU or GPU: there XLA lowers it to a dense product over *every* group with the
+    other groups' rows masked (E times the FLOPs and an ``[E, M, D]`` temporary; measured 12x slower
+    for the whole bench-moe train step on CPU, see the benchmarks section of the README).  ``blocks``
+    pads each group to whole blocks and runs one batched matmul: about 1.1-1.3x the useful FLOPs.
+    """
     if impl != "auto":
         return impl
-    if jax.default_backend() != "gpu":
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
         return "ragged_dot"
-    try:
-        import tokamax  # noqa: F401
-    except ImportError:
-        return "dense"
-    return "tokamax"
+    if platform == "gpu":
+        try:
+            import tokamax  # noqa: F401
+        except ImportError:
+            return "blocks"
+        return "tokamax"
+    return "blocks"
+
+
+def block_rows(num_rows: int, num_groups: int) -> int:
+    """Rows per block of the ``blocks`` grouped matmul: a power of two near a quarter of the mean
+    group size, within [8, 512].  Padding then averages ~1/8 of the rows (at most 1/4), while blocks
+    stay large enough for efficient matmuls and few enough that gathering one weight matrix per
+    block stays cheap."""
+    target = max(num_rows // (4 * max(num_groups, 1)), 1)
+    return int(min(512, max(8, 2 ** int(math.log2(target)))))
+
+
+def block_layout(group_sizes_G: jax.Array, num_rows: int, block: int) -> tuple[jax.Array, jax.Array, int]:
+    """Where each row goes when every group is padded to whole blocks of ``block`` rows.
+
+    Returns ``(dest_M, group_N, N)``: ``dest_M[i]`` is row i's index in the padded ``[N * block]``
+    layout (``N * block``, i.e. out of range, for rows past ``sum(group_sizes)``); ``group_N[n]`` is
+    the group of block n (blocks past the last group repeat it; they only hold zero rows).  ``N =
+    ceil(num_rows / block) + G`` is a static bound: each group wastes less than one block.
+    """
+    G = group_sizes_G.shape[0]
+    N = -(-num_rows // block) + G
+    sizes_G = group_sizes_G.astype(jnp.int32)
+    ends_G = jnp.cumsum(sizes_G)
+    padded_G = (sizes_G + block - 1) // block * block
+    padded_ends_G = jnp.cumsum(padded_G)
+    rows_M = jnp.arange(num_rows, dtype=jnp.int32)
+    group_M = jnp.minimum(jnp.searchsorted(ends_G, rows_M, side="right"), G - 1)
+    offset_G = (padded_ends_G - padded_G) - (ends_G - sizes_G)
+    dest_M = jnp.where(rows_M < ends_G[-1], rows_M + offset_G[group_M], N * block)
+    starts_N = jnp.arange(N, dtype=jnp.int32) * block
+    group_N = jnp.minimum(jnp.searchsorted(padded_ends_G, starts_N, side="right"), G - 1)
+    return dest_M, group_N, N
 
 
 def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str) -> jax.Array:
@@ -181,6 +223,12 @@ def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Arra
         import tokamax
 
         out = tokamax.ragged_dot(x_MxD, w_GxDxF, group_sizes_G.astype(jnp.int32))
+    elif impl == "blocks":
+        block = block_rows(M, w_GxDxF.shape[0])
+        dest_M, group_N, N = block_layout(group_sizes_G, M, block)
+        x_NxbxD = jnp.zeros((N * block, x_MxD.shape[1]), x_MxD.dtype).at[dest_M].set(x_MxD, mode="drop")
+        out_NxbxF = jnp.einsum("nbd,ndf->nbf", x_NxbxD.reshape(N, block, -1), w_GxDxF[group_N])
+        out = out_NxbxF.reshape(N * block, -1).at[dest_M].get(mode="fill", fill_value=0)
     elif impl == "dense":
         starts_G = ends_G - group_sizes_G
         rows_M = jnp.arange(M)
@@ -196,7 +244,28 @@ def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Arra
     return jnp.where(in_group_M[:, None], out, 0).astype(x_MxD.dtype)
 
 
+def _blocks_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, block: int | None = None):
+    """SwiGLU experts on rows grouped by expert: pad each group to whole blocks once, run three
+    batched matmuls with one weight matrix per block (``w[group_N]``), and unpad once.
+
+    The dropless counterpart of capacity dispatch's ``[E, C, D]`` buffers: nothing is dropped and
+    the padding is bounded by one block per group instead of a capacity factor.
+    """
+    M, D = x_MxD.shape
+    G = group_sizes_G.shape[0]
+    block = block or block_rows(M, G)
+    dest_M, group_N, N = block_layout(group_sizes_G, M, block)
+    x_NxbxD = jnp.zeros((N * block, D), x_MxD.dtype).at[dest_M].set(x_MxD, mode="drop").reshape(N, block, D)
+    gate_NxbxF = jnp.einsum("nbd,ndf->nbf", x_NxbxD, w_gate_GxDxF[group_N])
+    up_NxbxF = jnp.einsum("nbd,ndf->nbf", x_NxbxD, w_up_GxDxF[group_N])
+    h_NxbxF = jax.nn.silu(gate_NxbxF) * up_NxbxF
+    y_NxbxD = jnp.einsum("nbf,nfd->nbd", h_NxbxF, w_down_GxFxD[group_N])
+    return y_NxbxD.reshape(N * block, D).at[dest_M].get(mode="fill", fill_value=0)
+
+
 def _grouped_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, impl):
+    if resolve_grouped_matmul(impl) == "blocks":
+        return _blocks_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G)
     h_MxF = jax.nn.silu(grouped_matmul(x_MxD, w_gate_GxDxF, group_sizes_G, impl))
     h_MxF = h_MxF * grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, impl)
     return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl)
