@@ -208,7 +208,9 @@ class DuplicateIndex:
     def __len__(self) -> int:
         return len(self._signatures) if self.config.near else len(self._exact)
 
-    def check_and_add(self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | None = None) -> str | None:
+    def check_and_add(
+        self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | list[int] | None = None
+    ) -> str | None:
         """Reason the document is a duplicate, or None (then it is recorded as kept).
 
         ``bands`` are the signature's :func:`band_hashes` when the caller computed them in bulk.
@@ -218,7 +220,7 @@ class DuplicateIndex:
         if self.config.near and signature is not None:
             if bands is None:
                 bands = band_hashes(signature[None, :], self.bands, self.rows)[0]
-            band_keys = bands.tolist()
+            band_keys = bands.tolist() if isinstance(bands, np.ndarray) else bands
             found = list(map(self._buckets.get, band_keys))
             if any(v is not None for v in found) and self._near_match(signature, found):
                 return "near_duplicate"

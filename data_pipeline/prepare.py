@@ -108,7 +108,7 @@ class DocumentProcessor:
         reasons = batch_reasons([t for _, t in items], [lang for lang, _ in items], configs)
         lid = self.config.lid
         for i, ((lang, text), f) in enumerate(zip(items, configs)):
-            if reasons[i] is None and len(text) > f.max_chars:  # a per-language limit below the global one
+            if len(text) > f.max_chars:  # a per-language limit below the reader's (it comes first)
                 reasons[i] = "too_long"
             if reasons[i] is None and self.identifier is not None and lang not in lid.skip_languages:
                 reasons[i] = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
@@ -165,14 +165,17 @@ def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) ->
 
 
 def _documents(files, config: DataConfig) -> Iterator[Document]:
+    # The reader knows a document's language only once it has read it, so it applies the largest
+    # limit of any language; workers apply each language's own limit.
+    max_chars = max([config.filters.max_chars] + [
+        f.max_chars for f in config.language_filters.values() if "max_chars" in f.model_fields_set
+    ])
     for f in files:
-        yield from iter_documents(
-            f, max_chars=config.filters.max_chars, text_field=config.text_field, lang_field=config.lang_field
-        )
+        yield from iter_documents(f, max_chars=max_chars, text_field=config.text_field, lang_field=config.lang_field)
     for hub in config.hub:
         yield from iter_hub_dataset(
             hub.name, config_name=hub.config_name, split=hub.split, text_field=hub.text_field,
-            lang_field=hub.lang_field, lang=hub.lang, max_chars=config.filters.max_chars,
+            lang_field=hub.lang_field, lang=hub.lang, max_chars=max_chars,
         )
 
 
@@ -208,32 +211,30 @@ class _Run:
             self.writers[lang] = LanguageWriter(self.out / "rows" / lang, self.seq_len, rows)
         return self.packers[lang], self.writers[lang]
 
-    def consume(self, batch: list[Document], accepted: list[int], result: BatchResult) -> int:
-        """Apply dedup, count, pack; returns tokens packed."""
-        keep_mask = np.zeros(len(result.lengths), bool)
-        langs = []
-        passing = 0
-        accepted_pos = {doc_i: k for k, doc_i in enumerate(accepted)}
-        log = self.drop_log
-        for i, doc in enumerate(batch):
-            if doc.drop_reason is not None:
-                self.report.dropped(doc.lang, doc.drop_reason, doc.source, doc.line, doc.preview)
-                log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{doc.drop_reason}\n")
-                continue
-            reason = result.reasons[accepted_pos[i]]
+    def consume(self, batch: list[Document], result: BatchResult) -> int:
+        """Apply dedup, count, pack, in input order; returns the number of tokens packed."""
+        keep = [False] * len(result.lengths)
+        langs: list[str] = []  # of the documents that reached dedup, in order
+        reasons = iter(result.reasons)  # one per read-accepted document, in order
+        lengths = result.lengths.tolist()
+        bands = result.bands.tolist() if result.bands is not None else None
+        dedup, report, log = self.dedup, self.report, self.drop_log
+        for doc in batch:
+            reason = doc.drop_reason
             if reason is None:
-                sig = bands = None
-                if result.signatures is not None:
-                    sig, bands = result.signatures[passing], result.bands[passing]
-                reason = self.dedup.check_and_add(result.keys[passing], sig, bands)
+                reason = next(reasons)
                 if reason is None:
-                    keep_mask[passing] = True
-                    self.report.kept(doc.lang, int(result.lengths[passing]))
-                langs.append(doc.lang)
-                passing += 1
-            if reason is not None:
-                self.report.dropped(doc.lang, reason, doc.source, doc.line, doc.text or "")
-                log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{reason}\n")
+                    k = len(langs)
+                    sig = result.signatures[k] if bands is not None else None
+                    reason = dedup.check_and_add(result.keys[k], sig, bands[k] if bands is not None else None)
+                    langs.append(doc.lang)
+                    if reason is None:
+                        keep[k] = True
+                        report.kept(doc.lang, lengths[k])
+                        continue
+            report.dropped(doc.lang, reason, doc.source, doc.line, doc.text or doc.preview)
+            log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{reason}\n")
+        keep_mask = np.array(keep, bool)
         langs_arr = np.array(langs)
         for lang in dict.fromkeys(langs):
             sel = keep_mask & (langs_arr == lang)
@@ -386,8 +387,8 @@ def prepare(
         console=console, disable=not show_progress, transient=False,
     ) as progress:
         task = progress.add_task("preparing")
-        for batch, accepted, result in _process(_batches(docs, BATCH_DOCS), config, tokenizer, n_workers):
-            tokens += run.consume(batch, accepted, result)
+        for batch, result in _guard_workers(_process(_batches(docs, BATCH_DOCS), config, tokenizer, n_workers)):
+            tokens += run.consume(batch, result)
             documents += len(batch)
             since_checkpoint += len(batch)
             if since_checkpoint >= config.checkpoint_every_docs:
@@ -425,34 +426,50 @@ def prepare(
     return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state))
 
 
+def _guard_workers(results):
+    """Turn a dead worker process into a clear error (the last checkpoint stays resumable)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield from results
+    except BrokenProcessPool as err:
+        raise PrepareError(
+            "a worker process died (its error is printed above); re-run to resume from the last "
+            "checkpoint, or use --workers 1 to work without worker processes"
+        ) from err
+
+
 def _process(batches: Iterator[list[Document]], config: DataConfig, tokenizer: Path, n_workers: int):
-    """Yield (batch, indices of read-accepted docs, BatchResult) in input order.
+    """Yield (batch, BatchResult of its read-accepted documents) in input order.
 
     With several workers at most ``2 × workers`` batches are in flight (``Pool.imap`` would read the
     whole input ahead into memory).
     """
-    def split(batch):
-        accepted = [i for i, d in enumerate(batch) if d.drop_reason is None]
-        return accepted, [(batch[i].lang, batch[i].text) for i in accepted]
+
+    def items(batch: list[Document]) -> list[tuple[str, str]]:
+        return [(d.lang, d.text) for d in batch if d.drop_reason is None]
 
     if n_workers <= 1:
         processor = DocumentProcessor(config, str(tokenizer))
         for batch in batches:
-            accepted, items = split(batch)
-            yield batch, accepted, processor(items)
+            yield batch, processor(items(batch))
         return
 
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    ctx = multiprocessing.get_context("spawn")  # no fork: the parent runs tensorstore threads
-    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))) as pool:
+    # spawn, not fork: the parent runs tensorstore threads.  ProcessPoolExecutor (not
+    # multiprocessing.Pool, which waits forever when a worker dies) raises BrokenProcessPool instead.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        n_workers, mp_context=ctx, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))
+    ) as pool:
         pending: deque = deque()
         for batch in batches:
-            accepted, items = split(batch)
-            pending.append((batch, accepted, pool.apply_async(_work, (items,))))
+            pending.append((batch, pool.submit(_work, items(batch))))
             if len(pending) >= 2 * n_workers:
-                b, a, r = pending.popleft()
-                yield b, a, r.get()
+                done, future = pending.popleft()
+                yield done, future.result()
         while pending:
-            b, a, r = pending.popleft()
-            yield b, a, r.get()
+            done, future = pending.popleft()
+            yield done, future.result()

@@ -186,3 +186,41 @@ def test_worker_processes_give_the_same_cache(tmp_path, sample_train_dir, tokeni
         np.testing.assert_array_equal(
             read_rows(out, lang, slice(0, v["rows"])).tokens, read_rows(clean_cache, lang, slice(0, v["rows"])).tokens
         )
+
+
+def test_per_language_limits_apply_in_order(tokenizer):
+    from data_pipeline.prepare import DocumentProcessor
+
+    config = DataConfig.model_validate({"language_filters": {"tam_Taml": {"max_chars": 20}}})
+    proc = DocumentProcessor(config, str(tokenizer))
+    long_tamil = "இது ஒரு நீண்ட தமிழ் வாக்கியம் ஆகும் என்று சொல்லலாம்"
+    assert proc.reasons([("tam_Taml", long_tamil), ("tam_Taml", "x y"), ("hin_Deva", "यह हिंदी का एक लंबा वाक्य है जो ठीक है")]) == [
+        "too_long", "too_short", None
+    ]
+    # A short English "Tamil" line is too_long before it is wrong_script: cheap checks first.
+    assert proc.reasons([("tam_Taml", "English words in a Tamil file here")]) == ["too_long"]
+
+
+def test_cli_prepare_and_inspect(tmp_path, sample_train_dir, tokenizer):
+    from typer.testing import CliRunner
+
+    from indicfm.cli import app
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for name in ("hin_Deva.txt", "urd_Arab.txt"):
+        (corpus / name).write_bytes((sample_train_dir / name).read_bytes())
+    (corpus / "hin_Deva.txt").open("a").write("This English line is in the Hindi file.\n")
+    out = tmp_path / "cache"
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "prepare", "--input", str(corpus), "--tokenizer", str(tokenizer),
+                              "--output", str(out), "--seq-len", "64", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert (out / "metadata.json").is_file() and read_metadata(out).seq_len == 64
+    res = runner.invoke(app, ["data", "inspect", str(out), "--reason", "wrong_script"])
+    assert res.exit_code == 0 and "This English line is in the Hindi file." in res.output
+    res = runner.invoke(app, ["data", "prepare", "--input", str(tmp_path / "missing"), "--tokenizer", str(tokenizer),
+                              "--output", str(tmp_path / "c2")])
+    assert res.exit_code == 2 and "missing" in res.output
+    res = runner.invoke(app, ["data", "inspect", str(out), "--reason", "bogus"])
+    assert res.exit_code == 2
