@@ -160,7 +160,7 @@ def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) ->
         "seq_len": seq_len,
         "tokenizer_sha256": tokenizer_sha,
         "config": relevant,
-        "inputs": [[str(f.path), f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in files],
+        "inputs": [[str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in files],
     }
 
 
