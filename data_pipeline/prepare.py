@@ -295,6 +295,8 @@ class _Run:
 def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
     """Check the output directory; returns the resume state when a matching run was interrupted."""
     if overwrite and out.exists():
+        if any(out.iterdir()) and not ((out / METADATA).exists() or (out / STATE_DIR).exists()):
+            raise PrepareError(f"{out} is not a token cache; refusing to delete it for --overwrite")
         shutil.rmtree(out)
     state_file = out / STATE_DIR / "state.json"
     if (out / METADATA).is_file():

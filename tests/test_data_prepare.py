@@ -224,3 +224,14 @@ def test_cli_prepare_and_inspect(tmp_path, sample_train_dir, tokenizer):
     assert res.exit_code == 2 and "missing" in res.output
     res = runner.invoke(app, ["data", "inspect", str(out), "--reason", "bogus"])
     assert res.exit_code == 2
+
+
+def test_overwrite_refuses_to_delete_a_directory_that_is_not_a_cache(tmp_path, sample_train_dir, tokenizer):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(PrepareError, match="not a token cache"):
+        prepare([sample_train_dir], tokenizer, precious, seq_len=SEQ_LEN, workers=1, overwrite=True, show_progress=False)
+    with pytest.raises(PrepareError, match="empty directory"):
+        prepare([sample_train_dir], tokenizer, precious, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    assert (precious / "thesis.tex").read_text() == "years of work"

@@ -41,7 +41,7 @@ def prepare_cmd(
 
         indicfm data prepare --input samples/train --tokenizer out/tok.model --output out/cache --seq-len 512
 
-        indicfm data prepare -c configs/data/sample.yaml --set data.filters.min_words=5
+        indicfm data prepare -c configs/data/sample.yaml -t out/tok.model --set data.filters.min_words=5
     """
     cfg = load_config_or_exit(config, set_)
     inputs = [str(p) for p in input] if input else cfg.data.inputs
