@@ -76,7 +76,10 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         embed_VxD = self.embed_VxD[...]
-        x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
+        # Gather the (vocab/fsdp-sharded) table before the lookup, as FSDP does for any weight:
+        # a gather from a table sharded on both axes into batch-sharded rows is not partitionable.
+        table_VxD = constrain(embed_VxD, (None, None))
+        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
         block_call = Block.__call__
         if cfg.remat == "full":
