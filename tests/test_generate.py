@@ -28,9 +28,23 @@ NEW_TOKENS = 10
 REF_LEN = 24  # >= longest prompt + NEW_TOKENS
 
 
+def random_model(cfg: ModelConfig, seed: int) -> Transformer:
+    """A model with NumPy-drawn random weights (no XLA compilation, unlike the real initialiser):
+    matrices ~ N(0, 0.15²), norm scales ~ 1 + N(0, 0.3²) so a misplaced norm weight shows."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        value = 1.0 + 0.3 * noise if len(leaf.shape) == 1 else 0.15 * noise
+        return jnp.asarray(value, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    return Transformer(inference_config(ModelConfig(**TINY)), rngs=nnx.Rngs(3))
+    return random_model(inference_config(ModelConfig(**TINY)), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +87,18 @@ def test_greedy_with_kv_cache_equals_full_recomputation(model, full_forward):
 
 
 def test_generation_stops_at_eos(model, full_forward):
-    prompt = PROMPTS[0]
-    free_run = greedy_by_recomputation(full_forward, prompt, NEW_TOKENS, eos_id=-1)
-    eos = free_run[3]  # declare the 4th generated token to be EOS: generation must stop right there
-    stop = free_run.index(eos)
-    [result] = generate_ids(model, [prompt], max_new_tokens=NEW_TOKENS, eos_id=eos)
-    assert result.token_ids == free_run[:stop]
-    assert result.finish_reason == "eos"
+    """Declare the 4th greedy token of row 0 to be EOS: each row must stop right at its first
+    occurrence of that token (or run to the limit without it)."""
+    free_runs = [greedy_by_recomputation(full_forward, p, NEW_TOKENS, eos_id=-1) for p in PROMPTS]
+    eos = free_runs[0][3]
+    results = generate_ids(model, PROMPTS, max_new_tokens=NEW_TOKENS, eos_id=eos)
+    for free_run, result in zip(free_runs, results):
+        if eos in free_run:
+            assert result.token_ids == free_run[: free_run.index(eos)]
+            assert result.finish_reason == "eos"
+        else:
+            assert result.token_ids == free_run and result.finish_reason == "length"
+    assert results[0].finish_reason == "eos" and len(results[0].token_ids) <= 3
 
 
 def test_cached_logits_match_full_forward(model, full_forward):

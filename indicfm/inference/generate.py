@@ -204,6 +204,20 @@ def generate_text(
     options.setdefault("pad_id", max(sp.pad_id(), 0))
     results = generate_ids(model, encoded, **options)
     return [
-        TextGeneration(g.prompt_ids, g.token_ids, g.finish_reason, prompt=p, text=sp.decode(g.token_ids))
+        TextGeneration(g.prompt_ids, g.token_ids, g.finish_reason, prompt=p, text=continuation_text(sp, g))
         for p, g in zip(prompts, results)
     ]
+
+
+def continuation_text(sp: Any, generation: Generation) -> str:
+    """The new text as it reads after the prompt.
+
+    Decoding the new ids alone would drop the space a first piece like ``▁word`` stands for
+    (SentencePiece strips the leading space of a decoded text), so the whole sequence is decoded
+    and the decoded prompt is cut off the front.
+    """
+    prompt_text = sp.decode(generation.prompt_ids)
+    full_text = sp.decode(generation.prompt_ids + generation.token_ids)
+    if full_text.startswith(prompt_text):
+        return full_text[len(prompt_text):]
+    return sp.decode(generation.token_ids)  # a byte-fallback character split across the boundary

@@ -12,7 +12,8 @@ split over ``tensor``/``expert`` when asked), whatever mesh the checkpoint was s
 
 from __future__ import annotations
 
-import tempfile
+import base64
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,14 @@ class LoadedModel:
     train_model_config: ModelConfig  # the config it was trained with
     meta: dict  # the checkpoint's JSON metadata (resolved config, step, tokenizer sha256, ...)
     step: int
-    tokenizer_path: Path  # the checkpoint's own tokenizer .model, written to a local file
+    tokenizer_bytes: bytes  # the checkpoint's own SentencePiece .model file
     checkpoint_dir: Path
+
+    def sentencepiece(self) -> Any:
+        """The checkpoint's tokenizer as a ``sentencepiece.SentencePieceProcessor``."""
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_proto=self.tokenizer_bytes)
 
     @property
     def config(self) -> dict:
@@ -68,38 +75,60 @@ def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None
     return make_mesh(MeshConfig(data=-1, fsdp=1, expert=expert, tensor=tensor), devices)
 
 
+def _open_manager(workdir: str | Path):
+    import orbax.checkpoint as ocp
+
+    directory = checkpoint_directory(workdir).resolve()
+    if not directory.is_dir():
+        raise CheckpointNotFound(f"no checkpoint directory {directory} (has `indicfm train --workdir {workdir}` run?)")
+    return directory, ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+
+
+def _choose_step(directory: Path, manager: Any, step: int | None) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointNotFound(f"{directory} holds no checkpoint")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointNotFound(f"{directory} has no checkpoint for step {step}; available: {steps}")
+    return step
+
+
+def read_checkpoint_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """``(step, meta)`` of a checkpoint without reading any array (step None = the newest)."""
+    import orbax.checkpoint as ocp
+
+    directory, manager = _open_manager(workdir)
+    with manager:
+        step = _choose_step(directory, manager, step)
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if "config" not in meta or "model" not in meta["config"]:
+        raise ValueError(f"checkpoint {directory / str(step)}: its metadata has no resolved config")
+    return step, meta
+
+
 def load_for_inference(
     workdir: str | Path,
     step: int | None = None,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    tokenizer_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Restore step ``step`` (default: the newest) of the run in ``workdir`` for inference.
 
     The model is built from :func:`~indicfm.inference.decode.inference_config` of the saved config
     and its parameters are placed on ``mesh`` (default: :func:`inference_mesh`).  The tokenizer is
-    the copy stored *in the checkpoint* (checked against its sha256), written to ``tokenizer_dir``
-    (default: a temporary directory).
+    the copy stored *in the checkpoint* (checked against its sha256).
     """
     import orbax.checkpoint as ocp
 
     from indicfm.inference.decode import inference_config
     from indicfm.model.transformer import Transformer
     from indicfm.sharding import state_shardings
-    from indicfm.train.checkpoint import write_tokenizer_item
 
-    directory = checkpoint_directory(workdir).resolve()
-    if not directory.is_dir():
-        raise CheckpointNotFound(f"no checkpoint directory {directory} (has `indicfm train --workdir {workdir}` run?)")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointNotFound(f"{directory} holds no checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointNotFound(f"{directory} has no checkpoint for step {step}; available: {steps}")
+    directory, manager = _open_manager(workdir)
+    with manager:
+        step = _choose_step(directory, manager, step)
         side = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
         meta = dict(side["meta"])
         if "config" not in meta or "model" not in meta["config"]:
@@ -125,7 +154,7 @@ def load_for_inference(
     tokenizer = side.get("tokenizer")
     if not tokenizer:
         raise ValueError(f"checkpoint {directory / str(step)} holds no tokenizer")
-    out_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="indicfm-tokenizer-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = write_tokenizer_item(tokenizer, out_dir / tokenizer.get("file_name", "tokenizer.model"))
-    return LoadedModel(model, train_cfg, meta, step, tokenizer_path, directory)
+    tokenizer_bytes = base64.b64decode(tokenizer["base64"])
+    if hashlib.sha256(tokenizer_bytes).hexdigest() != tokenizer.get("sha256"):
+        raise ValueError(f"checkpoint {directory / str(step)}: the stored tokenizer does not match its sha256")
+    return LoadedModel(model, train_cfg, meta, step, tokenizer_bytes, directory)

@@ -1,0 +1,170 @@
+"""Export to a Hugging Face Qwen2-MoE directory, checked against an independent NumPy forward pass.
+
+``indicfm.export.reference`` implements Qwen2-MoE from its published definition and reads only the
+exported files (config.json + safetensors); its logits must match indicfm's own forward pass.
+"""
+
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from indicfm.export.hf import ExportError, check_exportable, export_model, read_safetensors
+from indicfm.export.reference import qwen2_moe_logits
+from indicfm.inference.decode import inference_config
+from indicfm.model.config import ModelConfig
+from indicfm.model.transformer import Transformer
+
+BASE = dict(
+    vocab_size=640, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
+    num_experts=4, top_k=2, d_expert=16, compute_dtype="float32", param_dtype="float32", max_seq_len=64,
+    attention_impl="reference", rope_theta=500.0, norm_eps=1e-5,
+)
+VARIANTS = {
+    # untied output, a shared expert, a dense first layer, head_dim * heads != d_model
+    "shared-untied": dict(num_shared_experts=1, first_dense_layers=1, tie_embeddings=False, head_dim=12),
+    # tied embeddings, no shared expert, every layer MoE, trained with capacity dispatch
+    "tied-all-moe": dict(num_shared_experts=0, first_dense_layers=0, tie_embeddings=True, dispatch="capacity"),
+}
+SEQUENCES = [[5, 17, 200, 3, 44, 44, 9, 120, 7], [250, 1, 2, 3], list(range(10, 40))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_bytes(sample_train_dir) -> bytes:
+    """A small SentencePiece BPE model with indicfm's special ids, trained on two shipped samples."""
+    import sentencepiece as spm
+
+    from indicfm.text import normalize
+
+    lines = []
+    for lang in ("hin_Deva", "tam_Taml"):
+        text = (sample_train_dir / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:150]
+        lines += [normalize(t) for t in text if t.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=600, model_type="bpe",
+        normalization_rule_name="identity", byte_fallback=True, character_coverage=1.0,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def random_model(cfg: ModelConfig, seed: int) -> Transformer:
+    """A model with NumPy-drawn random weights (no XLA compilation, unlike the real initialiser):
+    matrices ~ N(0, 0.15²), norm scales ~ 1 + N(0, 0.3²) so a misplaced norm weight shows."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        value = 1.0 + 0.3 * noise if len(leaf.shape) == 1 else 0.15 * noise
+        return jnp.asarray(value, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def _random_model(overrides: dict, seed: int = 0) -> Transformer:
+    return random_model(inference_config(ModelConfig(**{**BASE, **overrides})), seed)
+
+
+@nnx.jit
+def _forward(model, tokens, segment_ids, positions):
+    return model(tokens, segment_ids, positions)[0]
+
+
+def _indicfm_logits(model: Transformer, sequences: list[list[int]]) -> list[np.ndarray]:
+    """indicfm's forward pass on right-padded rows (one compile); padding is invisible to the
+    causal positions before it."""
+    L = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), L), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    for row, sequence in enumerate(sequences):
+        tokens[row, : len(sequence)] = sequence
+        segment_ids[row, : len(sequence)] = 1
+    positions = np.broadcast_to(np.arange(L, dtype=np.int32), tokens.shape)
+    logits = np.asarray(_forward(model, tokens, segment_ids, positions))
+    return [logits[row, : len(sequence)] for row, sequence in enumerate(sequences)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exported_model_reproduces_indicfm_logits(variant, tokenizer_bytes, tmp_path):
+    model = _random_model(VARIANTS[variant])
+    export_model(model, tmp_path / "hf", tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tensors = read_safetensors(tmp_path / "hf")
+    for sequence, expected in zip(SEQUENCES, _indicfm_logits(model, SEQUENCES)):
+        got = qwen2_moe_logits(tensors, config, np.asarray(sequence))
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) < 1e-4, variant
+
+
+def test_config_and_files(tokenizer_bytes, tmp_path):
+    import sentencepiece as spm
+
+    model = _random_model(VARIANTS["shared-untied"])
+    out = tmp_path / "hf"
+    result = export_model(model, out, tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["model_type"] == "qwen2_moe"
+    assert config["mlp_only_layers"] == [0] and config["decoder_sparse_step"] == 1
+    assert config["norm_topk_prob"] is False and config["num_experts_per_tok"] == 2
+    assert config["head_dim"] == 12 and config["num_key_value_heads"] == 2
+    assert config["tie_word_embeddings"] is False and config["shared_expert_intermediate_size"] == 16
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, 0)
+
+    # sharded: every tensor in exactly one listed shard, all shards present
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert set(index["weight_map"]) == set(read_safetensors(out)) and len(index["weight_map"]) == result.num_tensors
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
+    assert "model.layers.0.mlp.gate_proj.weight" in index["weight_map"]  # the dense first layer
+
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_bytes
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "LlamaTokenizer"
+    assert tok_config["add_bos_token"] is False and tok_config["add_eos_token"] is False
+    assert tok_config["eos_token"] == sp.id_to_piece(3) and tok_config["pad_token"] == sp.id_to_piece(0)
+
+
+def test_unexpressible_options_are_refused():
+    with pytest.raises(ExportError, match="model.router=sigmoid"):
+        check_exportable(ModelConfig(**{**BASE, "router": "sigmoid"}))
+    with pytest.raises(ExportError, match="model.loss_free_bias"):
+        check_exportable(ModelConfig(**{**BASE, "loss_free_bias": True}))
+    notes = check_exportable(ModelConfig(**{**BASE, "dispatch": "capacity"}))
+    assert any("dropless" in n for n in notes)
+
+
+def test_export_refuses_a_non_empty_output(tokenizer_bytes, tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export_model(_random_model(VARIANTS["tied-all-moe"]), tmp_path, tokenizer_bytes=tokenizer_bytes)
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_export_and_matches(tokenizer_bytes, tmp_path):
+    """With the optional `export` extra (torch + transformers): AutoModelForCausalLM on OUT."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for variant in sorted(VARIANTS):
+        model = _random_model(VARIANTS[variant])
+        out = tmp_path / variant
+        export_model(model, out, tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+        hf_model.eval()
+        for sequence, expected in zip(SEQUENCES, _indicfm_logits(model, SEQUENCES)):
+            with torch.no_grad():
+                got = hf_model(torch.tensor([sequence])).logits[0].numpy()
+            assert np.max(np.abs(got - expected)) < 1e-4, variant
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out, use_fast=False)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
+        text = "भारत एक विशाल देश है"
+        assert tokenizer(text).input_ids == sp.encode(text)
