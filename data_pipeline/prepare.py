@@ -60,6 +60,9 @@ class PrepareResult:
     tokens: int  # tokens packed in this run
     seconds: float
     resumed: bool
+    #: Time the main process spent reading and deciding (dedup, report, pack, write): with enough
+    #: workers the run can go no faster than documents / main_seconds.
+    main_seconds: float = 0.0
 
     @property
     def docs_per_s(self) -> float:
@@ -179,8 +182,14 @@ def _documents(files, config: DataConfig) -> Iterator[Document]:
         )
 
 
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    while batch := list(itertools.islice(docs, size)):
+def _batches(docs: Iterator[Document], size: int, clock: list[float]) -> Iterator[list[Document]]:
+    """Batches of documents; adds the reading time to ``clock[0]``."""
+    while True:
+        start = time.perf_counter()
+        batch = list(itertools.islice(docs, size))
+        clock[0] += time.perf_counter() - start
+        if not batch:
+            return
         yield batch
 
 
@@ -389,8 +398,11 @@ def prepare(
         console=console, disable=not show_progress, transient=False,
     ) as progress:
         task = progress.add_task("preparing")
-        for batch, result in _guard_workers(_process(_batches(docs, BATCH_DOCS), config, tokenizer, n_workers)):
+        clock = [0.0]  # main-process seconds: reading + consuming
+        for batch, result in _guard_workers(_process(_batches(docs, BATCH_DOCS, clock), config, tokenizer, n_workers)):
+            consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
+            clock[0] += time.perf_counter() - consume_start
             documents += len(batch)
             since_checkpoint += len(batch)
             if since_checkpoint >= config.checkpoint_every_docs:
@@ -425,7 +437,7 @@ def prepare(
     seconds = time.perf_counter() - start
     if show_progress:
         render_table(report, console)
-    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state))
+    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0])
 
 
 def _guard_workers(results):
