@@ -175,12 +175,30 @@ def state_shardings(model_or_state: Any, mesh: Mesh, rules: Rules | None = None)
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+            value = leaf.get_value()
             shape = getattr(value, "shape", None)
             return leaf.replace(named_sharding(_var_names(leaf), shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_with_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying their NamedSharding: an Orbax restore target.
+
+    ``abstract_state`` is e.g. ``nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))``
+    (or the same for ``(model, optimizer)``); nothing is allocated.
+    """
+    shardings = state_shardings(abstract_state, mesh, rules)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def one(var: Any, sharding: Any) -> Any:
+        if isinstance(var, nnx.Variable):
+            value = var.get_value()
+            return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.get_value()))
+        return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
+
+    return jax.tree.map(one, abstract_state, shardings, is_leaf=is_var)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:

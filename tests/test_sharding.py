@@ -14,6 +14,7 @@ from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
 from indicfm.model.transformer import Transformer
 from indicfm.sharding import (
+    abstract_with_shardings,
     batch_sharding,
     create_model,
     logical_to_spec,
@@ -127,6 +128,16 @@ def test_optimizer_state_shardings_follow_params():
     specs = {path: s.spec for path, s in nnx.to_flat_state(shardings)
              if path[-1] == "w_gate_ExDxF" or "w_gate_ExDxF" in path}
     assert specs and all(spec == P("expert", None, None) for spec in specs.values()), specs
+
+
+def test_abstract_with_shardings_is_a_restore_target():
+    cfg = tiny_cfg("dropless")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    target = abstract_with_shardings(abstract, mesh)
+    leaf = target["blocks"][1]["mlp"]["w_gate_ExDxF"].get_value()
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (8, 32, 16)
+    assert leaf.sharding.spec == P("expert", "fsdp", "tensor")
 
 
 def test_make_mesh_sizes_and_errors():
