@@ -148,16 +148,28 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_d
     class Interrupted(Exception):
         pass
 
-    def interrupt(n):
-        if n == 2:
-            raise Interrupted
+    # Interrupt a few batches after the 2nd checkpoint, with rows written since then (small
+    # WRITE_ROWS): the resumed run must overwrite those, not append after them.
+    monkeypatch.setattr(prepare_mod, "WRITE_ROWS", 2)
+    checkpoints = []
+    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", checkpoints.append)
+    original_consume = prepare_mod._Run.consume
+    batches_after = []
 
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", interrupt)
+    def consume(self, batch, result):
+        tokens = original_consume(self, batch, result)
+        if len(checkpoints) == 2:
+            batches_after.append(1)
+            if len(batches_after) == 3:
+                raise Interrupted
+        return tokens
+
+    monkeypatch.setattr(prepare_mod._Run, "consume", consume)
     with pytest.raises(Interrupted):
         prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     with pytest.raises(CacheError, match="incomplete"):
         read_metadata(out)  # a partial run never looks complete
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", lambda n: None)
+    monkeypatch.setattr(prepare_mod._Run, "consume", original_consume)
     result = prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     assert result.resumed and 0 < result.documents < 11191
     a, b = read_metadata(out), read_metadata(clean_cache)
