@@ -5,15 +5,32 @@ Layers name the axes of their parameters and key activations with *logical* name
 to mesh axes of the 4-axis mesh ``(data, fsdp, expert, tensor)``.  Changing the parallelism plan
 means editing that table, not the layers.
 
-How a trainer uses this module::
+How a trainer uses this module (the recipe is exercised by tests/test_sharding.py)::
 
     mesh = make_mesh(cfg.mesh)
+    rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
+    model = create_model(cfg.model, mesh, seed, rules)            # parameters born sharded
     with jax.set_mesh(mesh):
-        model = create_model(cfg.model, mesh, seed)        # parameters born sharded
-        graphdef, state = nnx.split(model)
-        shardings = state_shardings(state, mesh)           # same tree as `state`
-        step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                       out_shardings=(shardings, None))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)       # RouterBias is not a Param
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = state_shardings(state, mesh, rules)               # same tree as `state`
+    state = jax.device_put(state, shardings)                      # optimizer moments like their params
+    rows = batch_sharding(mesh)                                    # tokens/segment_ids/positions [B, L]
+
+    @functools.partial(jax.jit, in_shardings=(shardings, rows, rows, rows),
+                       out_shardings=(shardings, None), donate_argnums=0)
+    def train_step(state, tokens, segment_ids, positions):
+        model, optimizer = nnx.merge(graphdef, state)
+        (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, ...)
+        optimizer.update(model, grads)
+        update_router_bias(model, stats.expert_counts, cfg.model.bias_update_rate)
+        return nnx.state((model, optimizer)), (loss, stats)
+
+    with jax.set_mesh(mesh):      # the layers' sharding constraints and the MoE shard_map read it
+        state, metrics = train_step(state, *batch)
+
+Flax's own ``nnx.get_partition_spec`` would return the *logical* names; use :func:`state_shardings`
+(or :func:`abstract_with_shardings` for Orbax restore targets) instead.
 
 Rules that cannot apply to a given array (the dimension does not divide the product of the mesh
 axes, or a mesh axis is already used by an earlier dimension) fall back to replication on that
