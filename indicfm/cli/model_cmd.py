@@ -39,6 +39,8 @@ def generate_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling (same seed, same text).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together in batch mode.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt instead of text.")] = False,
+    tensor: Annotated[int, typer.Option("--tensor", min=1, help="Split heads/MLPs over this many devices.")] = 1,
+    expert: Annotated[int, typer.Option("--expert", min=1, help="Split the experts over this many devices.")] = 1,
 ) -> None:
     """Continue a prompt with a trained checkpoint (KV cache; stops at EOS).
 
@@ -48,8 +50,9 @@ def generate_command(
 
         indicfm generate -w runs/qs --prompts-file prompts.tsv --temperature 0 --json
 
-    The checkpoint restores onto whatever devices this machine has, whatever mesh it was trained
-    on.  Prompts are NFC-normalised and tokenized with the tokenizer stored in the checkpoint.
+    The checkpoint restores onto this machine's devices whatever mesh it was trained on: one device
+    by default, --tensor/--expert to split a model too big for one.  Prompts are NFC-normalised and
+    tokenized with the tokenizer stored in the checkpoint.
     """
     from indicfm.inference.prompts import Prompt, check_language, read_prompts_file, script_warning
 
@@ -78,10 +81,10 @@ def generate_command(
 
     _quiet_orbax()
     from indicfm.inference.generate import generate_text
-    from indicfm.inference.load import CheckpointNotFound, load_for_inference
+    from indicfm.inference.load import CheckpointNotFound, inference_mesh, load_for_inference
 
     try:
-        loaded = load_for_inference(workdir, step)
+        loaded = load_for_inference(workdir, step, mesh=inference_mesh(tensor, expert))
     except (CheckpointNotFound, ValueError) as err:
         fail(str(err))
     console.print(f"step {loaded.step} from {loaded.checkpoint_dir}")

@@ -33,6 +33,7 @@ from indicfm.model.transformer import Transformer
 
 PAD_ID = 0
 EOS_ID = 3
+PROMPT_BUCKET = 16
 
 
 @dataclass
@@ -50,12 +51,15 @@ class TextGeneration(Generation):
     text: str = ""  # the decoded continuation (without the prompt)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``tokens, segment_ids, positions`` ``[B, P]`` with each prompt right-aligned (padding first).
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = PAD_ID, multiple_of: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``tokens, segment_ids, positions`` ``[B, P]`` with each prompt right-aligned (padding first);
+    P is the longest prompt rounded up to ``multiple_of``.
 
     Padding has segment 0 and position 0; a prompt's tokens have segment 1 and positions 0, 1, ...
     """
-    P = max(len(p) for p in prompts)
+    P = -(-max(len(p) for p in prompts) // multiple_of) * multiple_of
     B = len(prompts)
     tokens = np.full((B, P), pad_id, np.int32)
     segment = np.zeros((B, P), np.int32)
@@ -172,7 +176,11 @@ def generate_ids(
             f"prompt ({longest - max_new_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {longest} exceeds "
             f"model.max_seq_len={model.cfg.max_seq_len}; ask for fewer new tokens or shorten the prompt"
         )
-    tokens, segment, positions = left_pad(prompts, pad_id)
+    # Shapes are bucketed (rows to a power of two, prompt slots to a multiple of 16) so a batch run
+    # over many prompts compiles a handful of programs, not one per distinct prompt length.
+    rows = 1 << (len(prompts) - 1).bit_length()
+    padded = list(prompts) + [prompts[0]] * (rows - len(prompts))  # extra rows are dropped below
+    tokens, segment, positions = left_pad(padded, pad_id, multiple_of=PROMPT_BUCKET)
     graphdef, state = nnx.split(model)
     out_BxN, length_B = _generate_program(
         state, jnp.asarray(tokens), jnp.asarray(segment), jnp.asarray(positions), jax.random.key(seed),

@@ -6,8 +6,8 @@ config, and the tokenizer file.  Inference needs the parameters, the non-paramet
 MoE router bias), the model config and the tokenizer — not the optimizer moments, which are twice
 the size of the parameters.  Orbax's ``PyTreeRestore(partial_restore=True)`` reads just those
 subtrees, and each array lands directly in the sharding asked for: the mesh used here is built from
-the devices of *this* process (default: every device, weights replicated over a data axis, or
-split over ``tensor``/``expert`` when asked), whatever mesh the checkpoint was saved from.
+the devices of *this* process (default: one device; ``tensor`` x ``expert`` devices when a model
+must be split), whatever mesh and device count the checkpoint was saved from.
 """
 
 from __future__ import annotations
@@ -68,11 +68,20 @@ def checkpoint_directory(workdir: str | Path) -> Path:
 
 
 def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None) -> jax.sharding.Mesh:
-    """A mesh over this process's devices: ``tensor`` x ``expert`` model parallelism, the rest data."""
+    """A mesh of ``tensor`` x ``expert`` devices (default: the first local device alone).
+
+    Generation runs one batch at a time, so extra data-parallel replicas would only repeat the same
+    work; more devices are worth using only to split a model too big for one (heads and MLP widths
+    over ``tensor``, experts over ``expert``).
+    """
     from indicfm.config import MeshConfig
     from indicfm.sharding import make_mesh
 
-    return make_mesh(MeshConfig(data=-1, fsdp=1, expert=expert, tensor=tensor), devices)
+    wanted = tensor * expert
+    devices = list(jax.local_devices() if devices is None else devices)
+    if wanted > len(devices):
+        raise ValueError(f"tensor={tensor} x expert={expert} needs {wanted} devices; this process has {len(devices)}")
+    return make_mesh(MeshConfig(data=1, fsdp=1, expert=expert, tensor=tensor), devices[:wanted])
 
 
 def _open_manager(workdir: str | Path):
