@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
+from indicfm.model.moe import update_router_bias
 from indicfm.model.transformer import Transformer
 from indicfm.sharding import (
     abstract_with_shardings,
@@ -159,3 +160,35 @@ def test_logical_to_spec_falls_back_to_replication():
     assert logical_to_spec(("batch", "length"), (3, 16), mesh) == P(None, None)
     with pytest.raises(KeyError, match="no rule"):
         logical_to_spec(("embedd",), (4,), mesh)
+
+
+def test_trainer_recipe_jits_a_sharded_step():
+    """The recipe in indicfm/sharding.py's docstring: explicit in/out shardings, donated state."""
+    cfg = tiny_cfg("dropless").model_copy(update={"loss_free_bias": True, "router": "sigmoid"})
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+    model = create_model(cfg, mesh, seed=0)
+    with jax.set_mesh(mesh):
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    rows = batch_sharding(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(shardings, rows, rows, rows), out_shardings=(shardings, None),
+                       donate_argnums=0)
+    def train_step(state, tokens, seg, pos):
+        model, optimizer = nnx.merge(graphdef, state)
+        (loss, (_, stats)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, seg, pos)
+        optimizer.update(model, grads)
+        update_router_bias(model, stats.expert_counts, 0.01)
+        return nnx.state((model, optimizer)), loss
+
+    with jax.set_mesh(mesh):
+        losses = []
+        for _ in range(3):
+            state, loss = train_step(state, *batch())
+            losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    model, optimizer = nnx.merge(graphdef, state)
+    assert model.blocks[1].mlp.w_gate_ExDxF[...].sharding.spec == P("expert", "fsdp", "tensor")
+    assert float(jnp.abs(model.blocks[1].mlp.router_bias[...]).sum()) > 0
