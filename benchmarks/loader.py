@@ -33,7 +33,9 @@ def _write_cache(out: Path, rows_per_lang: int) -> None:
         lengths = rng.integers(20, 400, size=rows_per_lang * SEQ_LEN // 150)
         packer.add_many(rng.integers(4, 64000, size=int(lengths.sum()), dtype=np.int32), lengths)
         rows = packer.finish()
-        LanguageWriter(out / "rows" / lang, SEQ_LEN).append(rows)
+        writer = LanguageWriter(out / "rows" / lang, SEQ_LEN)
+        writer.append(rows)
+        writer.close()
         languages[lang] = {"rows": len(rows), "tokens": int(lengths.sum()), "documents": len(lengths), "split_documents": 0}
     write_json_atomic(out / METADATA, {"format_version": FORMAT_VERSION, "seq_len": SEQ_LEN,
                                        "tokenizer_sha256": "0" * 64, "languages": languages})

@@ -83,6 +83,8 @@ class LanguageWriter:
         self.directory = directory
         self.seq_len = seq_len
         self.rows = rows
+        self._capacity = rows
+        self._inflight: list = []
         self._arrays = {}
         for name in ARRAYS:
             path = directory / name
@@ -94,17 +96,33 @@ class LanguageWriter:
             self._arrays[name] = arr.resize(exclusive_max=[rows, seq_len], resize_tied_bounds=False).result()
 
     def append(self, packed: PackedRows) -> None:
+        """Start writing ``packed`` after the current rows; :meth:`flush` waits for the writes
+        (tensorstore compresses and writes in its own threads meanwhile)."""
         if len(packed) == 0:
             return
         start, end = self.rows, self.rows + len(packed)
-        futures = []
+        if end > self._capacity:  # grow geometrically: a resize is a metadata write per array
+            self._capacity = max(end, 2 * self._capacity, ROWS_PER_SHARD)
+            self._resize(self._capacity)
         for name in ARRAYS:
-            arr = self._arrays[name].resize(exclusive_max=[end, self.seq_len]).result()
-            self._arrays[name] = arr
-            futures.append(arr[start:end].write(getattr(packed, name)))
-        for f in futures:
-            f.result()
+            self._inflight.append(self._arrays[name][start:end].write(getattr(packed, name)))
         self.rows = end
+
+    def _resize(self, rows: int) -> None:
+        for name in ARRAYS:
+            self._arrays[name] = self._arrays[name].resize(exclusive_max=[rows, self.seq_len]).result()
+
+    def close(self) -> None:
+        """Wait for the writes and trim the arrays to exactly the rows written."""
+        self.flush()
+        self._resize(self.rows)
+        self._capacity = self.rows
+
+    def flush(self) -> None:
+        """Wait until every appended row is written (before a checkpoint says they are)."""
+        for future in self._inflight:
+            future.result()
+        self._inflight = []
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ re-running the same command after an interruption continues from there without d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -260,6 +261,7 @@ class _Run:
         """Make everything so far durable, then commit state.json (atomically, last)."""
         for lang, packer in self.packers.items():
             self.writers[lang].append(packer.pop_full_rows())
+            self.writers[lang].flush()
         self.dedup.save_increment(self.state_dir, self.parts)
         self.parts += 1
         self.drop_log.flush()
@@ -292,6 +294,7 @@ class _Run:
         for lang, packer in sorted(self.packers.items()):
             writer = self.writers[lang]
             writer.append(packer.finish())
+            writer.close()
             languages[lang] = {
                 "rows": writer.rows,
                 "tokens": report[lang]["tokens"],
@@ -393,7 +396,7 @@ def prepare(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(
+    with contextlib.closing(run.drop_log), Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
         console=console, disable=not show_progress, transient=False,
     ) as progress:

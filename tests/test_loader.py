@@ -32,6 +32,7 @@ def cache(tmp_path_factory) -> Path:
         writer = LanguageWriter(out / "rows" / lang, SEQ)
         writer.append(PackedRows(tokens[:30], seg[:30], pos[:30]))
         writer.append(PackedRows(tokens[30:], seg[30:], pos[30:]))  # two appends, like prepare
+        writer.close()
         languages[lang] = {"rows": n, "tokens": n * SEQ, "documents": n, "split_documents": 0}
     write_json_atomic(out / METADATA, {
         "format_version": FORMAT_VERSION, "seq_len": SEQ, "tokenizer_sha256": "ab" * 32, "languages": languages,
