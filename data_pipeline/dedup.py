@@ -222,7 +222,7 @@ class DuplicateIndex:
                 bands = band_hashes(signature[None, :], self.bands, self.rows)[0]
             band_keys = bands.tolist() if isinstance(bands, np.ndarray) else bands
             found = list(map(self._buckets.get, band_keys))
-            if any(v is not None for v in found) and self._near_match(signature, found):
+            if found.count(None) < len(found) and self._near_match(signature, found):
                 return "near_duplicate"
             self._add_signature(signature, band_keys, found)
         if self.config.exact:
