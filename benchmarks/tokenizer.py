@@ -74,7 +74,8 @@ def run(quick: bool) -> dict:
         if child.exitcode != 0:
             raise RuntimeError(f"training child exited with {child.exitcode}")
         # Linux reports ru_maxrss in KiB: the largest child waited for so far (only this one here).
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_mib = usage.ru_maxrss / 1024
         figures = {
             "data": source,
             "vocab_size": vocab_size,
@@ -82,6 +83,8 @@ def run(quick: bool) -> dict:
             "train_threads": 2,
             "train_s": round(seconds, 2),
             "train_process_wall_s": round(wall, 2),
+            # CPU seconds of the training process: steadier than wall time on a shared machine.
+            "train_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "train_peak_rss_MiB": round(peak_mib, 1),
         }
         figures.update(_encode_throughput(prefix.with_suffix(".model"), parallel_dir))

@@ -267,6 +267,7 @@ def train_tokenizer(
         "model_file": result.model_file.name,
         "special_ids": SPECIAL_IDS,
         "normalization": "NFC by indicfm.text.normalize; SentencePiece identity",
+        "trainer": "akshara_bpe" if cfg.model_type == "bpe" and cfg.whole_aksharas else "sentencepiece",
         "inputs": [asdict(st) for st in stats],
         "languages": {lang: {"available": available[lang], "sampled": sampled[lang]} for lang in available},
         "sampling": {
