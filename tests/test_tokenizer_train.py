@@ -224,3 +224,15 @@ def test_default_recipe_splits_fewer_aksharas_than_sentencepiece_bpe(trained, su
     # vocabulary, so only the direction is asserted.
     ours, theirs = split_rate(trained.model_file), split_rate(plain.model_file)
     assert ours < theirs, (ours, theirs)
+
+
+def test_jsonl_records_carry_their_language(tmp_path, sample_train_dir):
+    records = []
+    for lang in ("hin_Deva", "tam_Taml"):
+        for line in (sample_train_dir / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:300]:
+            records.append(json.dumps({"text": line, "lang": lang}, ensure_ascii=False))
+    records.append("{not json")
+    (tmp_path / "mixed.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    result = train_tokenizer([tmp_path / "mixed.jsonl"], tmp_path / "out", small_cfg())
+    assert result.available == {"hin_Deva": 300, "tam_Taml": 300}
+    assert result.files[0].dropped == {"malformed_record": 1}
