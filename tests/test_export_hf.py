@@ -33,9 +33,9 @@ VARIANTS = {
 SEQUENCES = [[5, 17, 200, 3, 44, 44, 9, 120, 7], [250, 1, 2, 3], list(range(10, 40))]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_bytes(sample_train_dir) -> bytes:
-    """A small SentencePiece BPE model with indicfm's special ids, trained on two shipped samples."""
+def train_small_tokenizer(sample_train_dir, model_type: str = "bpe") -> bytes:
+    """A small SentencePiece model with indicfm's recipe flags and special ids, trained on two
+    shipped samples (the other scripts then go through byte fallback)."""
     import sentencepiece as spm
 
     from indicfm.text import normalize
@@ -46,11 +46,17 @@ def tokenizer_bytes(sample_train_dir) -> bytes:
         lines += [normalize(t) for t in text if t.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=600, model_type="bpe",
-        normalization_rule_name="identity", byte_fallback=True, character_coverage=1.0,
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=600, model_type=model_type,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
     )
     return model.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_bytes(sample_train_dir) -> bytes:
+    return train_small_tokenizer(sample_train_dir)
 
 
 def random_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -127,9 +133,35 @@ def test_config_and_files(tokenizer_bytes, tmp_path):
 
     assert (out / "tokenizer.model").read_bytes() == tokenizer_bytes
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
-    assert tok_config["tokenizer_class"] == "LlamaTokenizer"
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tok_config["add_bos_token"] is False and tok_config["add_eos_token"] is False
     assert tok_config["eos_token"] == sp.id_to_piece(3) and tok_config["pad_token"] == sp.id_to_piece(0)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_json_encodes_like_indicfm(model_type, sample_train_dir, sample_heldout_dir, tmp_path):
+    """tokenizer.json on raw text == indicfm's NFC + SentencePiece, on every shipped sample line
+    (16 languages; most scripts are unseen by this small tokenizer, so byte fallback is exercised)."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    from indicfm.export.hf_tokenizer import write_tokenizer_files
+    from indicfm.text import normalize
+
+    data = train_small_tokenizer(sample_train_dir, model_type)
+    write_tokenizer_files(data, tmp_path, model_max_length=64)
+    fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    lines = [line for f in sorted(sample_heldout_dir.glob("*.dev")) for line in f.read_text(encoding="utf-8").splitlines()]
+    lines += [line for f in sorted(sample_train_dir.glob("*.txt")) for line in f.read_text(encoding="utf-8").splitlines()[:20]]
+    lines += ["two  spaces, digits 2024 and a ZWJ: क्‍ष", "\u0915\u093c (not NFC)"]
+    assert len(lines) > 3000
+    expected = sp.encode([normalize(line) for line in lines])
+    got = [e.ids for e in fast.encode_batch(lines, add_special_tokens=False)]
+    mismatches = [line for line, a, b in zip(lines, expected, got) if a != b]
+    assert not mismatches, mismatches[:3]
+    for line, ids in zip(lines[::50], got[::50]):
+        assert fast.decode(ids) == sp.decode(sp.encode(normalize(line)))
 
 
 def test_unexpressible_options_are_refused():
@@ -162,9 +194,11 @@ def test_transformers_loads_the_export_and_matches(tokenizer_bytes, tmp_path):
             with torch.no_grad():
                 got = hf_model(torch.tensor([sequence])).logits[0].numpy()
             assert np.max(np.abs(got - expected)) < 1e-4, variant
-        tokenizer = transformers.AutoTokenizer.from_pretrained(out, use_fast=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out)
         import sentencepiece as spm
 
+        from indicfm.text import normalize
+
         sp = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
-        text = "भारत एक विशाल देश है"
-        assert tokenizer(text).input_ids == sp.encode(text)
+        text = "भारत एक विशाल देश है \u0915\u093c"
+        assert tokenizer(text).input_ids == sp.encode(normalize(text))

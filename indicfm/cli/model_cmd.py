@@ -123,11 +123,11 @@ def export_hf_command(
 
         indicfm export hf --workdir runs/quickstart --output exports/quickstart-hf
 
-    OUTPUT gets config.json, model*.safetensors (sharded, with an index), tokenizer.model with
-    tokenizer_config.json (LlamaTokenizer, slow), and a README model card with per-language bits
-    per byte from the run's evaluation.  Models using a sigmoid router or the loss-free balancing
-    bias are refused: Qwen2-MoE cannot express them.  Load with
-    AutoModelForCausalLM.from_pretrained(OUTPUT); NFC-normalise text first.
+    OUTPUT gets config.json, model*.safetensors (sharded, with an index), tokenizer.json (fast,
+    NFC built in) with tokenizer_config.json and the raw tokenizer.model, and a README model card
+    with per-language bits per byte from the run's evaluation.  Models using a sigmoid router or
+    the loss-free balancing bias are refused: Qwen2-MoE cannot express them.  Load with
+    AutoModelForCausalLM.from_pretrained(OUTPUT) and AutoTokenizer.from_pretrained(OUTPUT).
     """
     if dtype not in (None, "float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")

@@ -102,14 +102,14 @@ def model_card_text(loaded: Any, notes: list[str], workdir: Path) -> str:
             lines += ["", "Languages: " + ", ".join(f"`{code}`" for code in langs)]
     lines += [
         "", "## Use", "",
-        "Text must be Unicode **NFC**-normalised before tokenizing (indicfm normalises; the tokenizer does not). "
-        "Documents were encoded without BOS and end with EOS.", "",
+        "`tokenizer.json` applies Unicode NFC itself and gives the ids indicfm trained on. Documents were "
+        "encoded without BOS and end with EOS. (`tokenizer.model` is the raw SentencePiece model: "
+        "NFC-normalise text yourself if you use it directly.)", "",
         "```python",
-        "import unicodedata",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok = AutoTokenizer.from_pretrained(PATH, use_fast=False)",
+        "tok = AutoTokenizer.from_pretrained(PATH)",
         "model = AutoModelForCausalLM.from_pretrained(PATH)",
-        "ids = tok(unicodedata.normalize('NFC', 'भारत की राजधानी'), return_tensors='pt').input_ids",
+        "ids = tok('भारत की राजधानी', return_tensors='pt').input_ids",
         "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))",
         "```", "",
         "## Export notes", "",
