@@ -236,3 +236,10 @@ def test_jsonl_records_carry_their_language(tmp_path, sample_train_dir):
     result = train_tokenizer([tmp_path / "mixed.jsonl"], tmp_path / "out", small_cfg())
     assert result.available == {"hin_Deva": 300, "tam_Taml": 300}
     assert result.files[0].dropped == {"malformed_record": 1}
+
+
+def test_corpus_too_small_for_vocabulary_is_a_clear_error(tmp_path, sample_train_dir):
+    lines = (sample_train_dir / "hin_Deva.txt").read_text(encoding="utf-8").splitlines()[:20]
+    (tmp_path / "hin_Deva.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lower tokenizer.vocab_size"):
+        train_tokenizer([tmp_path], tmp_path / "out", TokenizerConfig(vocab_size=VOCAB, num_threads=2))

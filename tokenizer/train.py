@@ -197,6 +197,12 @@ def train_akshara_bpe(
         on_progress=on_progress,
     )
     model = akshara_bpe.build_model(skeleton.getvalue(), pieces, characters | seen, cfg.vocab_size)
+    size = spm.SentencePieceProcessor(model_proto=model).vocab_size()
+    if size < cfg.vocab_size:  # the model's embedding table is sized from vocab_size: never silently smaller
+        raise ValueError(
+            f"the sampled text ({len(sentences):,} lines) yields only {size:,} pieces; "
+            f"lower tokenizer.vocab_size (asked for {cfg.vocab_size:,}) or give more text"
+        )
     output_prefix.with_name(output_prefix.name + ".model").write_bytes(model)
     processor = spm.SentencePieceProcessor(model_proto=model)
     with open(output_prefix.with_name(output_prefix.name + ".vocab"), "w", encoding="utf-8") as vocab:
