@@ -138,6 +138,18 @@ def test_config_and_files(tokenizer_bytes, tmp_path):
     assert tok_config["eos_token"] == sp.id_to_piece(3) and tok_config["pad_token"] == sp.id_to_piece(0)
 
 
+def test_bfloat16_export(tokenizer_bytes, tmp_path):
+    import ml_dtypes
+
+    model = _random_model(VARIANTS["tied-all-moe"])
+    export_model(model, tmp_path, tokenizer_bytes=tokenizer_bytes, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    tensors = read_safetensors(tmp_path)
+    assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    embed = np.asarray(model.embed_VxD[...])
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], embed.astype(ml_dtypes.bfloat16))
+
+
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_tokenizer_json_encodes_like_indicfm(model_type, sample_train_dir, sample_heldout_dir, tmp_path):
     """tokenizer.json on raw text == indicfm's NFC + SentencePiece, on every shipped sample line
