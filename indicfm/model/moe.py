@@ -29,7 +29,7 @@ E experts, D model width, F = d_expert, n = size of the expert mesh axis:
   tokamax's grouped matmul on GPU when installed; elsewhere ``blocks``: each expert's rows padded to
   whole blocks and one batched matmul — never ``ragged_dot`` on CPU/GPU, which XLA lowers to a dense
   product over every expert with the other rows masked).  Nothing is dropped.
-  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax, ~1.1-1.3x that with ``blocks``
+  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax, ~1.25x that with ``blocks``
   (``E`` times that with ``ragged_dot`` on CPU/GPU or the ``dense`` loop); memory ``T * k * (D + 2F)``.  With expert parallelism the number of rows a device sends
   to each peer is data-dependent, so each peer gets a worst-case buffer of ``T * k`` rows:
   all-to-all traffic and receive memory are ``n * T * k * D`` (n times the useful amount) — exact
@@ -162,7 +162,7 @@ def resolve_grouped_matmul(impl: str, platform: str | None = None) -> str:
     Not ragged_dot on CPU or GPU: there XLA lowers it to a dense product over *every* group with the
     other groups' rows masked (E times the FLOPs and an ``[E, M, D]`` temporary; measured 12x slower
     for the whole bench-moe train step on CPU, see the benchmarks section of the README).  ``blocks``
-    pads each group to whole blocks and runs one batched matmul: about 1.1-1.3x the useful FLOPs.
+    pads each group to whole blocks and runs one batched matmul: about 1.25x the useful FLOPs.
     """
     if impl != "auto":
         return impl
@@ -180,9 +180,10 @@ def resolve_grouped_matmul(impl: str, platform: str | None = None) -> str:
 
 def block_rows(num_rows: int, num_groups: int) -> int:
     """Rows per block of the ``blocks`` grouped matmul: a power of two near a quarter of the mean
-    group size, within [8, 512].  Padding then averages ~1/8 of the rows (at most 1/4), while blocks
-    stay large enough for efficient matmuls and few enough that gathering one weight matrix per
-    block stays cheap."""
+    group size, within [8, 512].  The batched matmul then covers the static bound of
+    ``M + G * block`` ≈ 1.25 M rows (the FLOPs of capacity dispatch at its default factor, without
+    dropping), and blocks stay large enough for efficient matmuls and few enough that gathering one
+    weight matrix per block stays cheap."""
     target = max(num_rows // (4 * max(num_groups, 1)), 1)
     return int(min(512, max(8, 2 ** int(math.log2(target)))))
 
