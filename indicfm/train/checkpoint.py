@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save_decision
 
 from indicfm.train.config import CheckpointConfig
 
@@ -112,8 +113,13 @@ class Checkpointer:
         keep: list[Any] = [ocp_preservation.LatestN(n=cfg.keep_last)]
         if cfg.keep_every:
             keep.append(ocp_preservation.EveryNSteps(interval_steps=cfg.keep_every))
+        # Every `every_steps` steps, or when JAX's multi-host preemption notice arrived; not Orbax's
+        # default extra "save as soon as there is no checkpoint" (that would save step 1).
+        saving = ocp_save_decision.AnySavePolicy(
+            [ocp_save_decision.FixedIntervalPolicy(cfg.every_steps), ocp_save_decision.PreemptionCheckpointingPolicy()]
+        )
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.every_steps,
+            save_decision_policy=saving,
             preservation_policy=ocp_preservation.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save,
             create=True,

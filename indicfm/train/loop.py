@@ -258,7 +258,7 @@ def train(
                         f"updates were skipped and nothing was saved, the last good checkpoint is step "
                         f"{result.last_checkpoint_step}. Lower optimizer.learning_rate or check the data."
                     )
-                    bar.log(f"[bold red]{result.message}[/]")
+                    say(f"[bold red]{result.message}[/]")
                     break
                 preempted = watcher.requested or checkpointer.reached_preemption(step) or step == stop_at_step
                 # Periodic saves wait out a run of non-finite steps, so the newest checkpoint is one a
@@ -270,14 +270,14 @@ def train(
                     bpb = evaluator(state)
                     result.eval_bpb[step] = bpb
                     writer.write(step, {f"bpb/{lang}": value for lang, value in bpb.items()})
-                    bar.log(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
+                    say(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
                 if on_step is not None:
                     on_step(step, record)
                 if preempted:
                     result.stopped = "preempted"
                     why = watcher.requested or ("stop_at_step" if step == stop_at_step else "preemption notice")
                     result.message = f"{why}: saved a checkpoint at step {step}, stopping"
-                    bar.log(result.message)
+                    say(result.message)
                     break
                 last_time = time.perf_counter()  # checkpoint and eval time is not step time
     finally:
