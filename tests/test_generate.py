@@ -127,6 +127,9 @@ def test_left_padding_layout():
     np.testing.assert_array_equal(tokens, [[4, 5, 6], [0, 0, 7]])
     np.testing.assert_array_equal(segment, [[1, 1, 1], [0, 0, 1]])
     np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
+    tokens, segment, _ = left_pad([[4, 5, 6]], pad_id=0, multiple_of=4)
+    np.testing.assert_array_equal(tokens, [[0, 4, 5, 6]])
+    np.testing.assert_array_equal(segment, [[0, 1, 1, 1]])
 
 
 def test_top_p_keeps_the_smallest_nucleus():

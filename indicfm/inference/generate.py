@@ -4,7 +4,8 @@
 ``indicfm.text.normalize``, then SentencePiece without BOS/EOS — exactly how training documents are
 encoded: each starts at position 0 and ends with EOS, no BOS).
 
-One jitted program per (batch, prompt length, max_new_tokens, sampling settings):
+One jitted program per (batch bucket, prompt-length bucket, max_new_tokens, temperature, top_p);
+token ids (EOS, padding, vocabulary limit) are traced values:
 
 1. *prefill*: the left-padded prompts go through :func:`~indicfm.inference.decode.forward_with_cache`
    once, filling the cache; the first new token is chosen from the last column's logits;
