@@ -421,6 +421,7 @@ class MeshOption:
     memory: Memory
     time: StepTime
     remat: str
+    micro_batches: int = 1
 
 
 @dataclass
@@ -440,6 +441,7 @@ class Plan:
     mfu: float
     spot: bool
     remat: str = "none"
+    micro_batches: int = 1
     tokens: float | None = None
     days: float | None = None
     chips_for_days: int | None = None
@@ -498,6 +500,7 @@ class Plan:
         if self.suggestion:
             out["suggested_mesh"] = self.suggestion.sizes
             out["suggested_remat"] = self.suggestion.remat
+            out["suggested_micro_batches"] = self.suggestion.micro_batches
             out["suggested_memory_gib"] = self.suggestion.memory.total / GIB
         if self.suggestion_note:
             out["suggestion_note"] = self.suggestion_note
@@ -528,12 +531,24 @@ def candidate_meshes(cfg: Any, slice_: Slice) -> Iterable[dict[str, int]]:
 
 
 def suggest_mesh(cfg: Any, slice_: Slice, mfu: float, max_traces: int = 6) -> tuple[MeshOption | None, str]:
-    """The fastest mesh (by the roofline) whose memory fits, trying the config's remat policy first and
-    then ``remat=full``. Memory of parameters and optimizer state is cheap to get for every candidate;
-    activations need a trace, so only the most promising few are traced."""
-    remats = [cfg.model.remat] + (["full"] if cfg.model.remat != "full" else [])
-    for remat in remats:
-        trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"remat": remat})})
+    """The fastest mesh (by the roofline) whose memory fits: first with the config's remat policy,
+    then with ``remat=full``, then also splitting the batch into 2, 4, 8 times more micro-batches.
+
+    Memory of parameters and optimizer state is cheap to get for every candidate; activations need
+    a trace, so only the most promising few are traced.
+    """
+    micro0 = cfg.trainer.micro_batches
+    options = [(cfg.model.remat, micro0, max_traces)]
+    if cfg.model.remat != "full":
+        options.append(("full", micro0, max_traces))
+    options += [("full", micro0 * f, 2) for f in (2, 4, 8) if cfg.trainer.global_batch_size % (micro0 * f) == 0]
+    for remat, micro, traces in options:
+        trial = cfg.model_copy(
+            update={
+                "model": cfg.model.model_copy(update={"remat": remat}),
+                "trainer": cfg.trainer.model_copy(update={"micro_batches": micro}),
+            }
+        )
         ranked = []
         for sizes in candidate_meshes(trial, slice_):
             variables, trainable = state_bytes_per_device(trial, sizes)
@@ -541,13 +556,13 @@ def suggest_mesh(cfg: Any, slice_: Slice, mfu: float, max_traces: int = 6) -> tu
                 continue
             ranked.append((step_time(trial, sizes, slice_, mfu).total, variables + 3 * trainable, sizes))
         ranked.sort(key=lambda item: (item[0], item[1]))
-        for _, _, sizes in ranked[:max_traces]:
+        for _, _, sizes in ranked[:traces]:
             memory = memory_per_device(trial, sizes, slice_.chip)
             if memory.fits:
-                return MeshOption(sizes, memory, step_time(trial, sizes, slice_, mfu), remat), ""
+                return MeshOption(sizes, memory, step_time(trial, sizes, slice_, mfu), remat, micro), ""
     return None, (
-        f"no mesh fits on {slice_.num_chips} x {slice_.chip.name} even with remat=full; "
-        "use more chips, a smaller micro-batch (--set trainer.micro_batches=N) or a shorter sequence"
+        f"no mesh fits on {slice_.num_chips} x {slice_.chip.name} even with remat=full and "
+        f"{options[-1][1]} micro-batches; use more chips or a shorter sequence"
     )
 
 
@@ -593,6 +608,7 @@ def make_plan(
         mfu=mfu,
         spot=spot,
         remat=cfg.model.remat,
+        micro_batches=cfg.trainer.micro_batches,
         tokens=tokens,
         days=days,
     )
@@ -610,6 +626,8 @@ def make_plan(
 
 
 def _gib(nbytes: float) -> str:
+    if nbytes < GIB:
+        return f"{nbytes / 2**20:.1f} MiB"
     return f"{nbytes / GIB:.2f} GiB"
 
 
@@ -633,7 +651,7 @@ def render_plan(plan: Plan, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     chip = plan.chip
     price = "spot" if plan.spot else "on-demand"
     console.print(
@@ -676,7 +694,7 @@ def render_plan(plan: Plan, console: Any = None) -> None:
     if plan.tokens:
         hours = plan.tokens / 1e9 * plan.hours_per_billion
         console.print(
-            f"{_human(plan.tokens)} tokens: {_duration(hours)} and ${plan.tokens / 1e9 * plan.dollars_per_billion:,.0f}"
+            f"{_human(plan.tokens)} tokens: {_duration(hours)} and ${plan.tokens / 1e9 * plan.dollars_per_billion:,.2f}"
         )
     if plan.chips_for_days:
         console.print(
@@ -688,9 +706,11 @@ def render_plan(plan: Plan, console: Any = None) -> None:
         console.print(
             f"[bold]suggested mesh[/]: {describe_mesh(s.sizes)}"
             + (f" with model.remat={s.remat}" if s.remat != "none" else "")
+            + (f", {s.micro_batches} micro-batches" if s.micro_batches > 1 else "")
             + f" -> {_gib(s.memory.total)} per device, step {s.time.total:.3f} s. Set it with "
             + " ".join(f"--set mesh.{a}={s.sizes[a]}" for a in MESH_AXES)
             + (f" --set model.remat={s.remat}" if s.remat != plan.remat else "")
+            + (f" --set trainer.micro_batches={s.micro_batches}" if s.micro_batches != plan.micro_batches else "")
         )
     elif plan.suggestion_note:
         console.print(f"[bold red]{plan.suggestion_note}[/]")

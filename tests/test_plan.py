@@ -185,7 +185,12 @@ def test_a_mesh_that_fits_is_suggested_when_the_configs_does_not():
     assert suggestion is not None and suggestion.memory.fits
     assert math.prod(suggestion.sizes.values()) == 64
     # recomputed independently for that mesh, it fits
-    trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"remat": suggestion.remat})})
+    trial = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"remat": suggestion.remat}),
+            "trainer": cfg.trainer.model_copy(update={"micro_batches": suggestion.micro_batches}),
+        }
+    )
     assert plan.memory_per_device(trial, suggestion.sizes, parse_slice("v5e-64").chip).fits
 
 

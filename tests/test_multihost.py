@@ -1,0 +1,139 @@
+"""Multi-host training for real: two local JAX processes (4 fake CPU devices each) train tiny-moe and
+must log the same losses as one process with 8 devices; the checkpoint both processes wrote then
+restores in a single process, which continues exactly as the uninterrupted single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indicfm.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
+TOTAL_STEPS = 6
+STOP_AT = 4
+
+SETTINGS = [
+    # tiny-moe's architecture (configs/model/tiny-moe.yaml) with a small vocabulary and short rows
+    "model.vocab_size=2048", "tokenizer.vocab_size=2048", "model.max_seq_len=64", "data.seq_len=64",
+    "data.workers=1", "trainer.global_batch_size=8", f"trainer.steps={TOTAL_STEPS}", "checkpoint.every_steps=2",
+    "optimizer.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0",
+    "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1",  # weights sharded across the two hosts
+]  # fmt: skip
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from launch import distributed
+    distributed.initialize()                      # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    from indicfm.config import load_config
+    from indicfm.train.loop import train
+    settings, workdir, stop_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    cfg = load_config("configs/model/tiny-moe.yaml", settings)
+    result = train(cfg, workdir, stop_at_step=stop_at or None, progress=False)
+    print("RESULT " + json.dumps({"process": distributed.process_info().process_index,
+                                  "losses": result.losses, "final_step": result.final_step,
+                                  "checkpoint": result.last_checkpoint_step}), flush=True)
+    distributed.shutdown()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if process_id is not None:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
+    return env
+
+
+def _run(script: Path, settings: list[str], workdir: Path, stop_at: int, envs: list[dict]) -> list[dict]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), json.dumps(settings), str(workdir), str(stop_at)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for env in envs
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = []
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        result = json.loads(line[len("RESULT "):])
+        result["losses"] = {int(k): v for k, v in result["losses"].items()}
+        results.append(result)
+    return results
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, sample_train_dir) -> list[str]:
+    """Tokenizer and token cache, built once, shared by every run."""
+    from indicfm.train.inputs import ensure_tokenizer_and_cache
+
+    root = tmp_path_factory.mktemp("inputs")
+    src = root / "text"
+    src.mkdir()
+    for lang in LANGS:
+        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
+    cfg = load_config("configs/model/tiny-moe.yaml", SETTINGS + [f"data.inputs=[{src}]"])
+    cfg = ensure_tokenizer_and_cache(cfg, root, progress=False)
+    return SETTINGS + [
+        f"tokenizer.model_file={cfg.tokenizer.model_file}",
+        f"data.cache_dir={cfg.data.cache_dir}",
+        # Off on purpose: with one persistent compilation cache shared by the 2-process run and the
+        # 1-process runs, the 1-process resume produced different losses (observed with jax 0.10.2);
+        # with it off the resume is exact. Reported to the lead: key the cache by topology.
+        "trainer.compilation_cache_dir=null",
+    ]
+
+
+@pytest.mark.slow
+def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+
+    # reference: one process, 8 devices, uninterrupted
+    (reference,) = _run(script, prepared, tmp_path / "one", 0, [_env(8)])
+    assert sorted(reference["losses"]) == list(range(1, TOTAL_STEPS + 1))
+
+    # two processes x 4 devices, same global mesh; stop (as a preemption would) after step 4
+    port = _free_port()
+    hosts = _run(script, prepared, tmp_path / "two", STOP_AT, [_env(4, i, port) for i in range(2)])
+    assert [h["process"] for h in hosts] == [0, 1]
+    for host in hosts:
+        assert host["final_step"] == STOP_AT and host["checkpoint"] == STOP_AT
+        steps = list(range(1, STOP_AT + 1))
+        np.testing.assert_allclose(
+            [host["losses"][s] for s in steps], [reference["losses"][s] for s in steps], rtol=2e-5
+        )
+
+    # the checkpoint written by both hosts restores in one process, which finishes the run
+    (resumed,) = _run(script, prepared, tmp_path / "two", 0, [_env(8)])
+    assert sorted(resumed["losses"]) == list(range(STOP_AT + 1, TOTAL_STEPS + 1))
+    np.testing.assert_allclose(
+        [resumed["losses"][s] for s in (5, 6)], [reference["losses"][s] for s in (5, 6)], rtol=2e-5
+    )
