@@ -125,12 +125,12 @@ def measure_shape(label: str, overrides: list[str], batch: int, seq_len: int, qu
         cfg = base.model_copy(update=cfg_overrides)
         moe = MoE(cfg, rngs=nnx.Rngs(0))
         key = name.replace("/", "_")
-        with _pallas_ragged_dot(kernel == "ragged_dot_pallas"):
-            try:
+        try:
+            with _pallas_ragged_dot(kernel == "ragged_dot_pallas"):
                 t = _time_fwd_bwd(moe, x_BxLxD, lambda m, x: m(x, valid_BxL)[0], repeats)
-            except Exception as err:  # one kernel failing to lower must not hide the others
-                figures[f"{key}_status"] = f"failed: {type(err).__name__}: {str(err)[:120]}"
-                continue
+        except Exception as err:  # one kernel failing to lower (or a missing flag) must not hide the others
+            figures[f"{label}_{key}_status"] = f"failed: {type(err).__name__}: {str(err)[:120]}"
+            continue
         figures[f"{label}_{key}_ms"] = t.median_s * 1e3
         figures[f"{label}_{key}_over_dense"] = t.median_s / dense_t.median_s
         figures[f"{label}_{key}_useful_tflops"] = useful_flops / t.median_s / 1e12

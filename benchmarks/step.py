@@ -183,7 +183,7 @@ def measure_case(case: Case, peak_flops: float, repeats: int = 3) -> dict:
         "loss_finite": bool(np.isfinite(loss)),
     }
     device_peak = device_peak_memory_mib()
-    if device_peak is not None:
+    if device_peak is not None:  # the allocator's high-water mark of the process so far (all cases up to here)
         figures["device_peak_MiB"] = device_peak
     else:
         figures["rss_peak_MiB"] = rss_peak_mib()
