@@ -117,7 +117,7 @@ def test_dense_model_flops_agree_with_xla_cost_analysis():
     from indicfm.model.transformer import Transformer
     from indicfm.train.loss import masked_cross_entropy_sum
 
-    cfg = small_config("model.first_dense_layers=3", "model.compute_dtype=float32", "mesh.data=1")
+    cfg = small_config("model.num_layers=2", "model.first_dense_layers=2", "model.compute_dtype=float32", "mesh.data=1")
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens = jnp.ones((2, cfg.data.seq_len), jnp.int32)
