@@ -57,7 +57,7 @@ def tpu(
 
     Example:
 
-        indicfm launch tpu --config configs/model/small-moe.yaml --tpu-type v5p-128 \\
+        indicfm launch tpu --config configs/model/small-moe.yaml --set trainer.global_batch_size=256 --tpu-type v5p-128 \\
             --zone us-east5-a --project my-proj --spot --bucket gs://my-bucket/runs
 
         indicfm launch tpu --delete --name indicfm-v5p-128 --zone us-east5-a --project my-proj
@@ -174,13 +174,12 @@ def plan(
 ) -> None:
     """Memory, speed and cost of a training config on some hardware, before spending money.
 
-    Prints parameters, per-device memory (parameters, gradients, optimizer state, activations) under
-    the config's mesh and whether it fits, a roofline step time with communication, dollars and hours
-    per billion tokens, and a mesh that fits when the config's does not.
+    Prints parameters, per-device memory (parameters, gradients, optimizer state, activations) under the config's mesh and whether it fits, a roofline step time with communication, dollars and hours per billion tokens, and a mesh that fits when the config's does not.
 
     Example:
 
-        indicfm plan --config configs/model/small-moe.yaml --hardware v5p-128 --tokens 2e11 --days 7
+        indicfm plan --config configs/model/small-moe.yaml --hardware v5p-128 \\
+            --set trainer.global_batch_size=256 --set data.seq_len=2048 --tokens 2e11 --days 7
     """
     from launch.hardware import HardwareError
     from launch.plan import PlanError, make_plan, render_plan
