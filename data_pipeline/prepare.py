@@ -2,18 +2,23 @@
 
 One document's path::
 
-    sources.iter_documents      read, NFC-normalise; malformed_record / invalid_utf8 /
-                                control_chars / empty / too_long
-      → worker process          filters (quality, wrong_script), lid (wrong_language),
-                                exact key + MinHash signature, SentencePiece ids + EOS
+    main process                cut text/JSON-lines files into line ranges (a newline scan);
+                                parquet / hub datasets: read documents (sources.iter_documents)
+      → worker process          read the range: decode, NFC-normalise; malformed_record /
+                                invalid_utf8 / control_chars / empty / too_long; filters (quality,
+                                wrong_script), lid (wrong_language), exact key + MinHash signature
+                                and LSH band hashes, SentencePiece ids + EOS
       → main process, in order  dedup (exact_duplicate, near_duplicate; first occurrence wins)
                                 → report → pack (per language) → cache (tensorstore)
 
-Workers get batches of documents and return results in input order, so the cache is identical
-whatever the number of workers.  Every ``checkpoint_every_docs`` documents the written rows, the
-dedup index, the packers' unfinished rows and the report are committed to ``.prepare_state``;
-re-running the same command after an interruption continues from there without duplicating rows.
-``metadata.json`` is written last: a cache without it is never taken as complete.
+The main process, which must decide duplicates in input order, does as little per document as
+possible (measured by ``benchmarks/prepare.py``): everything that does not depend on earlier
+documents runs in the workers.  Workers get batches (line ranges) and results are consumed in
+input order, so the cache is identical whatever the number of workers.  Every
+``checkpoint_every_docs`` documents the written rows, the dedup index, the packers' unfinished rows
+and the report are committed to ``.prepare_state``; re-running the same command after an
+interruption continues from there without duplicating rows.  ``metadata.json`` is written last: a
+cache without it is never taken as complete.
 """
 
 from __future__ import annotations
@@ -39,9 +44,23 @@ from data_pipeline.filters import batch_reasons, filters_for
 from data_pipeline.lid import get_identifier, lid_reason
 from data_pipeline.pack import Packer
 from data_pipeline.report import Report, render_table
-from data_pipeline.sources import Document, InputError, find_input_files, iter_documents, iter_hub_dataset
+from data_pipeline.sources import (
+    LINE_FORMATS,
+    Document,
+    DocumentColumns,
+    InputError,
+    InputFile,
+    LineRange,
+    find_input_files,
+    iter_documents,
+    iter_hub_dataset,
+    line_ranges,
+    read_line_range,
+)
 
 BATCH_DOCS = 512
+#: A worker's line range holds at most BATCH_DOCS lines and about this many bytes.
+RANGE_BYTES = 1 << 20
 #: Every dropped document, one line each: source, line, language, reason (tab-separated).
 DROP_LOG = "dropped.tsv"
 #: Rows of one language gathered in memory before they are appended to its arrays.
@@ -79,16 +98,51 @@ class PrepareResult:
 
 @dataclass
 class BatchResult:
-    reasons: list[str | None]  # per input document: filter/LID reason, or None when it passed
+    """Everything the main process needs about one batch of documents, as columns.
+
+    ``reasons`` covers every document of the batch: its read-time, filter or language-ID reason,
+    or None when it reached deduplication ("passing"); the other arrays cover passing documents.
+    """
+
+    source: str
+    lines: list[int]  # per document: 1-based line / record number
+    langs: list[str]  # per document
+    reasons: list[str | None]  # per document
+    previews: list[str]  # per document: what report examples show of a dropped one ("" if passing)
+    heads: str  # the passing documents' first EXAMPLE_CHARS characters, joined with NUL
     keys: list[bytes]  # for passing documents, in order
     signatures: np.ndarray | None  # [passing, num_perm] uint32
     bands: np.ndarray | None  # [passing, bands] uint64 LSH band hashes
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
 
+    def head(self, k: int) -> str:
+        """The ``k``-th passing document's first characters (for a deduplication example)."""
+        return self.heads.split("\x00")[k]
+
+
+#: Characters of a dropped document a report example keeps (see Report.dropped).
+EXAMPLE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class RangeTask:
+    """Read lines ``range`` of ``file`` in the worker, skipping the first ``skip`` (a resume)."""
+
+    file: InputFile
+    range: LineRange
+    skip: int = 0
+
+
+@dataclass(frozen=True)
+class DocumentsTask:
+    """Documents the main process read itself (parquet, hub datasets)."""
+
+    documents: list[Document]
+
 
 class DocumentProcessor:
-    """Filters, language ID, dedup keys and tokenization of a batch of accepted documents."""
+    """Reading (of a line range), filters, language ID, dedup keys and tokenization of a batch."""
 
     def __init__(self, config: DataConfig, tokenizer_file: str):
         import sentencepiece as spm
@@ -98,6 +152,7 @@ class DocumentProcessor:
         self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
         self.minhasher = minhasher(config.dedup)
         self.lsh_bands, self.lsh_rows = lsh_bands(config.dedup.threshold, config.dedup.num_perm)
+        self.max_chars = reader_max_chars(config)
         self._filters: dict = {}
 
     def _filters_for(self, lang: str):
@@ -118,9 +173,32 @@ class DocumentProcessor:
                 reasons[i] = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
         return reasons
 
-    def __call__(self, items: list[tuple[str, str]]) -> BatchResult:
-        reasons = self.reasons(items)
-        texts = [text for (_, text), r in zip(items, reasons) if r is None]
+    def read(self, task: RangeTask | DocumentsTask) -> tuple[str, list[int], DocumentColumns]:
+        """(source, line numbers, documents) of a task."""
+        if isinstance(task, DocumentsTask):
+            docs = task.documents
+            return (docs[0].source if docs else "", [d.line for d in docs], DocumentColumns.from_documents(docs))
+        columns = read_line_range(task.file, task.range, max_chars=self.max_chars,
+                                  text_field=self.config.text_field, lang_field=self.config.lang_field)
+        first = task.range.first_line + task.skip
+        if task.skip:
+            columns = DocumentColumns(*(x[task.skip :] for x in (columns.langs, columns.texts, columns.reasons,
+                                                                  columns.previews)))
+        return str(task.file.path), list(range(first, first + len(columns.texts))), columns
+
+    def __call__(self, task: RangeTask | DocumentsTask) -> BatchResult:
+        source, lines, docs = self.read(task)
+        accepted = [i for i, r in enumerate(docs.reasons) if r is None]
+        items = [(docs.langs[i], docs.texts[i]) for i in accepted]
+        reasons = list(docs.reasons)
+        previews = list(docs.previews)
+        texts = []
+        for i, (lang, text), reason in zip(accepted, items, self.reasons(items)):
+            if reason is None:
+                texts.append(text)
+            else:
+                reasons[i] = reason
+                previews[i] = text[:EXAMPLE_CHARS]
         keys = [exact_key(t) for t in texts]
         signatures = bands = None
         if self.config.dedup.near:
@@ -129,7 +207,8 @@ class DocumentProcessor:
         ids = self.sp.encode(texts, add_eos=True, num_threads=1) if texts else []
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-        return BatchResult(reasons, keys, signatures, bands, flat, lengths)
+        heads = "\x00".join(t[:EXAMPLE_CHARS] for t in texts)
+        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, signatures, bands, flat, lengths)
 
 
 _WORKER: DocumentProcessor | None = None
@@ -140,9 +219,9 @@ def _init_worker(config_json: str, tokenizer_file: str) -> None:
     _WORKER = DocumentProcessor(DataConfig.model_validate_json(config_json), tokenizer_file)
 
 
-def _work(items: list[tuple[str, str]]) -> BatchResult:
+def _work(task: RangeTask | DocumentsTask) -> BatchResult:
     assert _WORKER is not None
-    return _WORKER(items)
+    return _WORKER(task)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -168,29 +247,55 @@ def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) ->
     }
 
 
-def _documents(files, config: DataConfig) -> Iterator[Document]:
-    # The reader knows a document's language only once it has read it, so it applies the largest
-    # limit of any language; workers apply each language's own limit.
-    max_chars = max([config.filters.max_chars] + [
+def reader_max_chars(config: DataConfig) -> int:
+    """The reader knows a document's language only once it has read it, so it applies the largest
+    limit of any language; :meth:`DocumentProcessor.reasons` applies each language's own."""
+    return max([config.filters.max_chars] + [
         f.max_chars for f in config.language_filters.values() if "max_chars" in f.model_fields_set
     ])
+
+
+def _tasks(files, config: DataConfig, skip_docs: int, clock: list[float]) -> Iterator[RangeTask | DocumentsTask]:
+    """Every input document, in input order, as batches of at most BATCH_DOCS; the first
+    ``skip_docs`` documents (done before an interruption) are left out.  Adds the main process's
+    reading time to ``clock[0]``."""
+    max_chars = reader_max_chars(config)
+    done = 0
+
+    def timed(iterator):
+        while True:
+            start = time.perf_counter()
+            item = next(iterator, None)
+            clock[0] += time.perf_counter() - start
+            if item is None:
+                return
+            yield item
+
     for f in files:
-        yield from iter_documents(f, max_chars=max_chars, text_field=config.text_field, lang_field=config.lang_field)
+        if f.format in LINE_FORMATS:
+            for r in timed(line_ranges(f.path, max_lines=BATCH_DOCS, max_bytes=RANGE_BYTES)):
+                if done + r.lines > skip_docs:
+                    yield RangeTask(f, r, max(skip_docs - done, 0))
+                done += r.lines
+            continue
+        docs = iter_documents(f, max_chars=max_chars, text_field=config.text_field, lang_field=config.lang_field)
+        for batch in timed(_document_batches(docs)):
+            if done + len(batch) > skip_docs:
+                yield DocumentsTask(batch[max(skip_docs - done, 0) :])
+            done += len(batch)
     for hub in config.hub:
-        yield from iter_hub_dataset(
+        docs = iter_hub_dataset(
             hub.name, config_name=hub.config_name, split=hub.split, text_field=hub.text_field,
             lang_field=hub.lang_field, lang=hub.lang, max_chars=max_chars,
         )
+        for batch in timed(_document_batches(docs)):
+            if done + len(batch) > skip_docs:
+                yield DocumentsTask(batch[max(skip_docs - done, 0) :])
+            done += len(batch)
 
 
-def _batches(docs: Iterator[Document], size: int, clock: list[float]) -> Iterator[list[Document]]:
-    """Batches of documents; adds the reading time to ``clock[0]``."""
-    while True:
-        start = time.perf_counter()
-        batch = list(itertools.islice(docs, size))
-        clock[0] += time.perf_counter() - start
-        if not batch:
-            return
+def _document_batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    while batch := list(itertools.islice(docs, BATCH_DOCS)):
         yield batch
 
 
@@ -221,41 +326,35 @@ class _Run:
             self.writers[lang] = LanguageWriter(self.out / "rows" / lang, self.seq_len, rows)
         return self.packers[lang], self.writers[lang]
 
-    def consume(self, batch: list[Document], result: BatchResult) -> int:
+    def consume(self, batch: RangeTask | DocumentsTask, result: BatchResult) -> int:
         """Apply dedup, count, pack, in input order; returns the number of tokens packed."""
-        keep = [False] * len(result.lengths)
-        langs: list[str] = []  # of the documents that reached dedup, in order
-        reasons = iter(result.reasons)  # one per read-accepted document, in order
-        lengths = result.lengths.tolist()
-        bands = result.bands.tolist() if result.bands is not None else None
+        passing = [i for i, r in enumerate(result.reasons) if r is None]
         dedup, report, log = self.dedup, self.report, self.drop_log
-        for doc in batch:
-            reason = doc.drop_reason
-            if reason is None:
-                reason = next(reasons)
-                if reason is None:
-                    k = len(langs)
-                    sig = result.signatures[k] if bands is not None else None
-                    reason = dedup.check_and_add(result.keys[k], sig, bands[k] if bands is not None else None)
-                    langs.append(doc.lang)
-                    if reason is None:
-                        keep[k] = True
-                        report.kept(doc.lang, lengths[k])
-                        continue
-            report.dropped(doc.lang, reason, doc.source, doc.line, doc.text or doc.preview)
-            log.write(f"{doc.source}\t{doc.line}\t{doc.lang}\t{reason}\n")
-        keep_mask = np.array(keep, bool)
-        langs_arr = np.array(langs)
-        for lang in dict.fromkeys(langs):
-            sel = keep_mask & (langs_arr == lang)
+        reasons = list(result.reasons)
+        verdicts = dedup.check_batch(result.keys, result.signatures, result.bands)
+        keep = np.fromiter((v is None for v in verdicts), bool, count=len(verdicts))
+        for i, verdict in zip(passing, verdicts):
+            if verdict is not None:
+                reasons[i] = verdict
+        source, lines, langs = result.source, result.lines, result.langs
+        passing_index = dict(zip(passing, range(len(passing))))
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                text = result.previews[i] if i not in passing_index else result.head(passing_index[i])
+                report.dropped(langs[i], reason, source, lines[i], text)
+                log.write(f"{source}\t{lines[i]}\t{langs[i]}\t{reason}\n")
+        langs_arr = np.array([langs[i] for i in passing])
+        for lang in dict.fromkeys(langs_arr.tolist()):
+            sel = keep & (langs_arr == lang)
+            report.kept_many(lang, int(sel.sum()), int(result.lengths[sel].sum()))
             if not sel.any():
                 continue
             packer, writer = self._lang(lang)
             packer.add_many(result.token_ids[np.repeat(sel, result.lengths)], result.lengths[sel])
             if packer.pending_tokens >= WRITE_ROWS * self.seq_len:
                 writer.append(packer.pop_full_rows())
-        self.docs_done += len(batch)
-        return int(result.lengths[keep_mask].sum())
+        self.docs_done += len(reasons)
+        return int(result.lengths[keep].sum())
 
     def checkpoint(self, fingerprint: dict) -> None:
         """Make everything so far durable, then commit state.json (atomically, last)."""
@@ -389,7 +488,6 @@ def prepare(
 
     n_workers = workers if workers is not None else config.workers
     n_workers = n_workers or os.cpu_count() or 1
-    docs = itertools.islice(_documents(files, config), run.docs_done, None)
     documents = tokens = 0
     checkpoints = 0
     since_checkpoint = 0
@@ -402,12 +500,13 @@ def prepare(
     ) as progress:
         task = progress.add_task("preparing")
         clock = [0.0]  # main-process seconds: reading + consuming
-        for batch, result in _guard_workers(_process(_batches(docs, BATCH_DOCS, clock), config, tokenizer, n_workers)):
+        tasks = _tasks(files, config, run.docs_done, clock)
+        for batch, result in _guard_workers(_process(tasks, config, tokenizer, n_workers)):
             consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
             clock[0] += time.perf_counter() - consume_start
-            documents += len(batch)
-            since_checkpoint += len(batch)
+            documents += len(result.reasons)
+            since_checkpoint += len(result.reasons)
             if since_checkpoint >= config.checkpoint_every_docs:
                 run.checkpoint(fingerprint)
                 checkpoints += 1
@@ -456,20 +555,16 @@ def _guard_workers(results):
         ) from err
 
 
-def _process(batches: Iterator[list[Document]], config: DataConfig, tokenizer: Path, n_workers: int):
-    """Yield (batch, BatchResult of its read-accepted documents) in input order.
+def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tokenizer: Path, n_workers: int):
+    """Yield (task, its BatchResult) in input order.
 
-    With several workers at most ``2 × workers`` batches are in flight (``Pool.imap`` would read the
+    With several workers at most ``2 × workers`` tasks are in flight (``Pool.imap`` would read the
     whole input ahead into memory).
     """
-
-    def items(batch: list[Document]) -> list[tuple[str, str]]:
-        return [(d.lang, d.text) for d in batch if d.drop_reason is None]
-
     if n_workers <= 1:
         processor = DocumentProcessor(config, str(tokenizer))
-        for batch in batches:
-            yield batch, processor(items(batch))
+        for task in tasks:
+            yield task, processor(task)
         return
 
     import multiprocessing
@@ -482,8 +577,8 @@ def _process(batches: Iterator[list[Document]], config: DataConfig, tokenizer: P
         n_workers, mp_context=ctx, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))
     ) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(_work, items(batch))))
+        for task in tasks:
+            pending.append((task, pool.submit(_work, task)))
             if len(pending) >= 2 * n_workers:
                 done, future = pending.popleft()
                 yield done, future.result()

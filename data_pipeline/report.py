@@ -52,6 +52,13 @@ class Report:
         counts.docs_kept += 1
         counts.tokens += tokens
 
+    def kept_many(self, lang: str, docs: int, tokens: int) -> None:
+        """:meth:`kept` for ``docs`` documents of ``lang`` with ``tokens`` tokens in all."""
+        counts = self.languages[lang]
+        counts.docs_in += docs
+        counts.docs_kept += docs
+        counts.tokens += tokens
+
     def dropped(self, lang: str, reason: str, source: str, line: int, text: str) -> None:
         counts = self.languages[lang]
         counts.docs_in += 1

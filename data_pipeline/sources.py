@@ -218,16 +218,22 @@ def _strip_cr(raw: bytes) -> bytes:
     return raw[:-1] if raw.endswith(b"\r") else raw
 
 
-def _iter_text(f: InputFile, max_chars: int) -> Iterator[Document]:
-    """One document per line; ``\\r\\n`` endings and a leading BOM are not part of the text."""
+def _iter_text(f: InputFile, max_chars: int, start: int = 0, first_line: int = 1,
+               count: int | None = None) -> Iterator[Document]:
+    """One document per line; ``\\r\\n`` endings and a leading BOM are not part of the text.
+
+    ``start``/``first_line``/``count`` read only ``count`` lines from byte ``start`` (a
+    :class:`LineRange`); by default the whole file.
+    """
     source = str(f.path)
     lang = f.lang or UNKNOWN_LANGUAGE
     # A UTF-8 character takes at most 4 bytes, so a line of more bytes than this is surely too long
     # (and is never held whole); a shorter one is decoded and its characters counted exactly.
     limit = 4 * max_chars + 1
     with open(f.path, "rb") as stream:
-        line_no = 0
-        while True:
+        stream.seek(start)
+        line_no = first_line - 1
+        while count is None or line_no < first_line - 1 + count:
             got = _read_line(stream, limit)
             if got is None:
                 return
@@ -261,7 +267,8 @@ def _record_lang(value: object, fallback: str | None) -> str | None:
 
 
 def _iter_jsonl(
-    f: InputFile, max_chars: int, text_field: str, lang_field: str
+    f: InputFile, max_chars: int, text_field: str, lang_field: str, start: int = 0, first_line: int = 1,
+    count: int | None = None,
 ) -> Iterator[Document]:
     """One JSON object per line with a string ``text_field`` and a FLORES-200 ``lang_field``.
 
@@ -277,8 +284,9 @@ def _iter_jsonl(
     # too long, and it is skipped unparsed (its language can't be known without holding it whole).
     limit = 12 * max_chars + 65536
     with open(f.path, "rb") as stream:
-        line_no = 0
-        while True:
+        stream.seek(start)
+        line_no = first_line - 1
+        while count is None or line_no < first_line - 1 + count:
             got = _read_line(stream, limit)
             if got is None:
                 return
@@ -390,3 +398,132 @@ def _iter_parquet(f: InputFile, max_chars: int, text_field: str, lang_field: str
         default_lang=name_lang if is_known_language(name_lang) else None,
         max_chars=max_chars,
     )
+
+
+# -- reading a file in ranges of whole lines, so worker processes can read in parallel ----------
+#
+# ``data prepare`` hands each worker process a :class:`LineRange` instead of already-read text: the
+# single process that decides duplicates in order then only scans for newlines (a C-speed pass over
+# the bytes), and decoding, checking and normalising run in parallel.  Text and JSON-lines files
+# have one document per line, so a range's line count is its document count.
+
+#: Formats whose documents are lines, readable in ranges.
+LINE_FORMATS = ("text", "jsonl")
+#: A range larger than this is read line by line (streamed) rather than in one piece.
+_BULK_BYTES = 1 << 22
+
+
+@dataclass(frozen=True)
+class LineRange:
+    """Whole lines ``first_line .. first_line + lines - 1`` (1-based) at bytes ``start .. end``."""
+
+    start: int
+    end: int
+    first_line: int
+    lines: int
+
+
+def line_ranges(path: str | Path, *, max_lines: int, max_bytes: int) -> Iterator[LineRange]:
+    """Cut a file into consecutive ranges of at most ``max_lines`` lines and about ``max_bytes``
+    bytes (a single longer line is a range of its own).  The file is scanned in 1 MiB blocks, so
+    a huge line is never held whole.  A last line without a final newline counts as a line."""
+    import numpy as np
+
+    start, first_line, pending, offset = 0, 1, 0, 0  # pending: whole lines since ``start``
+    last_byte = b"\n"
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (offset + 1)  # line ends
+            i = 0
+            while i < len(ends):
+                by_lines = i + max_lines - pending - 1
+                by_bytes = max(int(np.searchsorted(ends, start + max_bytes)), i)
+                j = min(by_lines, by_bytes)
+                if j >= len(ends):
+                    pending += len(ends) - i
+                    break
+                pending += j - i + 1
+                yield LineRange(start, int(ends[j]), first_line, pending)
+                start, first_line, pending, i = int(ends[j]), first_line + pending, 0, j + 1
+            offset += len(block)
+            last_byte = block[-1:]
+    if offset > start:  # whole lines not yet cut, and/or a last line without a final newline
+        yield LineRange(start, offset, first_line, pending + (last_byte != b"\n"))
+
+
+@dataclass
+class DocumentColumns:
+    """The documents of one range as columns (cheaper to build and ship than a Document each)."""
+
+    langs: list[str]
+    texts: list[str | None]  # NFC-normalised; None when rejected at read time
+    reasons: list[str | None]  # read-time drop reason or None
+    previews: list[str]  # "" for accepted documents (see Document.preview)
+
+    @staticmethod
+    def from_documents(docs: Sequence[Document]) -> "DocumentColumns":
+        return DocumentColumns(
+            [d.lang for d in docs], [d.text for d in docs], [d.drop_reason for d in docs], [d.preview for d in docs]
+        )
+
+
+def read_line_range(
+    f: InputFile, r: LineRange, *, max_chars: int = 100_000, text_field: str = "text", lang_field: str = "lang"
+) -> DocumentColumns:
+    """The documents of lines ``r`` of a text or JSON-lines file: exactly those
+    :func:`iter_documents` yields for those lines."""
+    if f.format == "jsonl":
+        return DocumentColumns.from_documents(
+            list(_iter_jsonl(f, max_chars, text_field, lang_field, r.start, r.first_line, r.lines))
+        )
+    if f.format != "text":
+        raise InputError(f"{f.path}: {f.format} files are not read in line ranges")
+    if r.end - r.start <= _BULK_BYTES:
+        with open(f.path, "rb") as stream:
+            stream.seek(r.start)
+            data = stream.read(r.end - r.start)
+        columns = _text_columns_fast(data, f.lang or UNKNOWN_LANGUAGE, r, max_chars)
+        if columns is not None:
+            return columns
+    return DocumentColumns.from_documents(list(_iter_text(f, max_chars, r.start, r.first_line, r.lines)))
+
+
+def _text_columns_fast(data: bytes, lang: str, r: LineRange, max_chars: int) -> DocumentColumns | None:
+    """Decode, check and normalise a whole range at once; None when some line needs the careful
+    per-line path (undecodable bytes, control characters or a too long line in the range).
+
+    Normalising the joined lines equals normalising each line: NFC never composes across a newline.
+    """
+    if r.start == 0 and data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _CONTROL.search(text):
+        return None
+    lines = text.split("\n")
+    normalized = normalize(text).split("\n") if not text.isascii() else lines
+    if len(lines) != r.lines or len(normalized) != r.lines:
+        return None
+    texts: list[str | None] = []
+    reasons: list[str | None] = []
+    previews: list[str] = []
+    for line, norm in zip(lines, normalized):
+        if line.endswith("\r"):
+            line, norm = line[:-1], norm[:-1]
+        if not line or line.isspace():
+            reason = "empty"
+        elif len(line) > max_chars:
+            return None  # rare; the careful path previews a line too long to hold as it streams it
+        else:
+            texts.append(norm)
+            reasons.append(None)
+            previews.append("")
+            continue
+        texts.append(None)
+        reasons.append(reason)
+        previews.append(_preview(line))
+    return DocumentColumns([lang] * len(texts), texts, reasons, previews)

@@ -161,3 +161,32 @@ def test_parquet_through_datasets(tmp_path):
     assert [(d.drop_reason, d.lang, d.line) for d in docs] == [
         (None, "hin_Deva", 1), ("malformed_record", "unknown", 2), ("empty", "hin_Deva", 3)
     ]
+
+
+def test_line_ranges_read_in_parallel_equal_the_whole_file(tmp_path, sample_train_dir):
+    """Workers read a file in line ranges (bulk decoding when the range is clean): the documents,
+    line numbers and reasons must be exactly those of reading the file line by line."""
+    import random
+
+    from data_pipeline.sources import DocumentColumns, line_ranges, read_line_range
+
+    rng = random.Random(7)
+    real = (sample_train_dir / "hin_Deva.txt").read_bytes().splitlines()[:40]
+    pieces = real + [b"", b"   ", b"x\r", b"\xff\xfe bad bytes", b"nul\x00here", "क\u093c".encode(), b"y" * 3000]
+    for trial in range(30):
+        lines = [rng.choice(pieces) for _ in range(rng.randint(0, 50))]
+        data = (b"\xef\xbb\xbf" if trial % 4 == 0 else b"") + b"\n".join(lines) + (b"\n" if trial % 2 else b"")
+        path = tmp_path / "hin_Deva.txt"
+        path.write_bytes(data)
+        (f,) = find_input_files([path])
+        for max_chars in (100, 100_000):
+            expected = list(iter_documents(f, max_chars=max_chars))
+            ranges = list(line_ranges(path, max_lines=rng.randint(1, 9), max_bytes=rng.choice([50, 1 << 20])))
+            assert [r.first_line for r in ranges] == [1 + sum(r.lines for r in ranges[:i]) for i in range(len(ranges))]
+            assert sum(r.lines for r in ranges) == len(expected)
+            got = DocumentColumns([], [], [], [])
+            for r in ranges:
+                part = read_line_range(f, r, max_chars=max_chars)
+                for name in ("langs", "texts", "reasons", "previews"):
+                    getattr(got, name).extend(getattr(part, name))
+            assert got == DocumentColumns.from_documents(expected), (trial, max_chars)

@@ -82,3 +82,26 @@ def test_dissimilar_band_collision_is_not_a_duplicate():
     b[13:] += 1000  # shares band 0 only: estimated Jaccard 13/128
     assert index.check_and_add(b"a" * 16, a) is None
     assert index.check_and_add(b"b" * 16, b) is None
+
+
+def test_batch_check_equals_one_by_one(sample_train_dir):
+    """The batched index (fast path for documents with no candidate) decides exactly like
+    check_and_add called per document, including duplicates inside one batch."""
+    from data_pipeline.dedup import band_hashes
+
+    lines = [l for l in (sample_train_dir / "ben_Beng.txt").read_text().splitlines() if len(l) > 80][:300]
+    docs = lines + [l[:-2] + "।!" for l in lines[::7]] + lines[::11]
+    docs = [docs[i] for i in np.random.default_rng(3).permutation(len(docs))]
+    cfg = DedupConfig()
+    mh = minhasher(cfg)
+    bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+    sigs = mh.signatures(docs)
+    keys = [exact_key(d) for d in docs]
+    one = DuplicateIndex(cfg)
+    expected = [one.check_and_add(k, s) for k, s in zip(keys, sigs)]
+    batched = DuplicateIndex(cfg)
+    got = []
+    for lo in range(0, len(docs), 64):
+        got += batched.check_batch(keys[lo : lo + 64], sigs[lo : lo + 64], band_hashes(sigs[lo : lo + 64], bands, rows))
+    assert got == expected
+    assert expected.count("near_duplicate") > 10 and expected.count("exact_duplicate") > 10
