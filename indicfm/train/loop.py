@@ -365,8 +365,11 @@ def _make_evaluator(cfg: Config, graphdef: Any, shardings: Any, mesh: Any, seq_l
     devices = jax.device_count()
     batch_size = math.ceil(cfg.eval.batch_size / devices) * devices
     data_sharding = batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     eval_step = jax.jit(
-        make_eval_step(graphdef), in_shardings=(shardings["params"], shardings["model_state"], data_sharding)
+        make_eval_step(graphdef),
+        in_shardings=(shardings["params"], shardings["model_state"], data_sharding),
+        out_shardings=replicated,
     )
     say(f"evaluation: {len(sets)} languages from {heldout_dir} ({sum(s.num_lines for s in sets):,} lines)")
 

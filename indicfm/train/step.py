@@ -180,11 +180,15 @@ def _applied_updates(opt_state: Any) -> jax.Array:
 
 
 def jit_train_step(train_step: Callable, state_shardings: Any, batch_sharding: Any) -> Callable:
-    """Compile the step with explicit shardings; the old state's buffers are donated (reused in place)."""
+    """Compile the step with explicit shardings; the old state's buffers are donated (reused in place).
+
+    Metrics come out replicated, so every process can read them (``jax.device_get``) on many hosts.
+    """
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         train_step,
         in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
 
