@@ -3,6 +3,7 @@ produce every figure; the GPU configuration logic picks small-moe at 4096, cuDNN
 ragged_dot.  Nothing here is timed: figures are only checked for being present and sane."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_packed_batch_is_shaped_like_the_packer_output():
 
 def test_run_quick_only_peak_prints_a_figure(tmp_path):
     out = tmp_path / "results.json"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "peak", "--output", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -65,7 +66,7 @@ def test_run_quick_only_peak_prints_a_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_step_figures_for_a_tiny_moe_and_dense_model():
+def test_step_figures_for_a_tiny_moe_and_dense_model(monkeypatch):
     tiny = ("model.vocab_size=256", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
             "model.num_kv_heads=1", "model.head_dim=16", "model.num_experts=8", "model.top_k=2",
             "model.d_expert=16", "model.d_ff=48")
@@ -73,7 +74,7 @@ def test_step_figures_for_a_tiny_moe_and_dense_model():
         step.Case("moe", step.MODEL_CONFIGS / "bench-moe.yaml", tiny, 8, 32),
         step.Case("dense", step.MODEL_CONFIGS / "bench-moe.yaml", tiny + ("model.first_dense_layers=2",), 8, 32),
     ]
-    peak._CACHE[True] = {"peak_flops_per_s": 1e10}  # no timed peak needed for a smoke test
+    monkeypatch.setitem(peak._CACHE, True, {"peak_flops_per_s": 1e10})  # no timed peak for a smoke test
     figures = step.run(quick=True, selected=cases)
     for name in ("moe", "dense"):
         assert figures[f"{name}_loss_finite"] is True
@@ -84,7 +85,7 @@ def test_step_figures_for_a_tiny_moe_and_dense_model():
 
 @pytest.mark.slow
 def test_moe_and_attention_quick_figures(monkeypatch):
-    peak._CACHE[True] = {"peak_flops_per_s": 1e10}
+    monkeypatch.setitem(peak._CACHE, True, {"peak_flops_per_s": 1e10})
     monkeypatch.setattr(moe, "shapes", lambda quick: [("tiny", ["model.d_model=64", "model.num_experts=8",
                                                                 "model.top_k=2", "model.d_expert=32"], 2, 64)])
     figures = moe.run(quick=True)
