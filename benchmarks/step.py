@@ -14,8 +14,9 @@ one-device mesh: the figures are per device.
 Cases (see :func:`cases`):
 
 * CPU: ``configs/model/bench-dense.yaml`` and ``bench-moe.yaml`` (64 experts, top-8, one shared
-  expert), float32, 8 x 256 tokens; the MoE also with capacity dispatch and with the old
-  ``ragged_dot`` kernel.  ``--quick``: two blocks, 4 x 128 tokens, default dispatch only.
+  expert), float32, 8 x 256 tokens; the MoE also with capacity dispatch; then dense, ``blocks``,
+  the old ``ragged_dot`` kernel and capacity side by side with two blocks at 4 x 128 tokens.
+  ``--quick``: two blocks, 4 x 128 tokens, dense and default dispatch only.
 * GPU/TPU (the issue's setting): ``small-moe`` at sequence length 4096 (batch 4) in bfloat16, its
   all-dense twin, its 64-expert top-8 + 1 shared variant, and a lighter remat policy; the dispatch
   each uses is printed (dropless resolves to tokamax on GPU when installed, else ``blocks``, never
@@ -77,12 +78,17 @@ def cases(quick: bool, platform: str | None = None) -> list[Case]:
                 Case("dense", dense, short + ("model.first_dense_layers=2",), 4, 128),
                 Case("moe", moe, short, 4, 128),
             ]
+        short = ("model.num_layers=2",)
         return [
             Case("dense", dense, (), 8, 256),
             Case("moe", moe, (), 8, 256),
             Case("moe_capacity", moe, ("model.dispatch=capacity",), 8, 256),
-            # the old default (ragged_dot lowers to a masked dense product over all experts on CPU)
-            Case("moe_ragged_dot", moe, ("model.grouped_matmul=ragged_dot",), 8, 256),
+            # MoE kernels side by side at the quick shape (the README's before/after table), including
+            # the old default: ragged_dot, a masked dense product over all 64 experts on CPU
+            Case("small_dense", dense, short + ("model.first_dense_layers=2",), 4, 128),
+            Case("small_moe_blocks", moe, short + ("model.grouped_matmul=blocks",), 4, 128),
+            Case("small_moe_ragged_dot", moe, short + ("model.grouped_matmul=ragged_dot",), 4, 128),
+            Case("small_moe_capacity", moe, short + ("model.dispatch=capacity",), 4, 128),
         ]
     small = MODEL_CONFIGS / "small-moe.yaml"
     seq, batch = (2048, 2) if quick else (4096, 4)
