@@ -87,13 +87,16 @@ def test_sigterm_saves_the_current_step_and_exits_zero(settings, tmp_path):
 
 @pytest.mark.parametrize("kill_after", [3])
 def test_sigkill_then_rerun_matches_an_uninterrupted_run_bitwise(settings, tmp_path, kill_after):
-    extra = ("trainer.steps=8", "checkpoint.every_steps=2")
+    extra = ("trainer.steps=12", "checkpoint.every_steps=2")
     clean = subprocess.run(_command(tmp_path / "clean", settings, *extra), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(_command(workdir, settings, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, workdir, kill_after)
+    deadline = time.time() + 300  # kill only once the step-2 checkpoint is finalised, so there is one to resume
+    while not (workdir / "checkpoints" / "2" / "commit_success.txt").exists() and time.time() < deadline:
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -102,4 +105,4 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run_bitwise(settings, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from step" in again.stderr
     assert read_losses(workdir) == read_losses(tmp_path / "clean")  # every step, exact floats
-    assert sorted(read_losses(workdir)) == list(range(1, 9))
+    assert sorted(read_losses(workdir)) == list(range(1, 13))

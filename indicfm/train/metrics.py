@@ -184,8 +184,8 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, float(value), int(step))
+                if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(key, float(value), int(step))  # NaN steps are in the JSONL, not plotted
 
     def close(self) -> None:
         if self._file is not None:
