@@ -144,3 +144,16 @@ def test_host_batch_slice_splits_evenly_and_rejects_uneven():
     assert distributed.host_batch_slice(12, 2, 3) == slice(8, 12)
     with pytest.raises(distributed.DistributedError, match="multiple of 3"):
         distributed.host_batch_slice(10, 0, 3)
+
+
+def test_train_cli_rejects_incomplete_multi_host_flags(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from indicfm.cli import app
+
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID, distributed.ENV_AUTO):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    result = CliRunner().invoke(app, ["train", "--workdir", str(tmp_path), "--coordinator", "10.0.0.1:1234"])
+    assert result.exit_code == 2
+    assert "num_processes, process_id" in result.output

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,7 +12,16 @@ from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_conf
 WorkdirOption = Annotated[Path, typer.Option("--workdir", "-w", help="Run directory: checkpoints, metrics, logs.")]
 
 
-def train_command(workdir: WorkdirOption, config: ConfigOption = None, set_: SetOption = None) -> None:
+def train_command(
+    workdir: WorkdirOption,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    coordinator: Annotated[
+        Optional[str], typer.Option(help="multi-host: HOST:PORT of process 0 (Cloud TPU and SLURM are detected)")
+    ] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="multi-host: how many processes in the job")] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="multi-host: this process's index, 0..N-1")] = None,
+) -> None:
     """Train, or resume the run in WORKDIR from its latest good checkpoint.
 
     Example:
@@ -24,6 +33,12 @@ def train_command(workdir: WorkdirOption, config: ConfigOption = None, set_: Set
     in WORKDIR/tensorboard.
     """
     cfg = load_config_or_exit(config, set_)
+    from launch.distributed import DistributedError, initialize
+
+    try:  # before anything touches a device: join the other hosts (a no-op for one process)
+        initialize(coordinator, num_processes, process_id)
+    except DistributedError as err:
+        fail(str(err))
     from indicfm.train.loop import train
 
     try:
