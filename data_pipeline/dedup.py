@@ -39,9 +39,13 @@ def _whitespace_collapsed(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_key(text: str) -> bytes:
-    """16-byte digest identifying a document's text up to whitespace differences."""
-    return hashlib.blake2b(_whitespace_collapsed(text).encode("utf-8"), digest_size=16).digest()
+def exact_key(text: str, *, collapsed: bool = False) -> bytes:
+    """16-byte digest identifying a document's text up to whitespace differences.
+
+    ``collapsed``: ``text`` is already ``" ".join(text.split())`` (saves splitting it again).
+    """
+    return hashlib.blake2b((text if collapsed else _whitespace_collapsed(text)).encode("utf-8"),
+                           digest_size=16).digest()
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -77,7 +81,7 @@ class MinHasher:
         words = [hashlib.blake2b(w.encode(), digest_size=8).digest() for w in text.split(" ")]
         return np.frombuffer(b"".join(words), dtype=np.uint64).copy() if words else np.zeros(0, np.uint64)
 
-    def shingle_hashes(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def shingle_hashes(self, texts: Sequence[str], *, collapsed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """64-bit hashes of every n-gram shingle of every text, and each text's offset into them.
 
         A text shorter than one shingle contributes one shingle: itself, padded.  Character shingles
@@ -87,7 +91,7 @@ class MinHasher:
         if self.shingle_unit != "char":
             return self._shingle_hashes_one_by_one(texts)
         n = self.shingle_size
-        joined = "\x00".join(_whitespace_collapsed(t) for t in texts)
+        joined = "\x00".join(texts if collapsed else map(_whitespace_collapsed, texts))
         units = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
         windows = max(len(units) - n + 1, 0)
         h = np.zeros(windows, np.uint64)
@@ -127,8 +131,9 @@ class MinHasher:
             return np.zeros(0, np.uint64), np.zeros(1, np.int64)
         return np.concatenate(out), np.concatenate([[0], np.cumsum(counts)])
 
-    def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        """uint32 MinHash signatures, shape [len(texts), num_perm].
+    def signatures(self, texts: Sequence[str], *, collapsed: bool = False) -> np.ndarray:
+        """uint32 MinHash signatures, shape [len(texts), num_perm] (``collapsed``: as in
+        :func:`exact_key`).
 
         Permutation i maps a shingle's 32-bit hash x to a_i·x + b_i mod 2^32 (a_i odd: a bijection,
         so on already-random hashes each permutation's minimum is equally likely to fall on any
@@ -137,17 +142,22 @@ class MinHasher:
         """
         if not texts:
             return np.zeros((0, self.num_perm), np.uint32)
-        hashes64, offsets = self.shingle_hashes(texts)
+        hashes64, offsets = self.shingle_hashes(texts, collapsed=collapsed)
         hashes = (hashes64 >> np.uint64(32)).astype(np.uint32)
         a, b = self._params
         out = np.empty((len(texts), self.num_perm), np.uint32)
-        block = max(1, (1 << 21) // self.num_perm)  # shingles per block: bounds the temporary array
+        block = max(1, (1 << 20) // self.num_perm)  # shingles per block: a 4 MiB temporary array
+        buffer = np.empty(self.num_perm * block, np.uint32)  # reused: no page faults per block
         lo = 0
         while lo < len(texts):
             hi = int(np.searchsorted(offsets, offsets[lo] + block, side="right")) - 1
             hi = min(max(hi, lo + 1), len(texts))
             seg = hashes[offsets[lo] : offsets[hi]]
-            values = a[:, None] * seg[None, :]  # uint32 arithmetic wraps mod 2^32 by design
+            if len(seg) <= block:
+                values = buffer[: self.num_perm * len(seg)].reshape(self.num_perm, len(seg))
+                np.multiply(a[:, None], seg[None, :], out=values)  # uint32: wraps mod 2^32 by design
+            else:  # one document longer than a block
+                values = a[:, None] * seg[None, :]
             values += b[:, None]
             out[lo:hi] = np.minimum.reduceat(values, offsets[lo:hi] - offsets[lo], axis=1).T
             lo = hi

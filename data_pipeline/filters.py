@@ -143,15 +143,23 @@ _BMP = 0x10000
 
 
 @lru_cache(maxsize=1)
-def _bmp_tables() -> tuple[np.ndarray, np.ndarray]:
-    """(is letter or mark, script id) for every Basic Multilingual Plane code point."""
+def _bmp_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is letter or mark, script id, is whitespace) for every Basic Multilingual Plane code point
+    (no code point outside it is whitespace)."""
     letter = np.fromiter((unicodedata.category(chr(cp))[0] in "LM" for cp in range(_BMP)), bool, count=_BMP)
     script = np.zeros(_BMP, np.uint8)
     for name in reversed(SCRIPT_RANGES):  # reversed: the first script listed wins, as in indicfm.text
         for lo, hi in SCRIPT_RANGES[name]:
             if lo < _BMP:
                 script[lo : min(hi, _BMP - 1) + 1] = _SCRIPT_IDS[name]
-    return letter, script
+    space = np.fromiter((chr(cp).isspace() for cp in range(_BMP)), bool, count=_BMP)
+    return letter, script, space
+
+
+@lru_cache(maxsize=None)
+def _script_mask(scripts: tuple[str, ...]) -> int:
+    """Bit ``id`` set for each accepted script id."""
+    return sum(1 << _SCRIPT_IDS[s] for s in set(scripts) if s in _SCRIPT_IDS)
 
 
 @dataclass
@@ -169,44 +177,59 @@ def char_stats(texts: Sequence[str], accepted_scripts: Sequence[tuple[str, ...]]
         return CharStats(z, z, z)
     lengths = np.fromiter((len(t) for t in texts), np.int64, count=n)
     cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
-    letter_tab, script_tab = _bmp_tables()
-    in_bmp = cps < _BMP
-    safe = np.where(in_bmp, cps, 0)
-    is_letter = letter_tab[safe] & in_bmp
-    script_id = np.where(in_bmp, script_tab[safe], 0)
-    for i in np.nonzero(~in_bmp)[0]:  # rare: emoji, historic scripts, CJK extensions
+    letter_tab, script_tab, space_tab = _bmp_tables()
+    outside = np.nonzero(cps >= _BMP)[0]  # rare: emoji, historic scripts, CJK extensions
+    safe = cps if not len(outside) else np.where(cps < _BMP, cps, 0)
+    is_letter = letter_tab[safe]
+    script_id = script_tab[safe]
+    is_space = space_tab[safe]
+    for i in outside:
         ch = chr(int(cps[i]))
         is_letter[i] = unicodedata.category(ch)[0] in "LM"
         sc = script_of_char(ch)
         script_id[i] = _SCRIPT_IDS[sc] if sc else 0
-    is_space = np.isin(cps, _SPACE_CODEPOINTS)
-    masks = np.array(
-        [sum(1 << _SCRIPT_IDS[s] for s in scripts if s in _SCRIPT_IDS) for scripts in accepted_scripts], np.int64
-    )
-    accepted = (np.left_shift(1, script_id.astype(np.int64)) & np.repeat(masks, lengths)) != 0
+        is_space[i] = False
+    masks = [_script_mask(tuple(scripts)) for scripts in accepted_scripts]
+    if len(set(masks)) == 1:  # the usual batch: one file, one language
+        accepted = np.array([(masks[0] >> i) & 1 for i in range(256)], bool)[script_id]
+    else:
+        accepted = (np.left_shift(1, script_id.astype(np.int64)) & np.repeat(np.array(masks, np.int64), lengths)) != 0
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     nonempty = lengths > 0
 
     def per_doc(flags: np.ndarray) -> np.ndarray:
         out = np.zeros(n, np.int64)
-        if nonempty.any():
-            sums = np.add.reduceat(flags.astype(np.int64), starts[nonempty]) if len(flags) else 0
-            out[nonempty] = sums
+        if nonempty.any() and len(flags):
+            out[nonempty] = np.add.reduceat(flags, starts[nonempty], dtype=np.int64)
         return out
 
     return CharStats(per_doc(~is_space), per_doc(is_letter), per_doc(is_letter & accepted))
 
 
-_SPACE_CODEPOINTS = np.array([cp for cp in range(_BMP) if chr(cp).isspace()] + [0x2028, 0x2029], np.uint32)
 
 
-def batch_reasons(texts: Sequence[str], langs: Sequence[str], configs: Sequence[FilterConfig]) -> list[str | None]:
-    """:func:`quality_reason` then :func:`script_reason` for every document of a batch."""
-    scripts = [expected_scripts(lang, f) if is_known_language(lang) else () for lang, f in zip(langs, configs)]
+def batch_reasons(
+    texts: Sequence[str],
+    langs: Sequence[str],
+    configs: Sequence[FilterConfig],
+    words: Sequence[list[str]] | None = None,
+) -> list[str | None]:
+    """:func:`quality_reason` then :func:`script_reason` for every document of a batch.
+
+    ``words``: each text's ``text.split()`` when the caller has it already.
+    """
+    by_language: dict = {}  # (lang, id(config)) -> accepted scripts (configs are shared per language)
+    scripts = []
+    for lang, f in zip(langs, configs):
+        key = (lang, id(f))
+        if key not in by_language:
+            by_language[key] = expected_scripts(lang, f) if is_known_language(lang) else ()
+        scripts.append(by_language[key])
     stats = char_stats(texts, scripts)
     reasons: list[str | None] = []
-    for i, (text, lang, f) in enumerate(zip(texts, langs, configs)):
-        words = text.split()
+    if words is None:
+        words = [text.split() for text in texts]
+    for i, (text, lang, f, words) in enumerate(zip(texts, langs, configs, words)):
         non_space, letters = int(stats.non_space[i]), int(stats.letters[i])
         if len(words) < f.min_words:
             reasons.append("too_short")
