@@ -79,13 +79,6 @@ def write_tokenizer_item(item: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
-    """``jax.ShapeDtypeStruct`` tree describing ``tree`` (with ``shardings`` if given, else the arrays' own)."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _use_replica_parallel(enabled: bool) -> None:
     """Orbax's replica-parallel saving splits each replicated array over its replicas so that every
     replica writes a slice; each slice is one eager op, which on CPU (or with many small arrays)
