@@ -83,6 +83,9 @@ class PrepareResult:
     #: Time the main process spent reading and deciding (dedup, report, pack, write): with enough
     #: workers the run can go no faster than documents / main_seconds.
     main_seconds: float = 0.0
+    #: CPU seconds spent on the documents' per-batch work (reading, filters, dedup keys, tokenizing)
+    #: wherever it ran: in worker processes, or in this one with a single worker.
+    batch_cpu_seconds: float = 0.0
 
     @property
     def docs_per_s(self) -> float:
@@ -115,6 +118,7 @@ class BatchResult:
     bands: np.ndarray | None  # [passing, bands] uint64 LSH band hashes
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
+    cpu_seconds: float = 0.0  # CPU time the worker spent on this batch
 
     def head(self, k: int) -> str:
         """The ``k``-th passing document's first characters (for a deduplication example)."""
@@ -198,6 +202,7 @@ class DocumentProcessor:
         return str(task.file.path), list(range(first, first + len(columns.texts))), columns
 
     def __call__(self, task: RangeTask | DocumentsTask) -> BatchResult:
+        cpu_start = time.process_time()
         source, lines, docs = self.read(task)
         accepted = [i for i, r in enumerate(docs.reasons) if r is None]
         items = [(docs.langs[i], docs.texts[i]) for i in accepted]
@@ -221,7 +226,8 @@ class DocumentProcessor:
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
         heads = "\x00".join(t[:EXAMPLE_CHARS] for t in texts)
-        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, signatures, bands, flat, lengths)
+        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, signatures, bands, flat, lengths,
+                           time.process_time() - cpu_start)
 
 
 _WORKER: DocumentProcessor | None = None
@@ -513,10 +519,12 @@ def prepare(
     ) as progress:
         task = progress.add_task("preparing")
         clock = [0.0]  # main-process seconds: reading + consuming
+        batch_cpu = 0.0
         tasks = _tasks(files, config, run.docs_done, clock)
         for batch, result in _guard_workers(_process(tasks, config, tokenizer, n_workers)):
             consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
+            batch_cpu += result.cpu_seconds
             clock[0] += time.perf_counter() - consume_start
             documents += len(result.reasons)
             since_checkpoint += len(result.reasons)
@@ -552,7 +560,8 @@ def prepare(
     seconds = time.perf_counter() - start
     if show_progress:
         render_table(report, console)
-    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0])
+    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0],
+                         batch_cpu_seconds=batch_cpu)
 
 
 def _guard_workers(results):
