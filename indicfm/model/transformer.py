@@ -25,6 +25,23 @@ from indicfm.model.moe import MoE, MoEStats, Routing
 from indicfm.sharding import constrain
 
 
+def rematerialized(module: nnx.Module, *args):
+    """``module(*args)`` with its activations recomputed in the backward pass (``jax.checkpoint``).
+
+    The module is split into a graph definition and plain state and rebuilt inside a pure function,
+    so nothing is written back from the inner trace.  ``nnx.remat`` writes every variable back,
+    which fails for the non-trainable :class:`~indicfm.model.moe.RouterBias` under ``jax.grad``
+    ("Cannot mutate RouterBias from a different trace level").  Valid because a forward pass
+    mutates no state (the router bias is updated by the trainer, outside the forward).
+    """
+    graphdef, state = nnx.split(module)
+
+    def pure_forward(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(pure_forward)(state, *args)
+
+
 class Block(nnx.Module):
     """One pre-norm transformer block; ``is_moe`` picks the MLP kind."""
 
@@ -40,7 +57,7 @@ class Block(nnx.Module):
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> tuple[jax.Array, Routing | None]:
         h_BxLxD = self.attn_norm(x_BxLxD)
         if self.remat_attention:
-            attn_out = nnx.remat(Attention.__call__)(self.attn, h_BxLxD, segment_ids_BxL, positions_BxL)
+            attn_out = rematerialized(self.attn, h_BxLxD, segment_ids_BxL, positions_BxL)
         else:
             attn_out = self.attn(h_BxLxD, segment_ids_BxL, positions_BxL)
         x_BxLxD = constrain(x_BxLxD + attn_out, ("batch", "length", "act_embed"))
@@ -81,12 +98,12 @@ class Transformer(nnx.Module):
         table_VxD = constrain(embed_VxD, (None, None))
         x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        block_call = Block.__call__
-        if cfg.remat == "full":
-            block_call = nnx.remat(Block.__call__)
         routings: list[Routing] = []
         for block in self.blocks:
-            x_BxLxD, routing = block_call(block, x_BxLxD, segment_ids_BxL, positions_BxL)
+            if cfg.remat == "full":
+                x_BxLxD, routing = rematerialized(block, x_BxLxD, segment_ids_BxL, positions_BxL)
+            else:
+                x_BxLxD, routing = block(x_BxLxD, segment_ids_BxL, positions_BxL)
             if routing is not None:
                 routings.append(routing)
         x_BxLxD = self.final_norm(x_BxLxD)
