@@ -247,3 +247,21 @@ def test_overwrite_refuses_to_delete_a_directory_that_is_not_a_cache(tmp_path, s
     with pytest.raises(PrepareError, match="empty directory"):
         prepare([sample_train_dir], tokenizer, precious, seq_len=SEQ_LEN, workers=1, show_progress=False)
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_resume_point_inside_a_line_range_skips_exactly_the_done_documents(sample_train_dir, tokenizer):
+    """Workers read line ranges; a resume may start inside one (e.g. after a checkpoint written with
+    another batch size): the documents read must be exactly the rest of the input, in order."""
+    from data_pipeline.prepare import DocumentProcessor, _tasks
+    from data_pipeline.sources import find_input_files, iter_documents
+
+    config = DataConfig()
+    files = find_input_files([sample_train_dir])
+    processor = DocumentProcessor(config, str(tokenizer))
+    every = [(d.source, d.line, d.text, d.drop_reason) for f in files for d in iter_documents(f)]
+    for skip in (0, 1, 511, 5003, len(every) - 1):
+        got = []
+        for task in _tasks(files, config, skip, [0.0]):
+            source, lines, docs = processor.read(task)
+            got += [(source, line, text, reason) for line, text, reason in zip(lines, docs.texts, docs.reasons)]
+        assert got == every[skip:], skip
