@@ -26,7 +26,8 @@ import numpy as np
 
 from data_pipeline.pack import PackedRows
 
-FORMAT_VERSION = 1
+#: 2: every document is packed as [BOS] tokens [EOS] (1 had no BOS).
+FORMAT_VERSION = 2
 ARRAYS = ("tokens", "segment_ids", "positions")
 ROWS_PER_SHARD = 4096
 METADATA = "metadata.json"

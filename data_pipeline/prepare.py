@@ -222,7 +222,9 @@ class DocumentProcessor:
         if self.config.dedup.near:
             signatures = self.minhasher.signatures(collapsed, collapsed=True)
             bands = band_hashes(signatures, self.lsh_bands, self.lsh_rows)
-        ids = self.sp.encode(texts, add_eos=True, num_threads=1) if texts else []
+        # [BOS] tokens [EOS]: BOS gives the model a context to predict a document's first token
+        # from, exactly as evaluation (bits per byte) and generation present text to it.
+        ids = self.sp.encode(texts, add_bos=True, add_eos=True, num_threads=1) if texts else []
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
         heads = "\x00".join(t[:EXAMPLE_CHARS] for t in texts)
@@ -259,6 +261,7 @@ def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) ->
     relevant = config.model_dump(mode="json", exclude={"inputs", "cache_dir", "workers", "language_weights",
                                                        "mixture_temperature", "checkpoint_every_docs"})
     return {
+        "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "tokenizer_sha256": tokenizer_sha,
         "config": relevant,
@@ -484,9 +487,10 @@ def prepare(
     if not files and not config.hub:
         raise InputError("no input files found (give --input PATH or data.inputs in the config)")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    eos_id, pad_id = sp.eos_id(), max(sp.pad_id(), 0)
-    if eos_id < 0:
-        raise PrepareError(f"{tokenizer}: the tokenizer has no EOS token (train it with eos_id=3)")
+    bos_id, eos_id, pad_id = sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0)
+    if eos_id < 0 or bos_id < 0:
+        raise PrepareError(f"{tokenizer}: the tokenizer needs BOS and EOS tokens (train it with "
+                           "`indicfm tokenizer train`: bos_id=2, eos_id=3)")
     tokenizer_sha = file_sha256(tokenizer)
     fingerprint = _fingerprint(config, files, seq_len, tokenizer_sha)
 
@@ -549,6 +553,7 @@ def prepare(
         "tokenizer": str(tokenizer),
         "tokenizer_sha256": tokenizer_sha,
         "vocab_size": sp.get_piece_size(),
+        "bos_id": bos_id,
         "eos_id": eos_id,
         "pad_id": pad_id,
         "config": config.model_dump(mode="json"),

@@ -114,7 +114,7 @@ def _expected_stream(cache: Path, corpus: Path, tokenizer: Path, lang: str) -> l
         if (path.name, n) in dropped:
             continue
         text = unicodedata.normalize("NFC", raw.decode("utf-8").removesuffix("\r"))
-        docs.append(sp.encode(text) + [sp.eos_id()])
+        docs.append([sp.bos_id()] + sp.encode(text) + [sp.eos_id()])
     return docs
 
 

@@ -134,7 +134,7 @@ def test_config_and_files(tokenizer_bytes, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == tokenizer_bytes
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert tok_config["add_bos_token"] is False and tok_config["add_eos_token"] is False
+    assert tok_config["add_bos_token"] is True and tok_config["add_eos_token"] is False  # as training documents begin
     assert tok_config["eos_token"] == sp.id_to_piece(3) and tok_config["pad_token"] == sp.id_to_piece(0)
 
 
@@ -174,6 +174,8 @@ def test_tokenizer_json_encodes_like_indicfm(model_type, sample_train_dir, sampl
     assert not mismatches, mismatches[:3]
     for line, ids in zip(lines[::50], got[::50]):
         assert fast.decode(ids) == sp.decode(sp.encode(normalize(line)))
+    # With special tokens, a text is presented as training documents begin: [BOS] tokens.
+    assert fast.encode(lines[0]).ids == [sp.bos_id()] + expected[0]
 
 
 def test_unexpressible_options_are_refused():
@@ -213,4 +215,4 @@ def test_transformers_loads_the_export_and_matches(tokenizer_bytes, tmp_path):
 
         sp = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
         text = "भारत एक विशाल देश है \u0915\u093c"
-        assert tokenizer(text).input_ids == sp.encode(normalize(text))
+        assert tokenizer(text).input_ids == [sp.bos_id()] + sp.encode(normalize(text))

@@ -8,7 +8,8 @@
   every shipped sample line, raw (un-normalised) text included.
 * ``tokenizer_config.json`` / ``special_tokens_map.json`` — ``PreTrainedTokenizerFast`` (loads
   ``tokenizer.json`` as written; a model-specific class could rebuild its own normaliser and lose
-  NFC), with BOS/EOS *not* added: training documents are encoded without BOS and end with EOS.
+  NFC), adding BOS (a ``TemplateProcessing`` post-processor) but not EOS: training documents are
+  packed as ``[BOS] tokens [EOS]``, so a prompt is ``[BOS] tokens``.
 * ``tokenizer.model`` — the SentencePiece model itself, byte for byte, for SentencePiece users
   (who must apply NFC first, as ``indicfm.text.normalize`` does).
 
@@ -46,7 +47,7 @@ def _bpe_model(sp: Any, special: list[int]) -> Any:
 
 def fast_tokenizer(sp: Any, unigram: bool = False) -> Any:
     """A ``tokenizers.Tokenizer`` equivalent to ``sp.encode(normalize(text))`` (BPE or unigram ``sp``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     size = sp.get_piece_size()
     special = [i for i in range(size) if sp.is_control(i) or sp.is_unknown(i)]
@@ -67,6 +68,10 @@ def fast_tokenizer(sp: Any, unigram: bool = False) -> Any:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tokenizer.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special])
+    bos = sp.id_to_piece(sp.bos_id())
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    )
     return tokenizer
 
 
@@ -90,7 +95,7 @@ def write_tokenizer_files(tokenizer_bytes: bytes, out_dir: Path, *, model_max_le
         specials["pad_token"] = sp.id_to_piece(sp.pad_id())
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,

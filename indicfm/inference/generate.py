@@ -1,8 +1,8 @@
 """The generation loop: prompts in, continuations out, with a KV cache.
 
 ``generate_ids`` works on token ids and a model; ``generate_text`` adds the tokenizer (NFC through
-``indicfm.text.normalize``, then SentencePiece without BOS/EOS — exactly how training documents are
-encoded: each starts at position 0 and ends with EOS, no BOS).
+``indicfm.text.normalize``, then SentencePiece with BOS and without EOS — exactly how training
+documents begin: ``[BOS] tokens [EOS]``, positions from 0).
 
 One jitted program per (batch bucket, prompt-length bucket, max_new_tokens, temperature, top_p);
 token ids (EOS, padding, vocabulary limit) are traced values:
@@ -203,11 +203,11 @@ def generate_text(
     prompts: Sequence[str],
     **options: Any,
 ) -> list[TextGeneration]:
-    """:func:`generate_ids` on text: prompts are NFC-normalised and encoded without BOS/EOS (as in
-    training); continuations are decoded with the same SentencePiece model ``sp``."""
+    """:func:`generate_ids` on text: prompts are NFC-normalised and encoded as ``[BOS] tokens`` (as
+    training documents begin); continuations are decoded with the same SentencePiece model ``sp``."""
     from indicfm.text import normalize
 
-    encoded = [sp.encode(normalize(p)) for p in prompts]
+    encoded = [[sp.bos_id()] + sp.encode(normalize(p)) for p in prompts]
     options.setdefault("vocab_limit", sp.get_piece_size())
     options.setdefault("eos_id", sp.eos_id())
     options.setdefault("pad_id", max(sp.pad_id(), 0))

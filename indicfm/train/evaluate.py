@@ -7,9 +7,10 @@ fertility).  The cost of the text in bits divided by its size in UTF-8 bytes doe
 bpb(lang) = Σ −log₂ p(token) over every token of the held-out lines ÷ Σ UTF-8 bytes of those lines
 
 Each line is normalised exactly like training text (``indicfm.text.normalize``, NFC, nothing else)
-and its bytes are counted after normalisation.  A line becomes ``[bos] + tokens``, the model predicts
-every text token from its prefix (not the ``bos``, no ``eos``); a line longer than a row is split into
-pieces of ``seq_len − 1`` tokens, each with its own ``bos`` (slightly pessimistic, never drops text).
+and its bytes are counted after normalisation.  A line becomes ``[bos] + tokens``, as every training
+document begins (``data prepare`` packs ``[BOS] tokens [EOS]``); the model predicts every text token
+from its prefix (not the ``bos``, no ``eos``); a line longer than a row is split into pieces of
+``seq_len − 1`` tokens, each with its own ``bos`` (slightly pessimistic, never drops text).
 """
 
 from __future__ import annotations
