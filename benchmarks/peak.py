@@ -68,9 +68,9 @@ def measure(quick: bool) -> dict:
 def _spec_flops() -> float | None:
     """Datasheet bf16 peak of this device from ``configs/hardware.yaml`` (None when unknown)."""
     try:
-        from launch.hardware import peak_flops_per_device
+        from indicfm.hardware import spec_peak_flops
 
-        return peak_flops_per_device(jax.devices()[0].device_kind)
+        return spec_peak_flops(jax.devices()[0].device_kind)
     except Exception:  # the table is advisory: a missing or broken file must not stop the benchmark
         return None
 

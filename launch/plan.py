@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from launch.hardware import GIB, Chip, Slice, parse_slice
+from indicfm.hardware import GIB, Chip, Slice, parse_slice
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}

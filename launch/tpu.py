@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from launch.commands import Result, Shell
-from launch.hardware import Slice, parse_slice
+from indicfm.hardware import Slice, parse_slice
 
 Provisioning = Literal["on-demand", "spot", "reserved"]
 

@@ -6,7 +6,6 @@ import pytest
 
 from indicfm.train.metrics import (
     MetricsWriter,
-    _hardware_file_peak,
     expert_load_stats,
     mfu,
     peak_flops_per_device,
@@ -28,30 +27,20 @@ def test_expert_load_stats_hand_values():
     assert expert_load_stats(np.zeros((0, 4))) == (1.0, 1.0)
 
 
-def test_hardware_file_lookup_prefers_the_longest_matching_name(tmp_path):
-    table = tmp_path / "hardware.yaml"
-    table.write_text(
-        "devices:\n"
-        "  v5p: {peak_tflops: 459, device_kinds: ['TPU v5']}\n"
-        "  v5e: {peak_tflops: 197, device_kinds: ['TPU v5 lite']}\n"
-        "  h100: {peak_flops: 9.89e14}\n"
-    )
-    assert _hardware_file_peak("TPU v5 lite", table) == pytest.approx(197e12)
-    assert _hardware_file_peak("TPU v5", table) == pytest.approx(459e12)
-    assert _hardware_file_peak("NVIDIA H100 80GB HBM3", table) == pytest.approx(9.89e14)
-    assert _hardware_file_peak("TPU v4", table) is None
-
-
 class _FakeDevice:
     def __init__(self, kind, platform="gpu"):
         self.device_kind, self.platform = kind, platform
 
 
-def test_builtin_table_and_totals(tmp_path):
-    missing = tmp_path / "none.yaml"
-    assert peak_flops_per_device(_FakeDevice("NVIDIA A100-SXM4-80GB"), missing) == pytest.approx(312e12)
-    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4, hardware_file=missing) == pytest.approx(4 * 275e12)
-    cpu = peak_flops_per_device(_FakeDevice("cpu", "cpu"), missing)  # measured, not looked up
+def test_peaks_come_from_the_hardware_table_and_totals():
+    # vendor figures (dense bf16), independent of the table file's layout
+    assert peak_flops_per_device(_FakeDevice("NVIDIA A100-SXM4-80GB")) == pytest.approx(312e12)
+    assert peak_flops_per_device(_FakeDevice("TPU v5 lite", "tpu")) == pytest.approx(197e12)  # v5e, not v5p
+    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4) == pytest.approx(4 * 275e12)
+    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4, override=1e12) == pytest.approx(4e12)
+    with pytest.raises(ValueError, match="hardware.yaml"):
+        peak_flops_per_device(_FakeDevice("some new accelerator"))
+    cpu = peak_flops_per_device(_FakeDevice("cpu", "cpu"))  # measured, not looked up
     assert 1e8 < cpu < 1e14
 
 

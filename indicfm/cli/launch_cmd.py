@@ -63,7 +63,7 @@ def tpu(
         indicfm launch tpu --delete --name indicfm-v5p-128 --zone us-east5-a --project my-proj
     """
     from launch.commands import Shell
-    from launch.hardware import HardwareError
+    from indicfm.hardware import HardwareError
     from launch.tpu import LaunchError, TpuJob, delete_command, launch
 
     if spot and reserved:
@@ -181,7 +181,7 @@ def plan(
         indicfm plan --config configs/model/small-moe.yaml --hardware v5p-128 \\
             --set trainer.global_batch_size=256 --set data.seq_len=2048 --tokens 2e11 --days 7
     """
-    from launch.hardware import HardwareError
+    from indicfm.hardware import HardwareError
     from launch.plan import PlanError, make_plan, render_plan
 
     cfg = load_config_or_exit(config, sets)

@@ -5,9 +5,8 @@ many hosts produces one log, not one per host.
 
 MFU (model FLOPs utilisation) = model FLOPs per step ÷ step time ÷ peak FLOP/s of all devices.  The
 peak comes from :func:`peak_flops_per_device`: ``trainer.peak_flops`` if set, else
-``configs/hardware.yaml`` (owned by the launch planner; entries under ``devices:`` with
-``peak_tflops`` and ``device_kinds``) when it names the device, else the table :data:`PEAK_FLOPS`
-below; on CPU it is measured at start-up with a short matmul, because CPUs differ too much for a table.
+``configs/hardware.yaml`` (the one hardware table, read by :mod:`indicfm.hardware`, shared with the
+planner); on CPU it is measured at start-up with a short matmul, because CPUs differ too much for a table.
 """
 
 from __future__ import annotations
@@ -19,28 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
 
-from indicfm.config import CONFIG_DIR
-
-#: Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.  Keys are matched, in this order,
-#: as lower-case substrings of ``jax.Device.device_kind``; more specific names come first.
-PEAK_FLOPS: dict[str, float] = {
-    "h200": 989e12,
-    "h100 pcie": 756e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "tpu v6 lite": 918e12,  # v6e (Trillium)
-    "tpu v6e": 918e12,
-    "tpu v5 lite": 197e12,  # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v4": 275e12,
-}
-
-HARDWARE_FILE = CONFIG_DIR / "hardware.yaml"
-
+from indicfm.hardware import Chip, chip_for_device_kind
 
 def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
     """FLOP/s of the host on a float32 matmul (best of a few runs), the CPU's practical peak."""
@@ -58,42 +37,8 @@ def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def _hardware_file_peak(device_kind: str, path: Path) -> float | None:
-    """Peak FLOP/s for the device from ``configs/hardware.yaml`` if it lists one.
-
-    Accepted shape: a mapping (optionally under ``devices:``) of name → either a number or a mapping
-    with ``peak_flops`` (FLOP/s) or ``peak_tflops``; names match as lower-case substrings of the device kind.
-    """
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        return None
-    table = data.get("devices", data) if isinstance(data, dict) else {}
-    kind = device_kind.lower()
-    best: tuple[int, Any] | None = None  # (length of the matching alias, entry): longest match wins
-    for name, entry in table.items():
-        aliases = entry.get("device_kinds", []) if isinstance(entry, dict) else []
-        for alias in [name, *aliases]:
-            alias = str(alias).lower()
-            if alias in kind and (best is None or len(alias) > best[0]):
-                best = (len(alias), entry)
-    if best is None:
-        return None
-    entry = best[1]
-    if isinstance(entry, (int, float)):
-        return float(entry)
-    if isinstance(entry, dict):
-        if "peak_flops" in entry:
-            return float(entry["peak_flops"])
-        if "peak_tflops" in entry:
-            return float(entry["peak_tflops"]) * 1e12
-    return None
-
-
-def peak_flops_per_device(device: Any, hardware_file: Path = HARDWARE_FILE) -> float:
-    """Peak FLOP/s of one device: on CPU a measurement; else the hardware file, else the built-in table.
+def peak_flops_per_device(device: Any, hardware: dict[str, Chip] | None = None) -> float:
+    """Peak FLOP/s of one device: on CPU a measurement, else the hardware table's entry for its kind.
 
     On CPU the measurement is of the whole host (all cores), so callers must not multiply it by the
     number of (virtual) CPU devices; :func:`total_peak_flops` does this right.
@@ -101,20 +46,20 @@ def peak_flops_per_device(device: Any, hardware_file: Path = HARDWARE_FILE) -> f
     if getattr(device, "platform", None) == "cpu":
         return measure_cpu_peak_flops()
     kind = str(getattr(device, "device_kind", device))
-    from_file = _hardware_file_peak(kind, hardware_file)
-    if from_file:
-        return from_file
-    for name, peak in PEAK_FLOPS.items():
-        if name in kind.lower():
-            return peak
-    raise ValueError(f"no peak FLOP/s known for device kind {kind!r}: set trainer.peak_flops or add it to {hardware_file}")
+    chip = chip_for_device_kind(kind, hardware)
+    if chip is None:
+        raise ValueError(
+            f"no peak FLOP/s known for device kind {kind!r}: set trainer.peak_flops or add the device "
+            "(with its device_kinds) to configs/hardware.yaml"
+        )
+    return chip.peak_flops
 
 
-def total_peak_flops(devices: list[Any], override: float | None = None, hardware_file: Path = HARDWARE_FILE) -> float:
+def total_peak_flops(devices: list[Any], override: float | None = None, hardware: dict[str, Chip] | None = None) -> float:
     """Peak FLOP/s of all devices of the run (on CPU: the host, however many virtual devices it has)."""
     if override:
         return override * (1 if devices[0].platform == "cpu" else len(devices))
-    per_device = peak_flops_per_device(devices[0], hardware_file)
+    per_device = peak_flops_per_device(devices[0], hardware)
     if devices[0].platform == "cpu":
         return per_device
     return per_device * len(devices)

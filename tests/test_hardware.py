@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.hardware import HardwareError, chip_for_device_kind, load_hardware, parse_slice
+from indicfm.hardware import HardwareError, chip_for_device_kind, load_hardware, parse_slice
 
 
 def test_table_has_every_chip_with_documented_figures():

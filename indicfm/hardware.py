@@ -187,7 +187,7 @@ def chip_for_device_kind(device_kind: str, hardware: dict[str, Chip] | None = No
     return best[1] if best else None
 
 
-def peak_flops_per_device(device_kind: str) -> float | None:
+def spec_peak_flops(device_kind: str) -> float | None:
     """Peak bf16 FLOP/s of one device of this kind, for MFU; ``None`` when the kind is not in the table."""
     chip = chip_for_device_kind(device_kind)
     return chip.peak_flops if chip else None
