@@ -24,7 +24,6 @@ cache without it is never taken as complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -57,6 +56,7 @@ from data_pipeline.sources import (
     line_ranges,
     read_line_range,
 )
+from indicfm.files import file_sha256
 
 BATCH_DOCS = 512
 #: A worker's line range holds at most BATCH_DOCS lines and about this many bytes.
@@ -247,13 +247,6 @@ def _work(task: RangeTask | DocumentsTask) -> BatchResult:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) -> dict:

@@ -23,7 +23,6 @@ with ``sentencepiece.SentencePieceProcessor(model_file="P.model")``; feed it tex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from data_pipeline.sources import InputFile, find_input_files, iter_documents
 from indicfm import __version__
+from indicfm.files import file_sha256
 from indicfm.text import SCRIPT_RANGES, script_letters
 from tokenizer import akshara_bpe
 from tokenizer.config import TokenizerConfig
@@ -67,13 +67,6 @@ class TrainResult:
     files: list[FileStats]
     seconds: float
 
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def required_characters() -> str:
@@ -135,7 +128,7 @@ def scan_inputs(
     for f in files:
         if on_file:
             on_file(f)
-        st = FileStats(path=str(f.path), format=f.format, lang=f.lang, sha256=sha256_of(f.path))
+        st = FileStats(path=str(f.path), format=f.format, lang=f.lang, sha256=file_sha256(f.path))
         dropped: Counter[str] = Counter()
         for doc in iter_documents(f, max_chars=max_document_chars):
             st.documents += 1

@@ -52,13 +52,6 @@ class Restored:
     skipped_damaged: list[int]
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def tokenizer_item(path: str | Path) -> dict:
     """The ``tokenizer`` checkpoint item: file name, sha256 and the file's bytes (base64)."""

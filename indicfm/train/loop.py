@@ -121,7 +121,8 @@ def train(
     from data_pipeline.loader import TokenLoader
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, create_model, make_mesh
-    from indicfm.train.checkpoint import Checkpointer, file_sha256, tokenizer_item
+    from indicfm.files import file_sha256
+    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
     from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
