@@ -14,6 +14,15 @@ from a temporary one, once every host finished writing, so a save cut off halfwa
 latest), it writes in a background thread while training continues, it restores each array straight
 into the target sharding (so a checkpoint saved on 8 data-parallel devices restores onto a
 2 data × 4 expert mesh) and it ties into JAX's multi-host preemption notice.
+
+How little a save blocks the training loop: Orbax's own "asynchronous" save still runs its set-up
+(device→host copy, per-item bookkeeping, ten or so thread starts) on the caller's thread, 50-200 ms
+on a busy CPU.  With one process, ``Checkpointer.save`` therefore only dispatches an on-device copy
+of the state (one jitted copy, asynchronous like any JAX computation, so the next train step may
+donate the original buffers) and hands that snapshot to one background thread that calls Orbax.
+The price is one extra copy of the train state in device memory while a save starts.  With several
+processes Orbax's barriers are device collectives that must run on the main thread in the same order
+on every host, so there the save calls Orbax directly.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import hashlib
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +102,9 @@ _REPLICA_PARALLEL: bool | None = None  # what the registered handler does (None:
 class Checkpointer:
     """A thin, explicit wrapper over ``ocp.CheckpointManager`` for indicfm's three items."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, save_thread: bool = True):
+        """``save_thread=False`` calls Orbax on the caller's thread even with one process (Orbax's own
+        async saving only; the benchmark compares both, tests cover both)."""
         self.directory = Path(directory).resolve()
         self.cfg = cfg
         _use_replica_parallel(cfg.replica_parallel)
@@ -111,10 +123,20 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # One process + async saves: the whole Orbax call runs in one long-lived worker thread (see the
+        # module docstring); a save then only queues work, it does not even wait for a thread to start.
+        self._in_background = save_thread and cfg.async_save and jax.process_count() == 1
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indicfm-save") if self._in_background else None
+        self._pending: Future | None = None
+        self._last_saved_step = self.manager.latest_step() or 0
 
     # ---- saving -----------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
         """True every ``checkpoint.every_steps`` steps (Orbax's own decision, identical on all hosts)."""
+        if self._in_background:
+            # Orbax's decision reads the manager, which the save thread may be changing; on one process
+            # it amounts to this (its preemption notice only exists with several processes).
+            return step % self.cfg.every_steps == 0 and step > self._last_saved_step
         return self.manager.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
@@ -124,32 +146,63 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, meta: dict, tokenizer: dict | None = None, *, force: bool = True) -> bool:
-        """Start saving (returns once the arrays are copied off the devices; writing continues in the
-        background when ``checkpoint.async_save``).  Returns False if the step already exists."""
+        """Start saving the state after ``step``; returns False if that step is already saved.
+
+        With ``checkpoint.async_save`` on one process this returns once an on-device copy of the state
+        is dispatched (it waits only if the previous save has not got past Orbax's set-up yet); the
+        copy is handed to Orbax in a background thread.  Otherwise it returns once Orbax copied the
+        arrays off the devices (async) or wrote them (sync).  Errors of a background save surface on
+        the next ``save``/``wait``/``close``.
+        """
+        self._join_save_thread()
         if step in self.manager.all_steps():
             return False
-        items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "step": step})}
+        items: dict[str, Any] = {"meta": ocp.args.JsonSave({**meta, "step": step})}
         if tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if not self._in_background:
+            items["state"] = ocp.args.StandardSave(state)
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        items["state"] = ocp.args.StandardSave(_snapshot(state))
+        self._last_saved_step = max(self._last_saved_step, step)
+        self._pending = self._worker.submit(self.manager.save, step, args=ocp.args.Composite(**items), force=force)
+        return True
+
+    def _join_save_thread(self) -> None:
+        """Wait for the worker's Orbax call (not for the writing, which Orbax continues in its own
+        threads) and re-raise its error on the training thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as err:
+                raise RuntimeError(f"background checkpoint save failed in {self.directory}: {err}") from err
 
     def wait(self) -> None:
         """Block until background saves are on disk (call before exiting)."""
+        self._join_save_thread()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+            self.manager.close()
 
     # ---- restoring --------------------------------------------------------------------------
     def steps(self) -> list[int]:
+        self._join_save_thread()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._join_save_thread()
         return self.manager.latest_step()
 
     def restore(self, step: int, abstract_state: Any, *, with_tokenizer: bool = False) -> Restored:
         """Restore one step; arrays land directly in the shardings named by ``abstract_state``."""
+        self._join_save_thread()
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if with_tokenizer:
             items["tokenizer"] = ocp.args.JsonRestore()
@@ -196,6 +249,14 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"indicfm_set_aside_{step}")
         self.manager.reload()
+
+
+@jax.jit
+def _snapshot(state: Any) -> Any:
+    """A copy of the state in new device buffers, in the same shardings: the next train step donates
+    (overwrites) the original buffers while the background thread is still reading this copy.
+    Dispatched like any jitted call, so the caller does not wait for the copy on an accelerator."""
+    return jax.tree.map(lambda x: x.copy(), state)
 
 
 @contextlib.contextmanager
