@@ -120,27 +120,32 @@ def _fields_at(path: Iterable[str | int]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def _explain(err: ValidationError, path: str | Path | None, override_keys: set[str]) -> ConfigError:
+    """One line per problem, each naming the dotted key and where it was set (file or ``--set``)."""
     lines = []
     for item in err.errors():
         loc = [str(p) for p in item["loc"]]
         key = ".".join(loc)
+        from_set = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in override_keys)
+        source = "--set" if from_set or not path else str(path)
         if item["type"] == "extra_forbidden":
             valid = _fields_at(loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=1)
             hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
             where = ".".join(loc[:-1]) or "the top level"
-            lines.append(f"unknown config key '{key}'{hint} (valid keys in {where}: {', '.join(valid)})")
+            lines.append(f"{source}: unknown config key '{key}'{hint} (valid keys in {where}: {', '.join(valid)})")
         else:
-            lines.append(f"config key '{key}': {item['msg']} (got {item.get('input')!r})")
-    return ConfigError(f"{source}: " + "\n  ".join(lines))
+            lines.append(f"{source}: config key '{key}': {item['msg']} (got {item.get('input')!r})")
+    return ConfigError("\n".join(lines))
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Build the run's :class:`Config` from defaults, an optional YAML file and ``--set`` overrides."""
     data = _read_yaml(Path(path)) if path else {}
+    override_keys: set[str] = set()
     for item in overrides:
         keys, value = _parse_override(item)
+        override_keys.add(".".join(keys))
         cursor = data
         for k in keys[:-1]:
             nxt = cursor.get(k)
@@ -152,7 +157,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise _explain(err, str(path) if path else "--set") from None
+        raise _explain(err, path, override_keys) from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

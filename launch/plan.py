@@ -448,6 +448,8 @@ class Plan:
     slice_for_days: str | None = None
     suggestion: MeshOption | None = None
     suggestion_note: str | None = None
+    #: set when the config's mesh cannot be laid out on this hardware and a suggested one was used
+    mesh_note: str | None = None
 
     @property
     def price_per_hour(self) -> float:
@@ -504,6 +506,8 @@ class Plan:
             out["suggested_memory_gib"] = self.suggestion.memory.total / GIB
         if self.suggestion_note:
             out["suggestion_note"] = self.suggestion_note
+        if self.mesh_note:
+            out["mesh_note"] = self.mesh_note
         return out
 
 
@@ -590,7 +594,21 @@ def make_plan(
     mfu = mfu if mfu is not None else slice_.chip.typical_mfu
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
-    sizes = mesh_sizes(cfg.mesh, slice_.num_chips)
+    mesh_note = None
+    try:
+        sizes = mesh_sizes(cfg.mesh, slice_.num_chips)
+    except PlanError as err:
+        # The config's mesh is for another device count (e.g. a pod config priced on 8 GPUs):
+        # plan with the best mesh that fits instead of stopping, and say so.
+        option, note = suggest_mesh(cfg, slice_, mfu)
+        if option is None:
+            raise PlanError(f"{err}; {note}") from None
+        sizes = option.sizes
+        cfg = cfg.model_copy(update={
+            "model": cfg.model.model_copy(update={"remat": option.remat}),
+            "trainer": cfg.trainer.model_copy(update={"micro_batches": option.micro_batches}),
+        })
+        mesh_note = f"{err}; planned with the suggested mesh below instead"
     memory = memory_per_device(cfg, sizes, slice_.chip)
     plan = Plan(
         hardware=slice_.name,
@@ -611,7 +629,10 @@ def make_plan(
         micro_batches=cfg.trainer.micro_batches,
         tokens=tokens,
         days=days,
+        mesh_note=mesh_note,
     )
+    if mesh_note:
+        plan.suggestion = MeshOption(sizes, memory, plan.time, cfg.model.remat, cfg.trainer.micro_batches)
     if tokens and days:
         per_chip = plan.tokens_per_second / slice_.num_chips
         needed = tokens / (days * 86400) / per_chip
@@ -654,6 +675,8 @@ def render_plan(plan: Plan, console: Any = None) -> None:
     console = console or Console(soft_wrap=True)
     chip = plan.chip
     price = "spot" if plan.spot else "on-demand"
+    if plan.mesh_note:
+        console.print(f"[bold yellow]{plan.mesh_note}[/]")
     console.print(
         f"[bold]{plan.hardware}[/]: {plan.num_chips} x {chip.name} on {plan.num_hosts} host(s), "
         f"{chip.hbm_gib:g} GiB and {chip.peak_tflops:g} bf16 TFLOP/s per chip, ${plan.price_per_hour:,.2f}/h {price}"

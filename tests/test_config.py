@@ -36,6 +36,18 @@ def test_wrong_type_names_key():
         load_config(None, ["trainer.steps=lots"])
 
 
+def test_error_says_whether_the_file_or_set_is_wrong(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["trainer.stepz=1"])
+    assert str(err.value).startswith("--set: unknown config key 'trainer.stepz'")
+    path.write_text("trainer:\n  stepz: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["trainer.steps=1"])
+    assert str(err.value).startswith(f"{path}: unknown config key 'trainer.stepz'")
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

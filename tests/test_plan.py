@@ -223,9 +223,13 @@ def test_communication_grows_with_the_mesh_axes_that_move_data():
 
 
 def test_mesh_errors_name_the_problem():
+    # a mesh for another device count: the problem is named and a mesh of 8 devices is planned instead
     cfg = small_config("mesh.data=3")
-    with pytest.raises(plan.PlanError, match="devices"):
-        plan.make_plan(cfg, "cpux8")
+    result = plan.make_plan(cfg, "cpux8")
+    assert "8 devices" in result.mesh_note and "mesh" in result.mesh_note
+    assert math.prod(result.mesh.values()) == 8 and result.memory.fits
+    assert result.suggestion is not None and result.suggestion.sizes == result.mesh
+    assert result.to_dict()["mesh_note"] == result.mesh_note
     cfg = small_config("mesh.data=-1", "trainer.global_batch_size=12")
     with pytest.raises(plan.PlanError, match="global_batch_size"):
         plan.make_plan(cfg, "cpux8")
