@@ -1,6 +1,7 @@
 """Background saves (one process, ``checkpoint.async_save``): the saved state is the one passed to
 ``save`` even if the caller donates its buffers right away, and background errors are not lost."""
 
+import shutil
 import time
 
 import jax
@@ -64,6 +65,22 @@ def test_should_save_every_n_steps_while_a_save_runs(tmp_path):
     ckpt.close()
     assert decisions == {1: False, 2: False, 3: True, 4: False, 5: False, 6: True}
     assert after == {3: False, 4: False, 6: True}
+
+
+def test_a_damaged_step_set_aside_is_saved_again(tmp_path):
+    mesh = make_mesh(MeshConfig(data=8))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=3))
+    for step in (3, 6):
+        ckpt.save(step, _state(mesh), {})
+    ckpt.close()
+    shutil.rmtree(tmp_path / "ckpt" / "6" / "meta")  # damage the latest
+
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=3))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(mesh))
+    restored = ckpt.restore_latest_good(target, warn=lambda message: None)
+    assert restored.step == 3 and restored.skipped_damaged == [6]
+    assert ckpt.should_save(6)  # the run resumes from 3 and must save step 6 again
+    ckpt.close()
 
 
 def test_a_failing_background_save_raises_on_the_training_thread(tmp_path):

@@ -249,6 +249,7 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"indicfm_set_aside_{step}")
         self.manager.reload()
+        self._last_saved_step = self.manager.latest_step() or 0  # so that step is saved again when reached
 
 
 @jax.jit
