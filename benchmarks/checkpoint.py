@@ -122,7 +122,9 @@ def measure_restore(model_cfg, workdir: Path, repeats: int = 2) -> dict:
     mesh = make_mesh(MeshConfig(data=-1))
     _, tx, _, state, _ = _state_for(model_cfg, mesh)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    checkpointer = Checkpointer(workdir, CheckpointConfig(every_steps=1))
+    # Orbax directly (no on-device snapshot for the worker thread): the state is not trained on
+    # afterwards, and a snapshot would double the memory of a multi-GB state.
+    checkpointer = Checkpointer(workdir, CheckpointConfig(every_steps=1), save_thread=False)
     checkpointer.save(1, state, {"loader": {}})
     checkpointer.close()
     del state
