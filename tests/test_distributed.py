@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +12,8 @@ import numpy as np
 import pytest
 
 from launch import distributed
+
+from helpers import free_port, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,12 +50,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker_env(process_id: int, port: int, devices: int = 4) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
     env.update(
@@ -70,7 +64,7 @@ def _worker_env(process_id: int, port: int, devices: int = 4) -> dict[str, str]:
 
 
 def _run_two_processes(script: Path, timeout: int = 120) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(script)],
@@ -82,20 +76,7 @@ def _run_two_processes(script: Path, timeout: int = 120) -> list[dict]:
         )
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = []
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
+    results = wait_for_results(procs, timeout)
     return sorted(results, key=lambda r: r["process_index"])
 
 

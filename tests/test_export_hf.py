@@ -7,8 +7,6 @@ exported files (config.json + safetensors); its logits must match indicfm's own 
 import io
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +16,8 @@ from indicfm.export.reference import qwen2_moe_logits
 from indicfm.inference.decode import inference_config
 from indicfm.model.config import ModelConfig
 from indicfm.model.transformer import Transformer
+
+from helpers import random_model
 
 BASE = dict(
     vocab_size=640, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
@@ -57,20 +57,6 @@ def train_small_tokenizer(sample_train_dir, model_type: str = "bpe") -> bytes:
 @pytest.fixture(scope="module")
 def tokenizer_bytes(sample_train_dir) -> bytes:
     return train_small_tokenizer(sample_train_dir)
-
-
-def random_model(cfg: ModelConfig, seed: int) -> Transformer:
-    """A model with NumPy-drawn random weights (no XLA compilation, unlike the real initialiser):
-    matrices ~ N(0, 0.15²), norm scales ~ 1 + N(0, 0.3²) so a misplaced norm weight shows."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        value = 1.0 + 0.3 * noise if len(leaf.shape) == 1 else 0.15 * noise
-        return jnp.asarray(value, leaf.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
 def _random_model(overrides: dict, seed: int = 0) -> Transformer:

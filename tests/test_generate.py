@@ -17,6 +17,8 @@ from indicfm.inference.sampling import sample_next, top_p_filter
 from indicfm.model.config import ModelConfig
 from indicfm.model.transformer import Transformer
 
+from helpers import random_model
+
 TINY = dict(
     vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
     num_experts=4, top_k=2, d_expert=16, num_shared_experts=1, first_dense_layers=1,
@@ -26,20 +28,6 @@ TINY = dict(
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]]
 NEW_TOKENS = 10
 REF_LEN = 24  # >= longest prompt + NEW_TOKENS
-
-
-def random_model(cfg: ModelConfig, seed: int) -> Transformer:
-    """A model with NumPy-drawn random weights (no XLA compilation, unlike the real initialiser):
-    matrices ~ N(0, 0.15²), norm scales ~ 1 + N(0, 0.3²) so a misplaced norm weight shows."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        value = 1.0 + 0.3 * noise if len(leaf.shape) == 1 else 0.15 * noise
-        return jnp.asarray(value, leaf.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
 @pytest.fixture(scope="module")

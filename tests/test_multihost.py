@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 
 from indicfm.config import load_config
+
+from helpers import free_port, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
@@ -50,12 +51,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -73,21 +68,9 @@ def _run(script: Path, settings: list[str], workdir: Path, stop_at: int, envs: l
         )  # fmt: skip
         for env in envs
     ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = []
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-4000:]
-        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-        result = json.loads(line[len("RESULT "):])
+    results = wait_for_results(procs, timeout=600)
+    for result in results:
         result["losses"] = {int(k): v for k, v in result["losses"].items()}
-        results.append(result)
     return results
 
 
@@ -123,7 +106,7 @@ def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, 
     assert sorted(reference["losses"]) == list(range(1, TOTAL_STEPS + 1))
 
     # two processes x 4 devices, same global mesh
-    port = _free_port()
+    port = free_port()
     two = tmp_path / "two"
     hosts = _run(script, prepared, two, 0, [_env(4, i, port) for i in range(2)])
     assert [h["process"] for h in hosts] == [0, 1]
@@ -141,7 +124,7 @@ def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, 
     after = range(STOP_AT + 1, TOTAL_STEPS + 1)
 
     # resumed on the same two hosts: every later loss equal bit for bit
-    port = _free_port()
+    port = free_port()
     resumed_two = _run(script, prepared, two, 0, [_env(4, i, port) for i in range(2)])
     for host in resumed_two:
         assert sorted(host["losses"]) == list(after)

@@ -1,0 +1,56 @@
+"""Helpers shared by several test modules (import as ``from helpers import ...``; pytest puts
+``tests/`` on ``sys.path``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from indicfm.model.config import ModelConfig
+from indicfm.model.transformer import Transformer
+
+
+def random_model(cfg: ModelConfig, seed: int) -> Transformer:
+    """A model with NumPy-drawn random weights (no XLA compilation, unlike the real initialiser):
+    matrices ~ N(0, 0.15²), norm scales ~ 1 + N(0, 0.3²) so a misplaced norm weight shows."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        value = 1.0 + 0.3 * noise if len(leaf.shape) == 1 else 0.15 * noise
+        return jnp.asarray(value, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local jax.distributed coordinator)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_results(procs: list[subprocess.Popen], timeout: float) -> list[dict]:
+    """Wait for every process (killing stragglers), check each exited 0, and parse the JSON each
+    printed on its ``RESULT `` line."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = []
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+    return results
