@@ -85,31 +85,29 @@ def initialize(
         given = {k for k, v in explicit.items() if v is not None}
 
         if given == set(explicit):
-            if num_processes > 1:  # type: ignore[operator]
+            join = num_processes > 1  # type: ignore[operator]
+            if join:
                 logger.info("jax.distributed: process %s of %s, coordinator %s", process_id, num_processes, coordinator)
-                jax.distributed.initialize(
-                    coordinator_address=coordinator,
-                    num_processes=num_processes,
-                    process_id=process_id,
-                    local_device_ids=local_device_ids,
-                    initialization_timeout=timeout_s,
-                )
         elif _auto_requested() or _slurm_multi_task():
             # JAX fills in whatever was not given from SLURM / the Cloud TPU metadata.
+            join = True
             logger.info("jax.distributed: detecting the cluster (SLURM / Cloud TPU)")
-            jax.distributed.initialize(
-                coordinator_address=coordinator,
-                num_processes=num_processes,
-                process_id=process_id,
-                local_device_ids=local_device_ids,
-                initialization_timeout=timeout_s,
-            )
         elif given:
             missing = ", ".join(sorted(set(explicit) - given))
             raise DistributedError(
                 f"multi-host set-up is incomplete: {missing} not given. Pass --coordinator HOST:PORT "
                 f"--num-processes N --process-id I (or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                 f"{ENV_PROCESS_ID}), or none of them for a single process."
+            )
+        else:
+            join = False  # a single process: nothing to join
+        if join:
+            jax.distributed.initialize(
+                coordinator_address=coordinator,
+                num_processes=num_processes,
+                process_id=process_id,
+                local_device_ids=local_device_ids,
+                initialization_timeout=timeout_s,
             )
     return process_info()
 
