@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +55,19 @@ def wait_for_results(procs: list[subprocess.Popen], timeout: float) -> list[dict
         line = next(l for l in out.splitlines() if l.startswith("RESULT "))
         results.append(json.loads(line[len("RESULT "):]))
     return results
+
+
+def tokenizer_and_cache(
+    root: Path, sample_train_dir: Path, langs: list[str], settings: list[str], config_file: str | None = None
+) -> list[str]:
+    """Build a tokenizer and token cache under ``root`` from ``langs`` of the shipped sample (the
+    training loop's own ``ensure_tokenizer_and_cache``); return the ``--set`` lines naming them."""
+    from indicfm.config import load_config
+    from indicfm.train.inputs import ensure_tokenizer_and_cache
+
+    src = root / "text"
+    src.mkdir()
+    for lang in langs:
+        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
+    cfg = ensure_tokenizer_and_cache(load_config(config_file, settings + [f"data.inputs=[{src}]"]), root, progress=False)
+    return [f"tokenizer.model_file={cfg.tokenizer.model_file}", f"data.cache_dir={cfg.data.cache_dir}"]

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indicfm.config import load_config
 
-from helpers import free_port, wait_for_results
+from helpers import free_port, tokenizer_and_cache, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
@@ -77,18 +76,8 @@ def _run(script: Path, settings: list[str], workdir: Path, stop_at: int, envs: l
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, sample_train_dir) -> list[str]:
     """Tokenizer and token cache, built once, shared by every run."""
-    from indicfm.train.inputs import ensure_tokenizer_and_cache
-
     root = tmp_path_factory.mktemp("inputs")
-    src = root / "text"
-    src.mkdir()
-    for lang in LANGS:
-        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
-    cfg = load_config("configs/model/tiny-moe.yaml", SETTINGS + [f"data.inputs=[{src}]"])
-    cfg = ensure_tokenizer_and_cache(cfg, root, progress=False)
-    return SETTINGS + [
-        f"tokenizer.model_file={cfg.tokenizer.model_file}",
-        f"data.cache_dir={cfg.data.cache_dir}",
+    return SETTINGS + tokenizer_and_cache(root, sample_train_dir, LANGS, SETTINGS, "configs/model/tiny-moe.yaml") + [
         # Off: one run of this test with a persistent compilation cache shared by the 2-process and
         # 1-process runs saw the 1-process resume diverge at step 5 (not reproduced in two later
         # runs, nor in a minimal case: JAX keys the two topologies apart). Fewer moving parts here.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from indicfm.config import load_config
-from indicfm.train.inputs import ensure_tokenizer_and_cache
 from indicfm.train.loop import read_losses, train
+
+from helpers import tokenizer_and_cache
 
 LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
 
@@ -39,13 +40,7 @@ class Crash(RuntimeError):
 def prepared(tmp_path_factory, sample_train_dir) -> list[str]:
     """Tokenizer and token cache built once from three languages of the shipped sample."""
     root = tmp_path_factory.mktemp("inputs")
-    src = root / "text"
-    src.mkdir()
-    for lang in LANGS:
-        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
-    cfg = load_config(None, TINY_SETTINGS + [f"data.inputs=[{src}]"])
-    cfg = ensure_tokenizer_and_cache(cfg, root, progress=False)
-    return TINY_SETTINGS + [f"tokenizer.model_file={cfg.tokenizer.model_file}", f"data.cache_dir={cfg.data.cache_dir}"]
+    return TINY_SETTINGS + tokenizer_and_cache(root, sample_train_dir, LANGS, TINY_SETTINGS)
 
 
 def test_crash_and_resume_reproduces_losses_bit_for_bit(prepared, tmp_path):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from indicfm.config import load_config
 from indicfm.train.checkpoint import Checkpointer
 from indicfm.train.config import CheckpointConfig
-from indicfm.train.inputs import ensure_tokenizer_and_cache
 from indicfm.train.loop import read_losses
+
+from helpers import tokenizer_and_cache
 
 from test_train_loop import LANGS, TINY_SETTINGS
 
@@ -27,15 +27,9 @@ CLI = [sys.executable, "-c", "from indicfm.cli import main; main()"]
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, sample_train_dir) -> list[str]:
     root = tmp_path_factory.mktemp("signal-inputs")
-    src = root / "text"
-    src.mkdir()
-    for lang in LANGS:
-        (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
-    cfg = ensure_tokenizer_and_cache(load_config(None, TINY_SETTINGS + [f"data.inputs=[{src}]"]), root, progress=False)
+    inputs = tokenizer_and_cache(root, sample_train_dir, LANGS, TINY_SETTINGS)
     shared_cache = root / "jax-cache"
-    return [s for s in TINY_SETTINGS if not s.startswith("trainer.compilation_cache_dir")] + [
-        f"tokenizer.model_file={cfg.tokenizer.model_file}",
-        f"data.cache_dir={cfg.data.cache_dir}",
+    return [s for s in TINY_SETTINGS if not s.startswith("trainer.compilation_cache_dir")] + inputs + [
         f"trainer.compilation_cache_dir={shared_cache}",
     ]
 
