@@ -21,7 +21,6 @@ the result does not depend on the number of workers.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.band_table import BandTable
 from data_pipeline.config import DedupConfig
 
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV-64 prime: mixes code points into one 64-bit value
@@ -203,15 +203,16 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 class DuplicateIndex:
     """Remembers what was kept; answers "is this an exact / near duplicate of something kept?".
 
-    State grows by 16 bytes (exact) + 4·num_perm bytes (signature) per kept document and is saved
-    with the prepare checkpoint so an interrupted run resumes with the same decisions.
+    State grows by 16 bytes (exact) + 4·num_perm bytes (signature) + ~32 bytes per band (the
+    :class:`BandTable`) per kept document and is saved with the prepare checkpoint so an
+    interrupted run resumes with the same decisions.
     """
 
     def __init__(self, config: DedupConfig):
         self.config = config
         self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
         self._exact: set[bytes] = set()
-        self._buckets: dict[int, int | list[int]] = {}
+        self._table = BandTable()  # band key -> kept documents (indices into _signatures)
         self._signatures: list[np.ndarray] = []
         self._new_keys: list[bytes] = []  # kept since the last save_increment
         self._saved_signatures = 0
@@ -220,22 +221,18 @@ class DuplicateIndex:
         return len(self._signatures) if self.config.near else len(self._exact)
 
     def check_and_add(
-        self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | list[int] | None = None
+        self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | None = None
     ) -> str | None:
         """Reason the document is a duplicate, or None (then it is recorded as kept).
 
         ``bands`` are the signature's :func:`band_hashes` when the caller computed them in bulk.
         """
-        if self.config.exact and key in self._exact:
-            return "exact_duplicate"
         if self.config.near and signature is not None:
             if bands is None:
                 bands = band_hashes(signature[None, :], self.bands, self.rows)[0]
-            band_keys = bands.tolist() if isinstance(bands, np.ndarray) else bands
-            found = list(map(self._buckets.get, band_keys))
-            if found.count(None) < len(found) and self._near_match(signature, found):
-                return "near_duplicate"
-            self._add_signature(signature, band_keys, found)
+            return self.check_batch([key], signature[None, :], np.asarray(bands)[None, :])[0]
+        if self.config.exact and key in self._exact:
+            return "exact_duplicate"
         if self.config.exact:
             self._exact.add(key)
             self._new_keys.append(key)
@@ -244,55 +241,74 @@ class DuplicateIndex:
     def check_batch(
         self, keys: Sequence[bytes], signatures: np.ndarray | None, bands: np.ndarray | None
     ) -> list[str | None]:
-        """:meth:`check_and_add` for a batch of documents in order: the same decisions, cheaper.
+        """Verdict for each document of a batch, in order, as if they came one by one.
 
-        Most documents share no band with anything kept: one C-level ``isdisjoint`` finds that,
-        and their bands are inserted with one ``dict.update``; only the others take the careful path.
+        This runs in the one process that decides in input order, so its cost bounds the whole
+        prepare.  Most documents share neither their exact key nor any band with anything kept or
+        with another document of the batch: a few whole-batch operations find the "suspects" that
+        do, and everything else is recorded at once.  Suspects share keys only among themselves
+        and with documents kept before the batch, so recording the others first changes no
+        verdict; they are then decided one by one with plain Python sets.
         """
-        near = self.config.near and signatures is not None and bands is not None
-        if not near:
+        if not (self.config.near and signatures is not None and bands is not None):
             return [self.check_and_add(key, None) for key in keys]
-        exact, check_exact, new_keys = self._exact, self.config.exact, self._new_keys
-        buckets, sigs = self._buckets, self._signatures
-        bucket_keys = buckets.keys()
-        out: list[str | None] = []
-        for key, signature, band_keys in zip(keys, signatures, bands.tolist()):
-            if check_exact and key in exact:
-                out.append("exact_duplicate")
-                continue
-            if not bucket_keys.isdisjoint(band_keys):
-                out.append(self.check_and_add(key, signature, band_keys))
-                continue
-            buckets.update(zip(band_keys, itertools.repeat(len(sigs))))
-            sigs.append(signature)
-            if check_exact:
-                exact.add(key)
-                new_keys.append(key)
-            out.append(None)
+        bands = np.asarray(bands, np.uint64)
+        first = self._table.lookup(bands)  # [docs, bands]: a kept document with that band, or -1
+        suspect = (first >= 0).any(axis=1) | _repeats_in_batch(bands)
+        if self.config.exact:
+            suspect |= self._exact_suspects(keys)
+        clean = np.flatnonzero(~suspect)
+        if len(clean):
+            first_doc = len(self._signatures)
+            docs = np.repeat(np.arange(first_doc, first_doc + len(clean)), bands.shape[1])
+            self._table.insert_new(bands[clean], docs)
+            self._signatures.extend(signatures[clean])
+            if self.config.exact:
+                clean_keys = [keys[i] for i in clean.tolist()]
+                self._exact.update(clean_keys)
+                self._new_keys.extend(clean_keys)
+        out: list[str | None] = [None] * len(keys)
+        kept_here: dict[int, list[int]] = {}  # band key -> suspects of this batch kept so far
+        for i in np.flatnonzero(suspect).tolist():
+            out[i] = self._decide(keys[i], signatures[i], bands[i].tolist(), first[i].tolist(), kept_here)
+        if kept_here:
+            band_keys = list(kept_here)
+            counts = [len(v) for v in kept_here.values()]
+            self._table.add(np.repeat(np.array(band_keys, np.uint64), counts),
+                            np.array([d for v in kept_here.values() for d in v], np.int64))
         return out
 
-    def _near_match(self, signature: np.ndarray, found: list) -> bool:
-        """Is any kept document sharing a band really similar (estimated Jaccard ≥ threshold)?"""
+    def _decide(self, key: bytes, signature: np.ndarray, band_keys: list[int], first: list[int],
+                kept_here: dict[int, list[int]]) -> str | None:
+        """One suspect: its verdict, and when kept, record it (``kept_here`` until the batch ends)."""
+        if self.config.exact and key in self._exact:
+            return "exact_duplicate"
         candidates: set[int] = set()
-        for v in found:
-            if v is not None:
-                candidates.update(v) if type(v) is list else candidates.add(v)
+        for band_key, doc in zip(band_keys, first):
+            if doc >= 0:
+                candidates.update(self._table.docs_of(band_key, doc))
+            candidates.update(kept_here.get(band_key, ()))
         need = self.config.threshold * len(signature)
-        return any(np.count_nonzero(self._signatures[doc] == signature) >= need for doc in sorted(candidates))
-
-    def _add_signature(self, signature: np.ndarray, band_keys: list[int], found: list) -> None:
-        """Record a kept document in every band's bucket (an int for one document, a list for more;
-        band hashes include the band number, so one dictionary serves all bands)."""
+        if any(np.count_nonzero(self._signatures[d] == signature) >= need for d in sorted(candidates)):
+            return "near_duplicate"
         doc = len(self._signatures)
         self._signatures.append(signature)
-        buckets = self._buckets
-        for k, v in zip(band_keys, found):
-            if v is None:
-                buckets[k] = doc
-            elif type(v) is list:
-                v.append(doc)
-            else:
-                buckets[k] = [v, doc]
+        for band_key in band_keys:
+            kept_here.setdefault(band_key, []).append(doc)
+        if self.config.exact:
+            self._exact.add(key)
+            self._new_keys.append(key)
+        return None
+
+    def _exact_suspects(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Documents whose exact key is already kept or occurs more than once in the batch."""
+        seen = self._exact.intersection(keys)
+        if not seen and len(set(keys)) == len(keys):
+            return np.zeros(len(keys), bool)
+        counts: dict[bytes, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return np.fromiter((k in seen or counts[k] > 1 for k in keys), bool, count=len(keys))
 
     # -- checkpointing -------------------------------------------------------------------------
     def save_increment(self, directory: Path, part: int) -> None:
@@ -316,7 +332,18 @@ class DuplicateIndex:
             for row in np.load(directory / f"exact_keys.{part:06d}.npy"):
                 self._exact.add(row.tobytes())
             sigs = np.load(directory / f"signatures.{part:06d}.npy")
-            for sig, bands in zip(sigs, band_hashes(sigs, self.bands, self.rows)):
-                band_keys = bands.tolist()
-                self._add_signature(sig, band_keys, list(map(self._buckets.get, band_keys)))
+            first_doc = len(self._signatures)
+            docs = np.repeat(np.arange(first_doc, first_doc + len(sigs)), self.bands)
+            self._table.add(band_hashes(sigs, self.bands, self.rows), docs)
+            self._signatures.extend(sigs)
         self._saved_signatures = len(self._signatures)
+
+
+def _repeats_in_batch(bands: np.ndarray) -> np.ndarray:
+    """Documents with a band key that another document of the batch also has."""
+    flat = bands.ravel()
+    ordered = np.sort(flat)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return np.zeros(len(bands), bool)
+    return np.isin(bands, repeated).any(axis=1)

@@ -594,18 +594,22 @@ _WORKER_MODULES = ("data_pipeline.prepare", "sentencepiece", "pycld2")
 
 
 def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tokenizer: Path, n_workers: int):
-    """Yield (task, its BatchResult) in input order.
+    """Yield (task, its BatchResult) in input order, using ``n_workers`` processes in all.
 
-    With several workers at most ``2 × workers`` tasks are in flight (``Pool.imap`` would read the
-    whole input ahead into memory).
+    The main process is one of them: it runs ``n_workers - 1`` worker processes and, whenever the
+    next result in input order is not ready yet, processes the next batch itself instead of waiting
+    (its own in-order work -- dedup, packing, writing -- comes first).  On a 2-core machine that is
+    one worker process plus the main process, never three processes competing for two cores.
+    At most ``2 × (n_workers - 1)`` batches are in flight in the pool and a bounded number of
+    finished ones wait in memory (``Pool.imap`` would read the whole input ahead).
     """
+    processor = DocumentProcessor(config, str(tokenizer))
     if n_workers <= 1:
-        processor = DocumentProcessor(config, str(tokenizer))
         for task in tasks:
             yield task, processor(task)
         return
 
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Future, ProcessPoolExecutor
 
     # Not fork: the parent runs tensorstore threads.  A fork server (a fresh process that imports
     # the worker's modules once, then forks each worker from itself) starts workers for ≈0.05 s of
@@ -613,15 +617,35 @@ def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tok
     # is time taken from the work itself.  ProcessPoolExecutor (not multiprocessing.Pool, which
     # waits forever when a worker dies) raises BrokenProcessPool instead.
     ctx = _worker_context()
+    pool_workers = n_workers - 1
+    max_in_pool, max_waiting = 2 * pool_workers, 4 * pool_workers + 2
     with ProcessPoolExecutor(
-        n_workers, mp_context=ctx, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))
+        pool_workers, mp_context=ctx, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))
     ) as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append((task, pool.submit(_work, task)))
-            if len(pending) >= 2 * n_workers:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+        pending: deque[tuple[RangeTask | DocumentsTask, Future | BatchResult]] = deque()
+        in_pool = 0
+        tasks = iter(tasks)
+        more = True
+        while True:
+            while more and in_pool < max_in_pool:
+                task = next(tasks, None)
+                if task is None:
+                    more = False
+                else:
+                    pending.append((task, pool.submit(_work, task)))
+                    in_pool += 1
+            if not pending:
+                return
+            task, head = pending[0]
+            if isinstance(head, Future) and not head.done() and more and len(pending) < max_waiting:
+                local = next(tasks, None)  # the head is still being worked on: do a batch meanwhile
+                if local is None:
+                    more = False
+                else:
+                    pending.append((local, processor(local)))
+                continue
+            pending.popleft()
+            if isinstance(head, Future):
+                in_pool -= 1
+                head = head.result()
+            yield task, head

@@ -104,4 +104,41 @@ def test_batch_check_equals_one_by_one(sample_train_dir):
     for lo in range(0, len(docs), 64):
         got += batched.check_batch(keys[lo : lo + 64], sigs[lo : lo + 64], band_hashes(sigs[lo : lo + 64], bands, rows))
     assert got == expected
+    # and it remembers the same kept documents in the same buckets (later verdicts depend on it)
+    def remembered(index):
+        keys = band_hashes(np.stack(index._signatures), bands, rows).ravel().tolist()
+        first = index._table.lookup(np.array(keys, np.uint64)).tolist()
+        return index._exact, {k: sorted(index._signatures[d].tobytes() for d in index._table.docs_of(k, f))
+                              for k, f in zip(keys, first)}
+
+    assert remembered(one) == remembered(batched)
     assert expected.count("near_duplicate") > 10 and expected.count("exact_duplicate") > 10
+
+
+def test_band_table_matches_a_dict():
+    """The NumPy band table answers like a dict of lists, through growth, repeated keys (within
+    one insert and across inserts) and the key 0 that marks an empty slot."""
+    from data_pipeline.band_table import BandTable
+
+    rng = np.random.default_rng(0)
+    table = BandTable(capacity=8)  # small: forces several rebuilds
+    expected: dict[int, list[int]] = {}
+    pool = rng.integers(0, 2**64, size=3000, dtype=np.uint64)
+    pool[:2] = [0, 5]
+    doc = 0
+    for _ in range(40):
+        keys = rng.choice(pool, size=int(rng.integers(1, 300)))
+        docs = np.arange(doc, doc + len(keys))
+        doc += len(keys)
+        table.add(keys, docs)
+        for k, d in zip(keys.tolist(), docs.tolist()):
+            expected.setdefault(k, []).append(d)
+    probe = np.concatenate([pool, rng.integers(0, 2**64, size=500, dtype=np.uint64)])
+    first = table.lookup(probe)
+    for k, f in zip(probe.tolist(), first.tolist()):
+        if k in expected:
+            assert table.docs_of(k, f) == expected[k]
+        else:
+            assert f == -1
+    assert len(table) == len(expected)
+    assert table.lookup(probe.reshape(-1, 7)[:10]).shape == (10, 7)
