@@ -38,13 +38,13 @@ class CacheError(ValueError):
     """A cache directory that can't be used (incomplete, wrong format, missing)."""
 
 
-def _spec(path: Path, seq_len: int) -> dict:
+def _spec(path: Path, seq_len: int, rows: int) -> dict:
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
         "metadata": {
-            "shape": [0, seq_len],
+            "shape": [rows, seq_len],
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [ROWS_PER_SHARD, seq_len]}},
             "data_type": "int32",
             "fill_value": 0,
@@ -84,17 +84,24 @@ class LanguageWriter:
         self.directory = directory
         self.seq_len = seq_len
         self.rows = rows
-        self._capacity = rows
         self._inflight: list = []
-        self._arrays = {}
+        # The three arrays are opened (and resized) concurrently: each is a metadata write.
+        if rows == 0:  # created with room for one shard of rows: no resize before the first append
+            self._capacity = ROWS_PER_SHARD
+            opening = {name: ts.open(_spec(directory / name, seq_len, ROWS_PER_SHARD), create=True,
+                                     delete_existing=True) for name in ARRAYS}
+            self._arrays = {name: future.result() for name, future in opening.items()}
+            return
+        opening = {}
         for name in ARRAYS:
-            path = directory / name
-            if rows == 0 or not path.exists():
-                arr = ts.open(_spec(path, seq_len), create=True, delete_existing=True).result()
+            if (directory / name).exists():
+                opening[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory / name)}})
             else:
-                arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result()
-            # Rows past ``rows`` may hold data from an interrupted run: they are overwritten.
-            self._arrays[name] = arr.resize(exclusive_max=[rows, seq_len], resize_tied_bounds=False).result()
+                opening[name] = ts.open(_spec(directory / name, seq_len, 0), create=True, delete_existing=True)
+        self._arrays = {name: future.result() for name, future in opening.items()}
+        # Rows past ``rows`` may hold data from an interrupted run: they are overwritten.
+        self._capacity = rows
+        self._resize(rows)
 
     def append(self, packed: PackedRows) -> None:
         """Start writing ``packed`` after the current rows; :meth:`flush` waits for the writes
@@ -110,8 +117,9 @@ class LanguageWriter:
         self.rows = end
 
     def _resize(self, rows: int) -> None:
-        for name in ARRAYS:
-            self._arrays[name] = self._arrays[name].resize(exclusive_max=[rows, self.seq_len]).result()
+        resizing = {name: arr.resize(exclusive_max=[rows, self.seq_len], resize_tied_bounds=False)
+                    for name, arr in self._arrays.items()}
+        self._arrays = {name: future.result() for name, future in resizing.items()}
 
     def close(self) -> None:
         """Wait for the writes and trim the arrays to exactly the rows written."""

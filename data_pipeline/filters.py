@@ -167,6 +167,9 @@ class CharStats:
     non_space: np.ndarray  # [docs] characters that are not whitespace
     letters: np.ndarray  # [docs] letters and marks
     in_script: np.ndarray  # [docs] letters in the document's accepted scripts
+    words: np.ndarray  # [docs] len(text.split())
+    newlines: np.ndarray  # [docs] "\n" characters
+    uncollapsed: np.ndarray  # [docs] bool: text != " ".join(text.split())
 
 
 def char_stats(texts: Sequence[str], accepted_scripts: Sequence[tuple[str, ...]]) -> CharStats:
@@ -174,7 +177,7 @@ def char_stats(texts: Sequence[str], accepted_scripts: Sequence[tuple[str, ...]]
     n = len(texts)
     if n == 0:
         z = np.zeros(0, np.int64)
-        return CharStats(z, z, z)
+        return CharStats(z, z, z, z, z, np.zeros(0, bool))
     lengths = np.fromiter((len(t) for t in texts), np.int64, count=n)
     cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
     letter_tab, script_tab, space_tab = _bmp_tables()
@@ -203,44 +206,70 @@ def char_stats(texts: Sequence[str], accepted_scripts: Sequence[tuple[str, ...]]
             out[nonempty] = np.add.reduceat(flags, starts[nonempty], dtype=np.int64)
         return out
 
-    return CharStats(per_doc(~is_space), per_doc(is_letter), per_doc(is_letter & accepted))
+    # Whitespace as str.split() sees it: a word starts at a non-space after a space or at the
+    # document's start; a text is already collapsed when every space is a single U+0020 between
+    # two words (no other whitespace, no runs, nothing leading or trailing).
+    after_space = np.empty(len(cps), bool)
+    after_space[1:] = is_space[:-1]
+    after_space[starts[nonempty]] = True
+    irregular = is_space & ((cps != 32) | after_space)
+    ends = (starts + lengths - 1)[nonempty]
+    uncollapsed = per_doc(irregular) > 0
+    uncollapsed[nonempty] |= is_space[ends]
+    return CharStats(
+        per_doc(~is_space), per_doc(is_letter), per_doc(is_letter & accepted),
+        per_doc(~is_space & after_space), per_doc(cps == 10), uncollapsed,
+    )
 
 
+#: Batch reasons in the order they apply (index 0: none).
+_BATCH_REASONS = (None, "too_short", "too_many_symbols", "repeated_lines", "repeated_ngrams", SCRIPT_REASON)
 
 
-def batch_reasons(
-    texts: Sequence[str],
-    langs: Sequence[str],
-    configs: Sequence[FilterConfig],
-    words: Sequence[list[str]] | None = None,
-) -> list[str | None]:
-    """:func:`quality_reason` then :func:`script_reason` for every document of a batch.
+def batch_reasons(texts: Sequence[str], langs: Sequence[str], configs: Sequence[FilterConfig]) -> list[str | None]:
+    """:func:`quality_reason` then :func:`script_reason` for every document of a batch."""
+    return batch_check(texts, langs, configs)[0]
 
-    ``words``: each text's ``text.split()`` when the caller has it already.
+
+def batch_check(
+    texts: Sequence[str], langs: Sequence[str], configs: Sequence[FilterConfig]
+) -> tuple[list[str | None], CharStats]:
+    """Each document's first failing rule (as :func:`batch_reasons`), and the batch's
+    :class:`CharStats` (callers reuse its word counts and whitespace flags).
+
+    The counting rules are whole-batch array comparisons per (language, thresholds) group; only
+    the documents that could break a line or n-gram rule (several lines, or at least
+    ``repetition_min_words`` words) are looked at one by one.
     """
-    by_language: dict = {}  # (lang, id(config)) -> accepted scripts (configs are shared per language)
-    scripts = []
-    for lang, f in zip(langs, configs):
-        key = (lang, id(f))
-        if key not in by_language:
-            by_language[key] = expected_scripts(lang, f) if is_known_language(lang) else ()
-        scripts.append(by_language[key])
+    groups: dict[tuple[str, int], list[int]] = {}  # configs are shared objects per language
+    if len(set(langs)) == 1 and len(set(map(id, configs))) == 1:  # the usual batch: one file
+        groups[(langs[0], id(configs[0]))] = list(range(len(texts)))
+    else:
+        for i, (lang, f) in enumerate(zip(langs, configs)):
+            groups.setdefault((lang, id(f)), []).append(i)
+    scripts: list[tuple[str, ...]] = [()] * len(texts)
+    for (lang, _), members in groups.items():
+        f = configs[members[0]]
+        accepted = expected_scripts(lang, f) if is_known_language(lang) else ()
+        for i in members:
+            scripts[i] = accepted
     stats = char_stats(texts, scripts)
-    reasons: list[str | None] = []
-    if words is None:
-        words = [text.split() for text in texts]
-    for i, (text, lang, f, words) in enumerate(zip(texts, langs, configs, words)):
-        non_space, letters = int(stats.non_space[i]), int(stats.letters[i])
-        if len(words) < f.min_words:
-            reasons.append("too_short")
-        elif non_space and 1.0 - letters / non_space > f.max_non_letter_ratio:
-            reasons.append("too_many_symbols")
-        elif "\n" in text and duplicate_line_fraction(text) > f.max_duplicate_line_fraction:
-            reasons.append("repeated_lines")
-        elif _repeated_ngrams(words, f):
-            reasons.append("repeated_ngrams")
-        elif is_known_language(lang) and (letters == 0 or stats.in_script[i] / letters < f.min_script_share):
-            reasons.append(SCRIPT_REASON)
-        else:
-            reasons.append(None)
-    return reasons
+    codes = np.zeros(len(texts), np.int64)
+    for (lang, _), members in groups.items():
+        f = configs[members[0]]
+        idx = np.array(members)
+        words, letters = stats.words[idx], stats.letters[idx]
+        non_space = stats.non_space[idx]
+        symbols = (non_space > 0) & (1.0 - letters / np.maximum(non_space, 1) > f.max_non_letter_ratio)
+        lines = np.zeros(len(idx), bool)
+        ngrams = np.zeros(len(idx), bool)
+        for k in np.flatnonzero(stats.newlines[idx] > 0).tolist():
+            lines[k] = duplicate_line_fraction(texts[members[k]]) > f.max_duplicate_line_fraction
+        for k in np.flatnonzero(words >= f.repetition_min_words).tolist():
+            ngrams[k] = _repeated_ngrams(texts[members[k]].split(), f)
+        script = np.zeros(len(idx), bool)
+        if is_known_language(lang):
+            script = (letters == 0) | (stats.in_script[idx] / np.maximum(letters, 1) < f.min_script_share)
+        rules = [words < f.min_words, symbols, lines, ngrams, script]  # in _BATCH_REASONS order
+        codes[idx] = np.select(rules, range(1, len(rules) + 1), 0)
+    return [_BATCH_REASONS[c] for c in codes.tolist()], stats

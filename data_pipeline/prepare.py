@@ -39,7 +39,7 @@ import numpy as np
 from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, write_json_atomic
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, lsh_bands, minhasher
-from data_pipeline.filters import batch_reasons, filters_for
+from data_pipeline.filters import batch_check, filters_for
 from data_pipeline.lid import get_identifier, lid_reason, shares_script
 from data_pipeline.pack import Packer
 from data_pipeline.report import Report, render_table
@@ -166,17 +166,25 @@ class DocumentProcessor:
             f = self._filters[lang] = filters_for(self.config, lang)
         return f
 
-    def reasons(self, items: list[tuple[str, str]], words: list[list[str]] | None = None) -> list[str | None]:
-        """Quality, script and language-ID reason (or None) of each (lang, text)."""
-        configs = [self._filters_for(lang) for lang, _ in items]
-        reasons = batch_reasons([t for _, t in items], [lang for lang, _ in items], configs, words)
+    def reasons(self, items: list[tuple[str, str]]) -> tuple[list[str | None], np.ndarray]:
+        """Quality, script and language-ID reason (or None) of each (lang, text), and whether each
+        text's whitespace differs from ``" ".join(text.split())`` (see filters.CharStats)."""
+        langs = [lang for lang, _ in items]
+        texts = [text for _, text in items]
+        config_of = {lang: self._filters_for(lang) for lang in dict.fromkeys(langs)}
+        reasons, stats = batch_check(texts, langs, [config_of[lang] for lang in langs])
         lid = self.config.lid
-        for i, ((lang, text), f) in enumerate(zip(items, configs)):
-            if len(text) > f.max_chars:  # a per-language limit below the reader's (it comes first)
-                reasons[i] = "too_long"
-            if reasons[i] is None and self._needs_lid(lang):
-                reasons[i] = lid_reason(text, lang, self.identifier, lid.min_confidence, lid.min_chars)
-        return reasons
+        for lang, f in config_of.items():
+            own_limit = f.max_chars < self.max_chars  # a per-language limit below the reader's
+            needs_lid = self._needs_lid(lang)
+            if not (own_limit or needs_lid):
+                continue
+            for i in (i for i, x in enumerate(langs) if x == lang):
+                if own_limit and len(texts[i]) > f.max_chars:  # it comes first: cheap checks first
+                    reasons[i] = "too_long"
+                if reasons[i] is None and needs_lid:
+                    reasons[i] = lid_reason(texts[i], lang, self.identifier, lid.min_confidence, lid.min_chars)
+        return reasons, stats.uncollapsed
 
     def _needs_lid(self, lang: str) -> bool:
         """Can language ID drop a document of ``lang`` (another covered language shares its script)?"""
@@ -208,12 +216,12 @@ class DocumentProcessor:
         items = [(docs.langs[i], docs.texts[i]) for i in accepted]
         reasons = list(docs.reasons)
         previews = list(docs.previews)
-        words = [text.split() for _, text in items]
         texts, collapsed = [], []  # of passing documents; collapsed: whitespace runs → one space
-        for i, (lang, text), w, reason in zip(accepted, items, words, self.reasons(items, words)):
+        verdicts, uncollapsed = self.reasons(items)
+        for i, (lang, text), reason, irregular in zip(accepted, items, verdicts, uncollapsed.tolist()):
             if reason is None:
                 texts.append(text)
-                collapsed.append(" ".join(w))
+                collapsed.append(" ".join(text.split()) if irregular else text)
             else:
                 reasons[i] = reason
                 previews[i] = text[:EXAMPLE_CHARS]

@@ -81,9 +81,25 @@ def test_batch_path_equals_per_document_path(sample_train_dir):
         lang = path.name.split(".")[0]
         texts = [normalize(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:150]
         texts += ["English words only here", "१२३ ४५६ ७८९", "mixed हिंदी text 😀 𑀅"]
+        texts += _awkward_documents(texts[:40])
         stats = char_stats(texts, [expected_scripts(lang, f)] * len(texts))
         ref = [script_share(t, lang.split("_")[1]) for t in texts]
         assert stats.in_script.tolist() == [r[0] for r in ref], lang
         assert stats.letters.tolist() == [r[1] for r in ref], lang
+        assert stats.words.tolist() == [len(t.split()) for t in texts], lang
+        assert stats.newlines.tolist() == [t.count("\n") for t in texts], lang
+        assert stats.uncollapsed.tolist() == [t != " ".join(t.split()) for t in texts], lang
         per_doc = [quality_reason(t, f) or script_reason(t, lang, f) for t in texts]
         assert batch_reasons(texts, [lang] * len(texts), [f] * len(texts)) == per_doc, lang
+
+
+def _awkward_documents(lines: list[str]) -> list[str]:
+    """Whitespace and repetition cases for the batch path: leading, trailing, tab, runs, other
+    Unicode spaces, a blank text, repeated lines, repeated n-grams in a long text."""
+    a, b, c = lines[0], lines[1], lines[2]
+    long_repeat = " ".join([a] * 12)
+    return [
+        " " + a, a + " ", a.replace(" ", "\t", 1), a.replace(" ", "  ", 1), a.replace(" ", "\u00a0", 1),
+        a.replace(" ", "\u2003 ", 1), "   ", "", "\n".join([a, b, a, a]), "\n".join([a, b, c]), a + "\n",
+        long_repeat, " ".join(lines[:12]), "\n".join([long_repeat, b]),
+    ]
