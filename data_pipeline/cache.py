@@ -39,7 +39,9 @@ class CacheError(ValueError):
 
 
 def _spec(path: Path, seq_len: int, rows: int) -> dict:
-    inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
+    # zstd level 1: packed token rows come out 1.4% larger than with level 3 (measured on the shared
+    # corpus) for half the CPU, which prepare's deciding process pays (tensorstore's threads).
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 1}}]
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},

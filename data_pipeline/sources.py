@@ -508,22 +508,14 @@ def _text_columns_fast(data: bytes, lang: str, r: LineRange, max_chars: int) -> 
     normalized = normalize(text).split("\n") if not text.isascii() else lines
     if len(lines) != r.lines or len(normalized) != r.lines:
         return None
-    texts: list[str | None] = []
-    reasons: list[str | None] = []
-    previews: list[str] = []
-    for line, norm in zip(lines, normalized):
-        if line.endswith("\r"):
-            line, norm = line[:-1], norm[:-1]
-        if not line or line.isspace():
-            reason = "empty"
-        elif len(line) > max_chars:
-            return None  # rare; the careful path previews a line too long to hold as it streams it
-        else:
-            texts.append(norm)
-            reasons.append(None)
-            previews.append("")
-            continue
-        texts.append(None)
-        reasons.append(reason)
-        previews.append(_preview(line))
+    if "\r" in text:  # CRLF line ends
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        normalized = [line[:-1] if line.endswith("\r") else line for line in normalized]
+    if lines and max(map(len, lines)) > max_chars:
+        return None  # rare; the careful path previews a line too long to hold as it streams it
+    texts: list[str | None] = normalized
+    reasons: list[str | None] = [None] * len(lines)
+    previews = [""] * len(lines)
+    for i in [i for i, line in enumerate(lines) if not line or line.isspace()]:
+        texts[i], reasons[i], previews[i] = None, "empty", _preview(lines[i])
     return DocumentColumns([lang] * len(texts), texts, reasons, previews)

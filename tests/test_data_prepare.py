@@ -189,6 +189,31 @@ def test_rerun_on_complete_cache_is_a_no_op_and_mismatch_is_refused(clean_cache,
         prepare([sample_train_dir], tokenizer, clean_cache, seq_len=SEQ_LEN * 2, workers=1, show_progress=False)
 
 
+def test_main_process_shares_the_work_and_keeps_input_order(tmp_path, sample_train_dir, tokenizer, monkeypatch):
+    """With worker processes the main process also processes batches while it waits; whichever
+    process did a batch, the cache, report and drop log equal a one-process run's."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("hin_Deva.txt", "tam_Taml.txt", "urd_Arab.txt"):
+        lines = (sample_train_dir / name).read_bytes().splitlines(keepends=True)[:700]
+        (corpus / name).write_bytes(b"".join(lines + lines[:50]))  # with duplicates to decide in order
+    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 64)
+    one = prepare([corpus], tokenizer, tmp_path / "one", seq_len=SEQ_LEN, workers=1, show_progress=False)
+    local_batches = []
+    original_call = prepare_mod.DocumentProcessor.__call__
+    monkeypatch.setattr(prepare_mod.DocumentProcessor, "__call__",
+                        lambda self, task: local_batches.append(task) or original_call(self, task))
+    several = prepare([corpus], tokenizer, tmp_path / "several", seq_len=SEQ_LEN, workers=3, show_progress=False)
+    batches = -(-750 // 64) * 3
+    assert 0 < len(local_batches) < batches  # both the main process and the pool did batches
+    assert several.report == one.report and several.languages == one.languages
+    assert (tmp_path / "several" / DROP_LOG).read_text() == (tmp_path / "one" / DROP_LOG).read_text()
+    for lang, v in one.languages.items():
+        for name in ("tokens", "segment_ids", "positions"):
+            np.testing.assert_array_equal(getattr(read_rows(tmp_path / "several", lang, slice(0, v["rows"])), name),
+                                          getattr(read_rows(tmp_path / "one", lang, slice(0, v["rows"])), name))
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_cache(tmp_path, sample_train_dir, tokenizer, clean_cache):
     out = tmp_path / "cache"
