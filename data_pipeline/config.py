@@ -126,7 +126,9 @@ class DataConfig(Section):
     )
     lid: LidConfig = Field(default_factory=LidConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
-    workers: int = Field(0, ge=0, description="worker processes for cleaning+tokenizing (0 = CPU count)")
+    workers: int = Field(
+        0, ge=0, description="processes that clean and tokenize, this one included (0 = CPU count; 1 = no worker processes)"
+    )
     checkpoint_every_docs: int = Field(
         200_000, gt=0, description="commit cache rows and resume state after this many documents"
     )

@@ -14,7 +14,8 @@ One document's path::
 The main process, which must decide duplicates in input order, does as little per document as
 possible (measured by ``benchmarks/prepare.py``): everything that does not depend on earlier
 documents runs in the workers.  Workers get batches (line ranges) and results are consumed in
-input order, so the cache is identical whatever the number of workers.  Every
+input order, so the cache is identical whatever the number of workers; the main process is one of
+them, doing batches whenever the next result is not ready yet (see :func:`_process`).  Every
 ``checkpoint_every_docs`` documents the written rows, the dedup index, the packers' unfinished rows
 and the report are committed to ``.prepare_state``; re-running the same command after an
 interruption continues from there without duplicating rows.  ``metadata.json`` is written last: a

@@ -27,7 +27,7 @@ def prepare_cmd(
     ] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cache directory (default: data.cache_dir)")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed row (default: data.seq_len)")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes (default: data.workers; 0 = all CPUs)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that clean and tokenize, the main one included (default: data.workers; 0 = all CPUs; 1 = no worker processes)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing cache in --output first")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
