@@ -2,57 +2,70 @@
 
 * **save stall ÷ step time** (goal ≤ 2 %): the train loop calls ``Checkpointer.save`` between two
   steps; on one process that only dispatches an on-device copy of the state and queues the Orbax
-  call for a worker thread, then training continues (see ``indicfm/train/checkpoint.py``).
-  ``stall_per_save_over_step_time`` is the median time one save blocks the loop (the call plus the
-  slow-down of the next step, see ``measure_stall``) ÷ the median undisturbed step time;
+  call for an idle-priority worker thread, then training continues (see
+  ``indicfm/train/checkpoint.py``).  ``stall_per_save_over_step_time`` is the median over saves of
+  the time one save blocks the loop — the call plus the summed slow-down of every step the save
+  overlapped, see ``measure_stall`` — ÷ the undisturbed step time around it;
   ``stall_share_of_training_time_every_100_steps`` spreads it over the default
   ``checkpoint.every_steps = 100`` steps.  The ``orbax_only_*`` figures are the same measurement
   with Orbax called on the training thread (its own async save, as with several processes).
-* **restore time** of the full train state (parameters + AdamW moments + router bias + RNG) of a
-  model config, read back into its target shardings.
+* **restore time** of the full train state (parameters + AdamW moments filled with random values
+  as after training + router bias + RNG) of a model config, read back into its target shardings.
 
 ``run(quick=True)`` uses ``tiny-moe`` for both (a few minutes on 2 CPU cores); ``quick=False`` times
-the step and stall with ``tiny-moe`` and restores the ``small-moe`` state (~1.0 B parameters, ~12 GB
-with Adam moments: needs that much free memory and disk).
+the stall with ``tiny-moe`` over more saves and restores the ``small-moe`` state (~1.0 B parameters,
+12.1 GB with Adam moments: needs ~14 GB free memory and 12 GB disk, else it says so and skips it).
+``--restore-only`` runs just the restore part.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from indicfm.config import CONFIG_DIR, MeshConfig, load_config
 
 
-def _state_for(model_cfg, mesh):
-    from indicfm.sharding import create_model
+def _optimizer():
     from indicfm.train.config import OptimizerConfig
     from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
-    from indicfm.train.step import init_train_state
 
     opt_cfg = OptimizerConfig()
-    tx = make_optimizer(opt_cfg, 1000, 5)
+    return opt_cfg, make_optimizer(opt_cfg, 1000, 5), learning_rate_schedule(opt_cfg, 1000)
+
+
+def _state_for(model_cfg, mesh):
+    from indicfm.sharding import create_model
+    from indicfm.train.step import init_train_state
+
+    _, tx, schedule = _optimizer()
     graphdef, state, shardings = init_train_state(create_model(model_cfg, mesh, 0), tx, 0, mesh)
-    return graphdef, tx, learning_rate_schedule(opt_cfg, 1000), state, shardings
+    return graphdef, tx, schedule, state, shardings
 
 
 def measure_stall(
-    model_cfg, seq_len: int, batch_size: int, steps: int, saves: int, workdir: Path, *, save_thread: bool = True
+    model_cfg, seq_len: int, batch_size: int, saves: int, workdir: Path, *, save_thread: bool = True,
+    quiet_steps_between: int = 4, max_steps_per_save: int = 60,
 ) -> dict:
     """Median step time, and how long one save blocks the loop (same process, same load).
 
-    Blocked time of one save = the ``Checkpointer.save`` call (which includes waiting for the previous
-    save's set-up) + how much longer the step right after it takes than an undisturbed step (the
-    background work competes with training for the CPU and the GIL; counted as 0 when not slower).
-    ``final_wait_s`` is what ``close()`` then waits for the last save to reach the disk (the end of
-    a run, not a stall between steps).  The items are the real ones: arrays, JSON metadata and a
-    512 KiB tokenizer file.
+    Blocked time of one save = the ``Checkpointer.save`` call + the slow-down of EVERY step during
+    which the save was still running (its set-up or Orbax's writing competes with training for the
+    CPU and the GIL), plus the one step after it finished: the sum of (step time − median undisturbed
+    step time) over those steps, counted as 0 when negative in total.  Saves are spaced so that they
+    never overlap, with ``quiet_steps_between`` undisturbed steps before each (the reference steps,
+    interleaved in time with the disturbed ones so a change of the machine's load hits both).
+    ``final_wait_s`` is what ``close()`` waits for the last save (the end of a run, not a stall).
+    The items are the real ones: arrays, JSON metadata and a 512 KiB tokenizer file.
     """
     from indicfm.sharding import batch_sharding, make_mesh
     from indicfm.train.checkpoint import Checkpointer, tokenizer_item
@@ -75,88 +88,182 @@ def measure_stall(
     tokenizer = tokenizer_item(workdir / "tokenizer.model")
     meta = {"loader": {"step": 0, "seed": 0}, "config": {"model": model_cfg.model_dump(mode="json")}}
     checkpointer = Checkpointer(workdir / "checkpoints", CheckpointConfig(every_steps=1, keep_last=2), save_thread=save_thread)
-    every = max(1, steps // saves)
-    with jax.set_mesh(mesh):
-        state, metrics = step_fn(state, batch)  # compile
+
+    def timed_step() -> float:
+        nonlocal state
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
         jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    quiet: list[list[float]] = []  # undisturbed steps before each save, and after the last one
+    save_calls: list[float] = []
+    disturbed: list[list[float]] = []  # per save: the steps it overlapped, and the one after
+    with jax.set_mesh(mesh):
+        timed_step()  # compile
         checkpointer.save(0, state, meta, tokenizer)  # first save compiles the copy, starts Orbax's threads
         checkpointer.wait()
-        quiet_steps, steps_after_save, save_calls = [], [], []
-        just_saved = False
-        for i in range(steps):
+        step = 1
+        for _ in range(saves):
+            quiet.append([timed_step() for _ in range(quiet_steps_between)])
+            step += quiet_steps_between
             start = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            jax.block_until_ready(metrics)
-            (steps_after_save if just_saved else quiet_steps).append(time.perf_counter() - start)
-            just_saved = i % every == 0 and len(save_calls) < saves
-            if just_saved:
-                start = time.perf_counter()
-                checkpointer.save(i + 1, state, meta, tokenizer)
-                save_calls.append(time.perf_counter() - start)
+            checkpointer.save(step, state, meta, tokenizer)
+            save_calls.append(time.perf_counter() - start)
+            steps = [timed_step()]  # the step right after the save is always counted
+            while checkpointer.save_in_progress() and len(steps) < max_steps_per_save:
+                steps.append(timed_step())
+            steps.append(timed_step())  # the one after the save finished (clean-up, garbage collection)
+            disturbed.append(steps)
+            step += len(steps)
+        quiet.append([timed_step() for _ in range(quiet_steps_between)])
         start = time.perf_counter()
         checkpointer.close()
         final_wait_s = time.perf_counter() - start
-    step_s = statistics.median(quiet_steps)
-    call_s = statistics.median(save_calls)
-    slowdown_s = max(0.0, statistics.median(steps_after_save) - step_s) if steps_after_save else 0.0
-    stall_s = call_s + slowdown_s
+    # Each save is compared with the undisturbed steps just before and just after it: the load of this
+    # shared machine drifts, and a global median would count that drift as (or against) the save.
+    baselines = [statistics.median(before + after) for before, after in zip(quiet, quiet[1:])]
+    slowdowns = [max(0.0, sum(t - base for t in steps)) for steps, base in zip(disturbed, baselines)]
+    stalls = [call + slow for call, slow in zip(save_calls, slowdowns)]
+    step_s = statistics.median(t for block in quiet for t in block)
+    stall_s = statistics.median(stalls)
+    over_step = statistics.median(stall / base for stall, base in zip(stalls, baselines))
     return {
         "step_s": round(step_s, 4),
-        "save_call_s": round(call_s, 4),
-        "next_step_slowdown_s": round(slowdown_s, 4),
+        "step_s_spread": round(statistics.pstdev(t for block in quiet for t in block), 4),
+        "save_call_s": round(statistics.median(save_calls), 4),
+        "steps_disturbed_per_save": statistics.median(len(steps) for steps in disturbed),
+        "following_steps_slowdown_s": round(statistics.median(slowdowns), 4),
         "save_stall_s": round(stall_s, 4),
-        "stall_per_save_over_step_time": round(stall_s / step_s, 4),
-        "goal_stall_per_save_le_2pct": bool(stall_s / step_s <= 0.02),
-        "stall_share_of_training_time_every_100_steps": round(stall_s / (100 * step_s), 5),
+        "stall_per_save_over_step_time": round(over_step, 4),
+        "stall_per_save_over_step_time_each": [round(x / base, 3) for x, base in zip(stalls, baselines)],
+        "goal_stall_per_save_le_2pct": bool(over_step <= 0.02),
+        "stall_share_of_training_time_every_100_steps": round(over_step / 100, 5),
         "final_wait_s": round(final_wait_s, 4),
     }
 
 
-def measure_restore(model_cfg, workdir: Path, repeats: int = 2) -> dict:
-    """Save the full train state once, then time restoring it into freshly described shardings."""
+def _model_config(name: str):
+    return load_config(CONFIG_DIR / "model" / f"{name}.yaml").model
+
+
+def _restore_target(model_cfg, mesh):
+    """What a resuming run asks Orbax for: shapes, dtypes and target shardings; nothing allocated."""
+    from indicfm.train.step import abstract_train_state
+
+    _, tx, _ = _optimizer()
+    _, target, _ = abstract_train_state(model_cfg, tx, 0, mesh)
+    return target
+
+
+def state_bytes(model_name: str) -> int:
+    """Bytes of the full train state (parameters + AdamW moments + router bias + RNG), not allocated."""
+    from indicfm.sharding import make_mesh
+
+    target = _restore_target(_model_config(model_name), make_mesh(MeshConfig(data=-1)))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+
+
+def write_state_checkpoint(model_name: str, directory: str, in_flight_gb: int) -> None:
+    """Save a freshly initialised train state once: Orbax on this thread (no on-device snapshot, which
+    would double the memory) and at most ``in_flight_gb`` being written at a time."""
     from indicfm.sharding import make_mesh
     from indicfm.train.checkpoint import Checkpointer
     from indicfm.train.config import CheckpointConfig
-    from indicfm.train.step import abstract_train_state
 
-    mesh = make_mesh(MeshConfig(data=-1))
-    _, tx, _, state, _ = _state_for(model_cfg, mesh)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    # Orbax directly (no on-device snapshot for the worker thread): the state is not trained on
-    # afterwards, and a snapshot would double the memory of a multi-GB state.
-    checkpointer = Checkpointer(workdir, CheckpointConfig(every_steps=1), save_thread=False)
+    _, _, _, state, _ = _state_for(_model_config(model_name), make_mesh(MeshConfig(data=-1)))
+    state["opt_state"] = _like_trained_moments(state["opt_state"])
+    cfg = CheckpointConfig(every_steps=1, async_save=False)
+    checkpointer = Checkpointer(directory, cfg, save_thread=False, in_flight_gb=in_flight_gb)
     checkpointer.save(1, state, {"loader": {}})
     checkpointer.close()
-    del state
-    times = []
-    for _ in range(repeats):
-        _, target, _ = abstract_train_state(model_cfg, tx, 0, mesh)
+
+
+def _like_trained_moments(opt_state):
+    """Fresh AdamW moments are zeros, which zstd shrinks to nearly nothing; a resumed run's are not.
+    Fill every floating-point array with random values, in place (its buffer is donated), so the
+    restore reads as many bytes as it would after real training."""
+    def fill(x, key):
+        return jax.random.normal(key, x.shape, x.dtype) if x.ndim else x
+
+    fill_in_place = jax.jit(fill, donate_argnums=0)
+    leaves, treedef = jax.tree.flatten(opt_state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    filled = [fill_in_place(x, k) if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, filled)
+
+
+def time_restore(model_name: str, directory: str, in_flight_gb: int) -> float:
+    """Seconds to restore the newest checkpoint into the target shardings, as a resuming run does."""
+    from indicfm.sharding import make_mesh
+    from indicfm.train.checkpoint import Checkpointer
+    from indicfm.train.config import CheckpointConfig
+
+    target = _restore_target(_model_config(model_name), make_mesh(MeshConfig(data=-1)))
+    start = time.perf_counter()
+    restored = Checkpointer(directory, CheckpointConfig(), in_flight_gb=in_flight_gb).restore_latest_good(target)
+    jax.block_until_ready(jax.tree.leaves(restored.state))
+    return time.perf_counter() - start
+
+
+def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1) -> dict:
+    """Write the model's full train state once, then time restoring it into freshly described shardings.
+
+    Each part runs in its own fresh process, so the writer's memory is back with the OS before the
+    restore allocates the state (peak ≈ one state + ``in_flight_gb``, not two states) and the restore,
+    like a real resume, starts with no Orbax or tensorstore cache.  The files were just written, so
+    they are (as far as free memory allows) in the OS page cache: this measures Orbax and tensorstore
+    (decompression, copies into the arrays), not the disk.
+    """
+    nbytes = state_bytes(model_name)
+    needed = nbytes + in_flight_gb * 1e9 + 1e9  # + the interpreter, JAX and Orbax themselves
+    available = _available_memory_bytes()
+    if available is not None and available < needed:
+        return {"restore_skipped": f"needs ~{needed / 1e9:.1f} GB free memory, {available / 1e9:.1f} GB available",
+                "state_gb": round(nbytes / 1e9, 3)}
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as writer:
         start = time.perf_counter()
-        restored = Checkpointer(workdir, CheckpointConfig()).restore_latest_good(target)
-        jax.block_until_ready(jax.tree.leaves(restored.state))
-        times.append(time.perf_counter() - start)
-        del restored
-    seconds = min(times)
+        writer.submit(write_state_checkpoint, model_name, str(workdir), in_flight_gb).result()
+        save_s = time.perf_counter() - start
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as reader:
+        restore_s = reader.submit(time_restore, model_name, str(workdir), in_flight_gb).result()
+    disk = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
     return {
-        "restore_s": round(seconds, 3),
-        "state_gb": round(state_bytes / 1e9, 3),
-        "restore_gb_per_s": round(state_bytes / 1e9 / seconds, 3),
+        "restore_s": round(restore_s, 3),
+        "state_gb": round(nbytes / 1e9, 3),
+        "restore_gb_per_s": round(nbytes / 1e9 / restore_s, 3),
+        "checkpoint_on_disk_gb": round(disk / 1e9, 3),
+        "one_off_save_s": round(save_s, 1),  # includes initialising the state and process start-up
     }
 
 
-def run(quick: bool) -> dict:
-    tiny = load_config(CONFIG_DIR / "model" / "tiny-moe.yaml").model
-    big = tiny if quick else load_config(CONFIG_DIR / "model" / "small-moe.yaml").model
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run(quick: bool, *, restore_only: bool = False) -> dict:
+    restore_model = "tiny-moe" if quick else "small-moe"
     root = Path(tempfile.mkdtemp(prefix="indicfm-bench-ckpt-"))
     try:
-        figures = {"stall_model": "tiny-moe", "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
-        stall_args = dict(seq_len=128, batch_size=16, steps=10 if quick else 30, saves=3)
-        figures.update(measure_stall(tiny, **stall_args, workdir=root / "stall"))
-        # the same with Orbax called on the training thread (its own async save only), for comparison
-        orbax_only = measure_stall(tiny, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
-        figures.update({f"orbax_only_{k}": v for k, v in orbax_only.items() if k != "goal_stall_per_save_le_2pct"})
-        figures["restore_model"] = "tiny-moe" if quick else "small-moe"
-        figures.update(measure_restore(big, root / "restore"))
+        figures = {"devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
+        if not restore_only:
+            tiny = _model_config("tiny-moe")
+            figures["stall_model"] = "tiny-moe"
+            stall_args = dict(seq_len=128, batch_size=16, saves=6 if quick else 12)
+            figures.update(measure_stall(tiny, **stall_args, workdir=root / "stall"))
+            # the same with Orbax called on the training thread (its own async save only), for comparison
+            orbax_only = measure_stall(tiny, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
+            figures.update({f"orbax_only_{k}": v for k, v in orbax_only.items() if k != "goal_stall_per_save_le_2pct"})
+        figures["restore_model"] = restore_model
+        figures.update(measure_restore(restore_model, root / "restore"))
         return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -167,9 +274,13 @@ def main() -> None:
     import json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny-moe only (a few minutes on 2 CPU cores)")
+    parser.add_argument(
+        "--restore-only", action="store_true",
+        help="only the restore figures (e.g. the ~12 GB small-moe restore on its own, when memory is free)",
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, restore_only=args.restore_only), indent=2))
 
 
 if __name__ == "__main__":

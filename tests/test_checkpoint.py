@@ -116,3 +116,18 @@ def test_tokenizer_item_round_trip_checks_sha(tmp_path):
     item["sha256"] = "0" * 64
     with pytest.raises(ValueError, match="sha256"):
         write_tokenizer_item(item, tmp_path / "bad.model")
+
+
+def test_uncompressed_save_with_little_in_flight_restores_bitwise(tmp_path):
+    # zeros: zstd would shrink them to almost nothing, so the files' size shows whether it ran
+    state = {"zeros": jnp.zeros((256, 1024), jnp.float32), "w": jnp.asarray(_arrays(7)["w3"])}
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1), in_flight_gb=1)
+    ckpt.save(1, state, {})
+    ckpt.close()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "ckpt" / "1" / "state").rglob("*") if p.is_file())
+    assert on_disk >= 256 * 1024 * 4 + 64 * 192 * 4  # every byte of both arrays is stored as is
+
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
+    restored = Checkpointer(tmp_path / "ckpt", CheckpointConfig(), in_flight_gb=1).restore(1, target)
+    np.testing.assert_array_equal(np.asarray(restored.state["zeros"]), np.zeros((256, 1024), np.float32))
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), _arrays(7)["w3"])

@@ -1,7 +1,9 @@
 """Background saves (one process, ``checkpoint.async_save``): the saved state is the one passed to
 ``save`` even if the caller donates its buffers right away, and background errors are not lost."""
 
+import os
 import shutil
+import threading
 import time
 
 import jax
@@ -90,3 +92,46 @@ def test_a_failing_background_save_raises_on_the_training_thread(tmp_path):
     with pytest.raises(Exception, match="not JSON serializable"):  # not swallowed by a background thread
         ckpt.wait()
     assert Checkpointer(tmp_path / "ckpt", CheckpointConfig()).steps() == []  # never became a checkpoint
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux per-thread scheduling policies")
+def test_orbax_runs_at_idle_priority_and_training_thread_does_not(tmp_path):
+    mesh = make_mesh(MeshConfig(data=8))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
+    orbax_save, seen = ckpt.manager.save, {}
+
+    def recording_orbax_save(*args, **kwargs):
+        seen["orbax_thread"] = os.sched_getscheduler(0)  # 0: the calling thread (Linux)
+        started = threading.Thread(target=lambda: seen.setdefault("thread_it_starts", os.sched_getscheduler(0)))
+        started.start()
+        started.join()
+        return orbax_save(*args, **kwargs)
+
+    ckpt.manager.save = recording_orbax_save
+    state = _state(mesh)
+    ckpt.save(1, state, {})
+    ckpt.close()
+    assert seen == {"orbax_thread": os.SCHED_IDLE, "thread_it_starts": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller (the train loop) is untouched
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = Checkpointer(tmp_path / "ckpt", CheckpointConfig()).restore(1, target)
+    for key, value in _state(mesh).items():
+        np.testing.assert_array_equal(np.asarray(restored.state[key]), np.asarray(value))
+
+
+def test_save_in_progress_until_the_checkpoint_is_on_disk(tmp_path):
+    mesh = make_mesh(MeshConfig(data=8))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
+    orbax_save = ckpt.manager.save
+
+    def slow_orbax_save(*args, **kwargs):
+        time.sleep(0.5)
+        return orbax_save(*args, **kwargs)
+
+    ckpt.manager.save = slow_orbax_save
+    assert not ckpt.save_in_progress()
+    ckpt.save(1, _state(mesh), {})
+    assert ckpt.save_in_progress() and not (tmp_path / "ckpt" / "1").exists()
+    ckpt.wait()
+    assert not ckpt.save_in_progress() and (tmp_path / "ckpt" / "1").is_dir()
+    ckpt.close()
