@@ -9,8 +9,8 @@
   ``stall_share_of_training_time_every_100_steps`` spreads it over the default
   ``checkpoint.every_steps = 100`` steps.  The ``orbax_only_*`` figures are the same measurement
   with Orbax called on the training thread (its own async save, as with several processes).
-* **restore time** of the full train state (parameters + AdamW moments filled with random values
-  as after training + router bias + RNG) of a model config, read back into its target shardings.
+* **restore time** of the full train state (parameters + AdamW moments + router bias + RNG) of a
+  model config, read back into its target shardings in a fresh process, as a resuming run does.
 
 ``run(quick=True)`` uses ``tiny-moe`` for both (a few minutes on 2 CPU cores); ``quick=False`` times
 the stall with ``tiny-moe`` over more saves and restores the ``small-moe`` state (~1.0 B parameters,
@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from indicfm.config import CONFIG_DIR, MeshConfig, load_config
@@ -165,32 +164,21 @@ def state_bytes(model_name: str) -> int:
 
 
 def write_state_checkpoint(model_name: str, directory: str, in_flight_gb: int) -> None:
-    """Save a freshly initialised train state once: Orbax on this thread (no on-device snapshot, which
-    would double the memory) and at most ``in_flight_gb`` being written at a time."""
+    """Save a full train state of ``model_name`` once, through ``Checkpointer``, in the format a run
+    writes.  The arrays are host zeros of the state's shapes and dtypes, not an initialised model: the
+    state is stored uncompressed, so the values change neither the bytes on disk nor the restore
+    time, and untouched zero pages cost no memory (a real 12 GB state would need 12 GB here, and
+    Orbax's device→host copies of it up to as much again)."""
     from indicfm.sharding import make_mesh
     from indicfm.train.checkpoint import Checkpointer
     from indicfm.train.config import CheckpointConfig
 
-    _, _, _, state, _ = _state_for(_model_config(model_name), make_mesh(MeshConfig(data=-1)))
-    state["opt_state"] = _like_trained_moments(state["opt_state"])
+    target = _restore_target(_model_config(model_name), make_mesh(MeshConfig(data=-1)))
+    state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
     cfg = CheckpointConfig(every_steps=1, async_save=False)
     checkpointer = Checkpointer(directory, cfg, save_thread=False, in_flight_gb=in_flight_gb)
     checkpointer.save(1, state, {"loader": {}})
     checkpointer.close()
-
-
-def _like_trained_moments(opt_state):
-    """Fresh AdamW moments are zeros, which zstd shrinks to nearly nothing; a resumed run's are not.
-    Fill every floating-point array with random values, in place (its buffer is donated), so the
-    restore reads as many bytes as it would after real training."""
-    def fill(x, key):
-        return jax.random.normal(key, x.shape, x.dtype) if x.ndim else x
-
-    fill_in_place = jax.jit(fill, donate_argnums=0)
-    leaves, treedef = jax.tree.flatten(opt_state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    filled = [fill_in_place(x, k) if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, filled)
 
 
 def time_restore(model_name: str, directory: str, in_flight_gb: int) -> float:
@@ -209,11 +197,10 @@ def time_restore(model_name: str, directory: str, in_flight_gb: int) -> float:
 def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1) -> dict:
     """Write the model's full train state once, then time restoring it into freshly described shardings.
 
-    Each part runs in its own fresh process, so the writer's memory is back with the OS before the
-    restore allocates the state (peak ≈ one state + ``in_flight_gb``, not two states) and the restore,
-    like a real resume, starts with no Orbax or tensorstore cache.  The files were just written, so
-    they are (as far as free memory allows) in the OS page cache: this measures Orbax and tensorstore
-    (decompression, copies into the arrays), not the disk.
+    Each part runs in its own fresh process, so the restore, like a real resume, starts with no Orbax
+    or tensorstore cache, and its memory (peak ≈ the state + ``in_flight_gb``) is all there is.  The
+    files were just written, so they are (as far as free memory allows) in the OS page cache: this
+    measures Orbax and tensorstore (reads, copies into the arrays), not the disk.
     """
     nbytes = state_bytes(model_name)
     needed = nbytes + in_flight_gb * 1e9 + 1e9  # + the interpreter, JAX and Orbax themselves
@@ -234,7 +221,7 @@ def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1) ->
         "state_gb": round(nbytes / 1e9, 3),
         "restore_gb_per_s": round(nbytes / 1e9 / restore_s, 3),
         "checkpoint_on_disk_gb": round(disk / 1e9, 3),
-        "one_off_save_s": round(save_s, 1),  # includes initialising the state and process start-up
+        "one_off_save_s": round(save_s, 1),  # host zeros through Checkpointer, incl. process start-up
     }
 
 
