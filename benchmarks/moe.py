@@ -9,8 +9,10 @@ the price of routing, dispatch and any padding or wasted expert FLOPs.  Useful T
 those active FLOPs (``18 * T * D * hidden`` for forward + backward of three matmuls).
 
 Implementations (see ``indicfm/model/moe.py``): ``capacity`` (fixed per-expert buffers, batched
-einsum; drops over-capacity assignments, the dropped share is printed); ``dropless/blocks`` (groups
-padded to whole blocks, one batched matmul: the default off TPU); ``dropless/ragged_dot`` (native
+einsum; drops over-capacity assignments, the dropped share is printed); ``dropless/rounds``
+(capacity-sized per-expert buffers repeated until every assignment is done: the CPU default);
+``dropless/blocks`` (groups padded to whole blocks, one batched matmul: the GPU default without
+tokamax); ``dropless/ragged_dot`` (native
 on TPU; on CPU/GPU XLA lowers it to a dense masked product over all experts); on GPU also
 ``dropless/ragged_dot_pallas`` (jax's Pallas-Triton lowering, ``jax_ragged_dot_use_gpu_pallas_triton_lowering``)
 and ``dropless/tokamax`` when tokamax is installed.  Sizes: ``bench-moe`` (64 experts, top-8, one
@@ -35,7 +37,7 @@ from benchmarks.step import MODEL_CONFIGS, platform_overrides
 def implementations(platform: str | None = None, quick: bool = False) -> list[str]:
     """Dispatch variants worth timing here, as ``dispatch/kernel`` names."""
     platform = platform or backend()
-    names = ["capacity", "dropless/blocks"]
+    names = ["capacity", "dropless/rounds", "dropless/blocks"]
     if platform == "tpu":
         names.append("dropless/ragged_dot")
     elif platform == "gpu":

@@ -14,9 +14,10 @@ one-device mesh: the figures are per device.
 Cases (see :func:`cases`):
 
 * CPU: ``configs/model/bench-dense.yaml`` and ``bench-moe.yaml`` (64 experts, top-8, one shared
-  expert), float32, 8 x 256 tokens; the MoE also with capacity dispatch; then dense, ``blocks``,
-  the old ``ragged_dot`` kernel and capacity side by side with two blocks at 4 x 128 tokens.
-  ``--quick``: two blocks, 4 x 128 tokens, dense and default dispatch only.
+  expert), float32, 8 x 256 tokens; the MoE also with capacity dispatch; then dense, ``rounds``
+  (the CPU default), ``blocks``, the old ``ragged_dot`` kernel and capacity side by side with two
+  blocks at 4 x 128 tokens.  ``--quick``: two blocks, 4 x 128 tokens, dense, the default
+  dispatch and capacity dispatch.
 * GPU/TPU (the issue's setting): ``small-moe`` at sequence length 4096 (batch 4) in bfloat16, its
   all-dense twin, its 64-expert top-8 + 1 shared variant, and a lighter remat policy; the dispatch
   each uses is printed (dropless resolves to tokamax on GPU when installed, else ``blocks``, never
@@ -72,11 +73,12 @@ def cases(quick: bool, platform: str | None = None) -> list[Case]:
     platform = platform or backend()
     if platform == "cpu":
         dense, moe = MODEL_CONFIGS / "bench-dense.yaml", MODEL_CONFIGS / "bench-moe.yaml"
-        if quick:  # two blocks (one dense + one MoE), default dispatch only: compiling dominates here
+        if quick:  # two blocks (one dense + one MoE): compiling dominates here
             short = ("model.num_layers=2",)
             return [
                 Case("dense", dense, short + ("model.first_dense_layers=2",), 4, 128),
                 Case("moe", moe, short, 4, 128),
+                Case("moe_capacity", moe, short + ("model.dispatch=capacity",), 4, 128),
             ]
         short = ("model.num_layers=2",)
         return [
@@ -86,6 +88,7 @@ def cases(quick: bool, platform: str | None = None) -> list[Case]:
             # MoE kernels side by side at the quick shape (the README's before/after table), including
             # the old default: ragged_dot, a masked dense product over all 64 experts on CPU
             Case("small_dense", dense, short + ("model.first_dense_layers=2",), 4, 128),
+            Case("small_moe_rounds", moe, short + ("model.grouped_matmul=rounds",), 4, 128),
             Case("small_moe_blocks", moe, short + ("model.grouped_matmul=blocks",), 4, 128),
             Case("small_moe_ragged_dot", moe, short + ("model.grouped_matmul=ragged_dot",), 4, 128),
             Case("small_moe_capacity", moe, short + ("model.dispatch=capacity",), 4, 128),

@@ -80,7 +80,7 @@ def test_step_figures_for_a_tiny_moe_and_dense_model(monkeypatch):
         assert figures[f"{name}_loss_finite"] is True
         assert figures[f"{name}_tokens_per_s"] > 0 and figures[f"{name}_flops_over_peak"] > 0
         assert f"{name}_memory_plan_MiB" in figures
-    assert figures["moe_dispatch"] == "dropless/blocks" and figures["dense_dispatch"] == "-"
+    assert figures["moe_dispatch"] == "dropless/rounds" and figures["dense_dispatch"] == "-"
 
 
 @pytest.mark.slow
@@ -89,7 +89,7 @@ def test_moe_and_attention_quick_figures(monkeypatch):
     monkeypatch.setattr(moe, "shapes", lambda quick: [("tiny", ["model.d_model=64", "model.num_experts=8",
                                                                 "model.top_k=2", "model.d_expert=32"], 2, 64)])
     figures = moe.run(quick=True)
-    for name in ("capacity", "dropless_blocks"):
+    for name in ("capacity", "dropless_rounds", "dropless_blocks"):
         assert figures[f"tiny_{name}_over_dense"] > 0
     assert 0 <= figures["tiny_capacity_dropped_fraction"] < 1
 

@@ -38,10 +38,11 @@ class ModelConfig(Section):
         description="capacity: fixed per-expert buffers, over-capacity tokens skip the layer; "
         "dropless: tokens sorted by expert and a grouped matmul, nothing dropped",
     )
-    grouped_matmul: Literal["auto", "ragged_dot", "tokamax", "blocks", "dense"] = Field(
+    grouped_matmul: Literal["auto", "ragged_dot", "tokamax", "rounds", "blocks", "dense"] = Field(
         "auto",
-        description="dropless kernel: auto = ragged_dot on TPU, tokamax on GPU if installed, else blocks "
-        "(groups padded to whole blocks, one batched matmul); ragged_dot/dense cost E x the FLOPs on CPU/GPU",
+        description="dropless kernel: auto = ragged_dot on TPU, tokamax on GPU if installed, else blocks on "
+        "GPU and rounds on CPU (rounds: capacity-sized per-expert buffers repeated until every token is done; "
+        "blocks: groups padded to whole blocks, one batched matmul); ragged_dot/dense cost E x the FLOPs on CPU/GPU",
     )
     capacity_factor: float = Field(
         1.25, gt=0, description="capacity dispatch: slots per expert = ceil(factor * seq_len * top_k / E) per sequence"

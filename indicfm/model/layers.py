@@ -85,10 +85,22 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dtype = x_BxLxD.dtype
-        gate_BxLxF = x_BxLxD @ self.w_gate_DxF[...].astype(dtype)
-        up_BxLxF = x_BxLxD @ self.w_up_DxF[...].astype(dtype)
+        gate_BxLxF = token_matmul(x_BxLxD, self.w_gate_DxF[...].astype(dtype))
+        up_BxLxF = token_matmul(x_BxLxD, self.w_up_DxF[...].astype(dtype))
         h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "act_mlp"))
-        return h_BxLxF @ self.w_down_FxD[...].astype(dtype)
+        return token_matmul(h_BxLxF, self.w_down_FxD[...].astype(dtype))
+
+
+def token_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+    """``x @ w`` for activations ``[B, L, D]`` and a weight ``[D, F]``, computed on ``[B*L, D]`` rows.
+
+    Why flatten: the weight gradient of the 3-D product contracts two axes (B and L); XLA:CPU lowers
+    that to a transposing copy of the activations and a slower dot.  On ``[B*L, D]`` rows it is one
+    plain matrix product: a dense SwiGLU forward+backward ran 2.4x faster on CPU (``benchmarks.moe``).
+    The reshape is free (row-major bitcast) and keeps the batch sharding on the leading axis.
+    """
+    B, L, D = x_BxLxD.shape
+    return (x_BxLxD.reshape(B * L, D) @ w_DxF).reshape(B, L, w_DxF.shape[-1])
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from indicfm.model.config import ModelConfig
-from indicfm.model.layers import SwiGLU, make_param, param_dtype
+from indicfm.model.layers import SwiGLU, make_param, param_dtype, token_matmul
 from indicfm.sharding import current_mesh, logical_to_spec
 
 
@@ -157,12 +157,16 @@ def route(
 
 
 def resolve_grouped_matmul(impl: str, platform: str | None = None) -> str:
-    """'auto' -> ragged_dot on TPU (native kernel); tokamax on GPU if importable; else ``blocks``.
+    """'auto' -> ragged_dot on TPU (native kernel); on GPU tokamax if importable, else ``blocks``;
+    on CPU ``rounds``.
 
     Not ragged_dot on CPU or GPU: there XLA lowers it to a dense product over *every* group with the
     other groups' rows masked (E times the FLOPs and an ``[E, M, D]`` temporary; measured 12x slower
     for the whole bench-moe train step on CPU, see the benchmarks section of the README).  ``blocks``
     pads each group to whole blocks and runs one batched matmul: about 1.25x the useful FLOPs.
+    ``rounds`` runs capacity-shaped ``[E, width, D]`` buffers until every row is done: on CPU its
+    small-block-free matmuls made the bench-moe MoE layer's forward+backward ~2x faster than
+    ``blocks`` (``benchmarks.moe``); not yet measured on a GPU, so GPUs keep ``blocks``.
     """
     if impl != "auto":
         return impl
@@ -175,7 +179,7 @@ def resolve_grouped_matmul(impl: str, platform: str | None = None) -> str:
         except ImportError:
             return "blocks"
         return "tokamax"
-    return "blocks"
+    return "rounds"
 
 
 def block_rows(num_rows: int, num_groups: int) -> int:
@@ -215,6 +219,8 @@ def grouped_matmul(x_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Arra
     """Rows of ``x`` are contiguous groups; group g is multiplied by ``w[g]``.  Rows past
     ``sum(group_sizes)`` produce zeros."""
     impl = resolve_grouped_matmul(impl)
+    if impl == "rounds":  # a whole-SwiGLU kernel (_rounds_swiglu); one product alone uses blocks
+        impl = "blocks"
     M = x_MxD.shape[0]
     ends_G = jnp.cumsum(group_sizes_G)
     in_group_M = jnp.arange(M) < ends_G[-1]
@@ -264,8 +270,110 @@ def _blocks_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G,
     return y_NxbxD.reshape(N * block, D).at[dest_M].get(mode="fill", fill_value=0)
 
 
+# ``rounds``: capacity-shaped expert buffers, repeated until every row is done (dropless on CPU)
+
+
+def round_width(num_rows: int, num_groups: int) -> int:
+    """Rows per group per round of the ``rounds`` kernel: 1.25x the mean group size (capacity
+    dispatch's default buffer), rounded up to a multiple of 8, so a balanced batch needs one round."""
+    mean = num_rows / max(num_groups, 1)
+    return max(8, -(-math.ceil(1.25 * mean) // 8) * 8)
+
+
+def _round_rows(sizes_G: jax.Array, r: jax.Array, width: int, num_rows: int) -> jax.Array:
+    """``[G, width]`` row indices of round ``r``: rows ``r*width ...`` of each group (groups are
+    contiguous, in order); ``num_rows`` (out of range) where a group has no row left."""
+    starts_G = jnp.cumsum(sizes_G) - sizes_G
+    pos_GxW = r * width + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.where(pos_GxW < sizes_G[:, None], starts_G[:, None] + pos_GxW, num_rows)
+
+
+def _num_rounds(sizes_G: jax.Array, width: int) -> jax.Array:
+    return (jnp.max(sizes_G) + width - 1) // width
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width: int):
+    """SwiGLU experts on rows grouped by expert, in rounds of ``[G, width]`` row buffers.
+
+    Round r gathers rows ``r*width ... (r+1)*width - 1`` of every group into a ``[G, width, D]``
+    buffer (the shape capacity dispatch computes on), runs the three batched matmuls and scatters
+    the results back.  Rounds repeat until the largest group is done — a ``while_loop`` with a
+    data-dependent trip count, so nothing is dropped and a balanced batch costs one round
+    (~1.25x the useful FLOPs, like capacity dispatch).  Compared with ``blocks`` there is no
+    per-block copy of the expert weights and the matmuls are [width x D] per expert instead of
+    many small blocks, which XLA:CPU runs several times faster (their backward most of all).
+
+    ``jax.custom_vjp`` because reverse-mode autodiff cannot go through a ``while_loop``: the
+    backward pass runs the same rounds (see :func:`_rounds_swiglu_bwd`).  Rows past
+    ``sum(sizes)`` belong to no group and produce zeros.
+    """
+    return _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width)[0]
+
+
+def _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width):
+    M, D = x_MxD.shape
+    F = w_gate_GxDxF.shape[-1]
+    sizes_G = sizes_G.astype(jnp.int32)
+
+    def one_round(r, carry):
+        y_MxD, gate_MxF, up_MxF = carry
+        rows_GxW = _round_rows(sizes_G, r, width, M)
+        x_GxWxD = x_MxD.at[rows_GxW].get(mode="fill", fill_value=0)
+        gate_GxWxF = jnp.einsum("gwd,gdf->gwf", x_GxWxD, w_gate_GxDxF)
+        up_GxWxF = jnp.einsum("gwd,gdf->gwf", x_GxWxD, w_up_GxDxF)
+        y_GxWxD = jnp.einsum("gwf,gfd->gwd", jax.nn.silu(gate_GxWxF) * up_GxWxF, w_down_GxFxD)
+        return (y_MxD.at[rows_GxW].set(y_GxWxD, mode="drop"),
+                gate_MxF.at[rows_GxW].set(gate_GxWxF, mode="drop"),
+                up_MxF.at[rows_GxW].set(up_GxWxF, mode="drop"))
+
+    zeros = (jnp.zeros((M, D), x_MxD.dtype), jnp.zeros((M, F), x_MxD.dtype), jnp.zeros((M, F), x_MxD.dtype))
+    # Round 0 outside the loop: its outputs carry the inputs' shard_map variance (manual axes),
+    # which the loop carry must have from the start; an empty round 0 just computes on zeros.
+    first = one_round(0, zeros)
+    y_MxD, gate_MxF, up_MxF = jax.lax.fori_loop(1, _num_rounds(sizes_G, width), one_round, first)
+    # keep the pre-activations (as autodiff of the matmuls would) so the backward needs no recompute
+    return y_MxD, (x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, gate_MxF, up_MxF)
+
+
+def _rounds_swiglu_bwd(width, residuals, dy_MxD):
+    """Gradients round by round: per round, the SwiGLU backward on the round's buffers; input
+    gradients are scattered back to their rows, weight gradients summed over rounds."""
+    x_MxD, w_gate, w_up, w_down, sizes_G, gate_MxF, up_MxF = residuals
+    M = x_MxD.shape[0]
+
+    def one_round(r, carry):
+        dx_MxD, dw_gate, dw_up, dw_down = carry
+        rows_GxW = _round_rows(sizes_G, r, width, M)
+        take = lambda a: a.at[rows_GxW].get(mode="fill", fill_value=0)  # noqa: E731 (empty rows -> 0)
+        x_GxWxD, dy_GxWxD, gate_GxWxF, up_GxWxF = take(x_MxD), take(dy_MxD), take(gate_MxF), take(up_MxF)
+        sig_GxWxF = jax.nn.sigmoid(gate_GxWxF)
+        silu_GxWxF = gate_GxWxF * sig_GxWxF
+        dw_down = dw_down + jnp.einsum("gwf,gwd->gfd", silu_GxWxF * up_GxWxF, dy_GxWxD)
+        dh_GxWxF = jnp.einsum("gwd,gfd->gwf", dy_GxWxD, w_down)
+        dup_GxWxF = dh_GxWxF * silu_GxWxF
+        dgate_GxWxF = dh_GxWxF * up_GxWxF * sig_GxWxF * (1 + gate_GxWxF * (1 - sig_GxWxF))
+        dw_gate = dw_gate + jnp.einsum("gwd,gwf->gdf", x_GxWxD, dgate_GxWxF)
+        dw_up = dw_up + jnp.einsum("gwd,gwf->gdf", x_GxWxD, dup_GxWxF)
+        dx_GxWxD = (jnp.einsum("gwf,gdf->gwd", dgate_GxWxF, w_gate)
+                    + jnp.einsum("gwf,gdf->gwd", dup_GxWxF, w_up))
+        return dx_MxD.at[rows_GxW].set(dx_GxWxD, mode="drop"), dw_gate, dw_up, dw_down
+
+    zeros = (jnp.zeros_like(x_MxD), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    first = one_round(0, zeros)  # outside the loop, as in the forward
+    dx, dw_gate, dw_up, dw_down = jax.lax.fori_loop(1, _num_rounds(sizes_G, width), one_round, first)
+    return dx, dw_gate, dw_up, dw_down, None
+
+
+_rounds_swiglu.defvjp(_rounds_swiglu_fwd, _rounds_swiglu_bwd)
+
+
 def _grouped_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, impl):
-    if resolve_grouped_matmul(impl) == "blocks":
+    impl = resolve_grouped_matmul(impl)
+    if impl == "rounds":
+        width = round_width(x_MxD.shape[0], group_sizes_G.shape[0])
+        return _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, width)
+    if impl == "blocks":
         return _blocks_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G)
     h_MxF = jax.nn.silu(grouped_matmul(x_MxD, w_gate_GxDxF, group_sizes_G, impl))
     h_MxF = h_MxF * grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, impl)
@@ -281,9 +389,9 @@ def _axis_size(axis: Any) -> int:
 
 
 def _capacity_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
-                      num_experts, capacity, ep_axis, tp_axis, gmm_impl):
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, mesh_axes):
     """Capacity dispatch: scatter into ``[E, B, C, D]`` buffers, all-to-all, batched einsum, back."""
-    del gmm_impl
+    del gmm_impl, mesh_axes
     B, L, D = x_BxLxD.shape
     E, C = num_experts, capacity
     b_BxLxk = jnp.broadcast_to(jnp.arange(B)[:, None, None], expert_BxLxk.shape)
@@ -306,8 +414,45 @@ def _capacity_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_u
     return jnp.sum(y_BxLxkxD * gate_BxLxk[..., None].astype(dt), axis=2)
 
 
+def inverse_permutation(order_M: jax.Array) -> jax.Array:
+    """``inv`` with ``inv[order[i]] = i``, so ``sorted[inv]`` undoes ``x[order]``.
+
+    Unsorting by this gather instead of ``zeros.at[order].set(sorted)``: JAX differentiates a
+    scatter-*set* by scattering an id for every element of the updates (``[M, D]`` integer arrays
+    and a second gather) to find which duplicate wins; it cannot know ``order`` is a permutation.
+    That bookkeeping was ~20% of the dropless MoE layer's forward+backward on CPU.
+    """
+    M = order_M.shape[0]
+    return jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
+
+
+def _vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``x`` typed as varying over every shard_map axis in ``axes`` (a type cast, no communication).
+
+    The ``rounds`` kernel is a ``jax.custom_vjp``, whose backward must return cotangents typed
+    exactly like its inputs; weight gradients mix in the token-sharded activations (and input
+    gradients the tensor-split weights), so all inputs are first cast to vary over every axis that
+    tokens or weights are split over (what the kernel's outputs vary over anyway).
+    Autodiff transposes the cast into the ``psum`` each gradient needs (weights over the batch
+    axes, activations over ``tensor``).  ``pcast`` refuses an axis ``x`` already varies over.
+    """
+    for axis in axes:
+        try:
+            x = jax.lax.pcast(x, axis, to="varying")
+        except ValueError:  # already varying over this axis
+            pass
+    return x
+
+
+def _expert_swiglu(x_MxD, w_gate, w_up, w_down, sizes_G, impl: str, mesh_axes: tuple[str, ...]):
+    """The grouped SwiGLU of dropless dispatch; ``mesh_axes``: axes tokens or weights are split over."""
+    if resolve_grouped_matmul(impl) == "rounds" and mesh_axes:
+        x_MxD, w_gate, w_up, w_down = (_vary_over(a, mesh_axes) for a in (x_MxD, w_gate, w_up, w_down))
+    return _grouped_swiglu(x_MxD, w_gate, w_up, w_down, sizes_G, impl)
+
+
 def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
-                      num_experts, capacity, ep_axis, tp_axis, gmm_impl):
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, mesh_axes):
     """Dropless dispatch: sort assignments by expert, grouped matmul (see module docstring)."""
     del slot_BxLxk, capacity
     B, L, D = x_BxLxD.shape
@@ -323,7 +468,7 @@ def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_u
     N = _axis_size(ep_axis)
     if N == 1:
         sizes_E = jnp.bincount(expert_M, length=E)
-        y_sorted_MxD = _grouped_swiglu(x_sorted_MxD, w_gate, w_up, w_down, sizes_E, gmm_impl)
+        y_sorted_MxD = _expert_swiglu(x_sorted_MxD, w_gate, w_up, w_down, sizes_E, gmm_impl, mesh_axes)
     else:
         E_loc = E // N
         per_dest_N = jnp.bincount(expert_M // E_loc, length=N)
@@ -341,16 +486,27 @@ def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_u
         order2 = jnp.argsort(flat_e, stable=True)
         xs = recv_x_NxMxD.reshape(N * M, D)[order2]
         sizes_Eloc = jnp.bincount(flat_e, length=E_loc + 1)[:E_loc]
-        ys = _grouped_swiglu(xs, w_gate, w_up, w_down, sizes_Eloc, gmm_impl)
-        y_flat = jnp.zeros_like(ys).at[order2].set(ys)
+        ys = _expert_swiglu(xs, w_gate, w_up, w_down, sizes_Eloc, gmm_impl, mesh_axes)
+        y_flat = ys[inverse_permutation(order2)]
         back_NxMxD = jax.lax.all_to_all(y_flat.reshape(N, M, D), ep_axis, 0, 0, tiled=True)
         dest_M = expert_sorted_M // E_loc
         y_sorted_MxD = back_NxMxD[dest_M, i_M - start_N[dest_M]]
     if tp_axis is not None:
         y_sorted_MxD = jax.lax.psum(y_sorted_MxD, tp_axis)
-    y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD)
+    y_MxD = y_sorted_MxD[inverse_permutation(order_M)]
     y_BxLxkxD = y_MxD.reshape(B, L, k, D)
     return jnp.sum(y_BxLxkxD * gate_BxLxk[..., None].astype(dt), axis=2)
+
+
+def _spec_axes(*specs) -> tuple[str, ...]:
+    """Mesh axes named anywhere in the partition specs (entries are None, a name or a tuple)."""
+    axes: list[str] = []
+    for spec in specs:
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                if axis is not None and axis not in axes:
+                    axes.append(axis)
+    return tuple(axes)
 
 
 def run_experts(x_BxLxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, cfg: ModelConfig,
@@ -367,12 +523,12 @@ def run_experts(x_BxLxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFx
             w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     mesh = current_mesh()
     if mesh is None:
-        return body(*args, ep_axis=None, tp_axis=None, **static)
+        return body(*args, ep_axis=None, tp_axis=None, mesh_axes=(), **static)
     tok_spec = logical_to_spec(("batch", None, None), x_BxLxD.shape, mesh)
     w_in_spec = logical_to_spec(("experts", None, "expert_mlp"), w_gate_ExDxF.shape, mesh)
     w_out_spec = logical_to_spec(("experts", "expert_mlp", None), w_down_ExFxD.shape, mesh)
     ep_axis, tp_axis = w_in_spec[0], w_in_spec[2]
-    fn = functools.partial(body, ep_axis=ep_axis, tp_axis=tp_axis, **static)
+    fn = functools.partial(body, ep_axis=ep_axis, tp_axis=tp_axis, mesh_axes=_spec_axes(tok_spec, w_in_spec, w_out_spec), **static)
     sharded = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(tok_spec, tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec, w_out_spec),
@@ -397,7 +553,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> tuple[jax.Array, Routing]:
         cfg = self.cfg
-        logits_BxLxE = x_BxLxD.astype(jnp.float32) @ self.router_DxE[...].astype(jnp.float32)
+        logits_BxLxE = token_matmul(x_BxLxD.astype(jnp.float32), self.router_DxE[...].astype(jnp.float32))
         bias_E = None if self.router_bias is None else self.router_bias[...]
         capacity = capacity_per_sequence(cfg, x_BxLxD.shape[1]) if cfg.dispatch == "capacity" else None
         routing = route(logits_BxLxE, valid_BxL, cfg, bias_E, capacity)
