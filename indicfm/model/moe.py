@@ -26,10 +26,14 @@ E experts, D model width, F = d_expert, n = size of the expert mesh axis:
   * D * F`` (padding slots are computed too); memory: ``E * B * C * (D + 2F)`` activations, i.e.
   ``capacity_factor`` times the useful ``T * k * (D + 2F)``; one all-to-all of ``T*k*cf*D`` each way.
 * ``dropless`` — assignments sorted by expert and a grouped matmul (``jax.lax.ragged_dot`` on TPU;
-  tokamax's grouped matmul on GPU when installed; elsewhere ``blocks``: each expert's rows padded to
-  whole blocks and one batched matmul — never ``ragged_dot`` on CPU/GPU, which XLA lowers to a dense
-  product over every expert with the other rows masked).  Nothing is dropped.
-  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax, ~1.25x that with ``blocks``
+  tokamax's grouped matmul on GPU when installed, else ``blocks``: each expert's rows padded to
+  whole blocks and one batched matmul; on CPU ``rounds``: capacity-sized ``[E, width, D]`` buffers
+  filled from the sorted rows and run again until the largest group is done, with a hand-written
+  backward (``custom_vjp``) because autodiff cannot reverse a ``while_loop`` — never ``ragged_dot``
+  on CPU/GPU, which XLA lowers to a dense product over every expert with the other rows masked).
+  Nothing is dropped.
+  FLOPs: exactly ``6 * T * k * D * F`` with ragged_dot/tokamax, ~1.25x that with ``blocks``, and
+  ~1.25x per round with ``rounds`` (one round when no expert gets more than 1.25x its share)
   (``E`` times that with ``ragged_dot`` on CPU/GPU or the ``dense`` loop); memory ``T * k * (D + 2F)``.  With expert parallelism the number of rows a device sends
   to each peer is data-dependent, so each peer gets a worst-case buffer of ``T * k`` rows:
   all-to-all traffic and receive memory are ``n * T * k * D`` (n times the useful amount) — exact
