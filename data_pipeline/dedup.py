@@ -210,7 +210,7 @@ class DuplicateIndex:
         self.config = config
         self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
         self._exact: set[bytes] = set()
-        self._table = BandTable()  # band key -> kept documents (indices into _signatures)
+        self._table = BandTable(1 << 20)  # band key -> kept documents (indices into _signatures)
         self._signatures: list[np.ndarray] = []
         self._new_keys: list[bytes] = []  # kept since the last save_increment
         self._saved_signatures = 0
