@@ -3,9 +3,12 @@
 ``python -m benchmarks.peak [--quick]``.  A large batched matrix product (bfloat16 with float32
 accumulation on GPU/TPU, float32 on CPU, matching what the models compute in there: see
 :func:`benchmarks.common.matmul_dtype`) on random inputs, several input sets rotated so a cache
-does not hold them, median of repeats.  The spec-sheet figure of ``configs/hardware.yaml`` is shown
-beside it when the device kind is in that table: measured ÷ spec says how much of the datasheet a
-plain XLA matmul reaches here.
+does not hold them, the *fastest* of the repeats: the achievable rate.  On a shared machine the
+median of a short matmul loop drops with other processes' load (it halved here at a load of 3 on 2
+cores), which would shrink the denominator and inflate every ratio above it (a dense step once
+read 1.2x "peak"); the best repeat keeps the ratios conservative.  The median is printed beside
+it.  The spec-sheet figure of ``configs/hardware.yaml`` is shown beside it when the device kind is
+in that table: measured ÷ spec says how much of the datasheet a plain XLA matmul reaches here.
 
 Other benchmarks call :func:`measured_peak_flops`, which measures once per process and remembers the
 result, so ``python -m benchmarks.run`` divides every figure by a peak taken in the same run.
@@ -27,7 +30,7 @@ _CACHE: dict[bool, dict] = {}
 def _sizes(quick: bool) -> tuple[int, int, int]:
     """(batch of matrices, n, repeats): a few GFLOP per call on CPU, a few TFLOP on an accelerator."""
     if backend() == "cpu":
-        return (2, 1024, 5) if quick else (4, 1536, 7)
+        return (2, 1024, 9) if quick else (4, 1536, 9)
     return (4, 8192, 10) if quick else (8, 8192, 30)
 
 
@@ -48,12 +51,13 @@ def measure(quick: bool) -> dict:
 
     timing = time_fn(run, warmup=2, repeats=repeats)
     flops = 2.0 * nb * n * n * n
-    peak = flops / timing.median_s
+    peak = flops / timing.min_s
     figures = {
         "device": device_description(),
         "dtype": jnp.dtype(dtype).name,
         "matmul": f"{nb}x[{n}x{n}]@[{n}x{n}]",
         "peak_tflops": peak / 1e12,
+        "median_tflops": flops / timing.median_s / 1e12,
         "peak_flops_per_s": peak,
         "spread_max_over_min": timing.spread,
         "load": cpu_load(),
