@@ -1,6 +1,8 @@
 """Background saves (one process, ``checkpoint.async_save``): the saved state is the one passed to
-``save`` even if the caller donates its buffers right away, and background errors are not lost."""
+``save`` even if the caller donates its buffers right away, background errors are not lost, and the
+writer stays out of the training thread's way (idle CPU priority, garbage collection paused)."""
 
+import gc
 import os
 import shutil
 import threading
@@ -135,3 +137,30 @@ def test_save_in_progress_until_the_checkpoint_is_on_disk(tmp_path):
     ckpt.wait()
     assert not ckpt.save_in_progress() and (tmp_path / "ckpt" / "1").is_dir()
     ckpt.close()
+
+
+def test_garbage_collection_is_paused_until_a_background_save_is_on_disk(tmp_path):
+    mesh = make_mesh(MeshConfig(data=8))
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
+    orbax_save, seen = ckpt.manager.save, []
+
+    def recording_orbax_save(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return orbax_save(*args, **kwargs)
+
+    ckpt.manager.save = recording_orbax_save
+    assert gc.isenabled()
+    try:
+        ckpt.save(1, _state(mesh), {})
+        paused_on_the_caller = not gc.isenabled()
+        ckpt.wait()
+        assert paused_on_the_caller and seen == [False]
+        assert gc.isenabled() and (tmp_path / "ckpt" / "1").is_dir()
+
+        gc.disable()  # the caller's own choice is kept
+        ckpt.save(2, _state(mesh), {})
+        ckpt.wait()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        ckpt.close()

@@ -18,23 +18,27 @@ into the target sharding (so a checkpoint saved on 8 data-parallel devices resto
 How little a save blocks the training loop: Orbax's own "asynchronous" save still runs its set-up
 (device→host copy, per-item bookkeeping, ten or so thread starts) on the caller's thread, 50-200 ms
 on a busy CPU.  With one process, ``Checkpointer.save`` therefore only dispatches an on-device copy
-of the state (one jitted copy, asynchronous like any JAX computation, so the next train step may
-donate the original buffers) and hands that snapshot to one background thread that calls Orbax.
+of the state's arrays (one jitted copy, asynchronous like any JAX computation, so the next train
+step may donate the original buffers) and hands it to one background thread that calls Orbax.
 That thread, and every thread Orbax starts from it, runs at idle CPU priority (``SCHED_IDLE`` on
-Linux): the CPU time a save costs (0.2-0.3 s for tiny-moe's 156 arrays, measured: two thirds
-Orbax's Python per array, the rest TensorStore's file writes) then comes out of the CPU time training leaves unused, instead
-of slowing the following steps.  The state is written uncompressed: zstd shrinks float32 weights
-and moments by only ~8 %, and costs CPU time at normal priority plus about half the state in extra
-host memory while a save runs.  The price of the snapshot is one extra copy of the train state in
-device memory while a save starts.  With several processes Orbax's barriers are device collectives
-that must run on the main thread in the same order on every host, so there the save calls Orbax
-directly.
+Linux), so the CPU time a save costs (0.2-0.3 s for tiny-moe's 156 arrays; measured: two thirds
+Orbax's Python per array, the rest TensorStore's file writes) mostly comes out of CPU time training
+leaves unused.  TensorStore's own I/O threads keep their priority: the data loader reads through
+them (at idle priority they starved the save for dozens of steps on a loaded machine).  Python's
+garbage collector is paused until the save is on disk: a collection started in an idle-priority
+thread holds the GIL while it waits for a CPU (measured: up to 0.5 s).  The state is written
+uncompressed: zstd shrinks float32 weights and moments by only ~8 %, and costs CPU time at normal
+priority plus extra host memory while a save runs.  The price of the snapshot is one extra copy of
+the train state in device memory while a save starts.  With several processes Orbax's barriers are
+device collectives that must run on the main thread in the same order on every host, so there the
+save calls Orbax directly.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -176,10 +180,10 @@ class Checkpointer:
         """Start saving the state after ``step``; returns False if that step is already saved.
 
         With ``checkpoint.async_save`` on one process this returns once an on-device copy of the state
-        is dispatched (it waits only if the previous save has not got past Orbax's set-up yet); the
-        copy is handed to Orbax in a background thread.  Otherwise it returns once Orbax copied the
-        arrays off the devices (async) or wrote them (sync).  Errors of a background save surface on
-        the next ``save``/``wait``/``close``.
+        is dispatched (it waits only if the previous save is not on disk yet); the copy is handed to
+        Orbax in a background thread, and Python's garbage collector is paused until it is on disk.
+        Otherwise it returns once Orbax copied the arrays off the devices (async) or wrote them
+        (sync).  Errors of a background save surface on the next ``save``/``wait``/``close``.
         """
         self._join_save_thread()
         if step in self.manager.all_steps():
@@ -194,10 +198,22 @@ class Checkpointer:
         # for a small model) is left to the worker.
         arrays, treedef = jax.tree.flatten(state)
         copies = _copy_arrays(arrays)
+        # Python's garbage collector runs in whichever thread allocates, holding the GIL; in an
+        # idle-priority Orbax thread a collection can be descheduled halfway and block the training
+        # thread for up to hundreds of ms (measured).  So it is paused until the save is on disk.
+        pause_gc = gc.isenabled()
+        if pause_gc:
+            gc.disable()
 
         def save_snapshot() -> bool:
-            items["state"] = ocp.args.PyTreeSave(jax.tree.unflatten(treedef, copies))
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            try:
+                items["state"] = ocp.args.PyTreeSave(jax.tree.unflatten(treedef, copies))
+                saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+                self.manager.wait_until_finished()
+                return saved
+            finally:
+                if pause_gc:
+                    gc.enable()
 
         self._last_saved_step = max(self._last_saved_step, step)
         self._pending = self._worker.submit(save_snapshot)
@@ -205,12 +221,11 @@ class Checkpointer:
 
     def save_in_progress(self) -> bool:
         """True while a save has not reached the disk yet (its set-up or Orbax's writing still runs)."""
-        pending = self._pending
+        pending = self._pending  # the worker's task ends once its save is on disk
         return (pending is not None and not pending.done()) or self.manager.is_saving_in_progress()
 
     def _join_save_thread(self) -> None:
-        """Wait for the worker's Orbax call (not for the writing, which Orbax continues in its own
-        threads) and re-raise its error on the training thread."""
+        """Wait until the worker's save is on disk and re-raise its error on the training thread."""
         pending, self._pending = self._pending, None
         if pending is not None:
             try:
