@@ -15,6 +15,7 @@ from indicfm.model.moe import (
     grouped_matmul,
     inverse_permutation,
     resolve_grouped_matmul,
+    overflow_groups,
     round_width,
 )
 
@@ -117,14 +118,15 @@ def _numpy_swiglu(x, w_gate, w_up, w_down, sizes):
     return _numpy_grouped(h, w_down.astype(np.float64), sizes)
 
 
-@pytest.mark.parametrize("width", [2, 5, 16])  # 6 rounds, 3 rounds, one round for the largest group
-def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width):
+# width 2: round 0 + overflow rounds (1 or 2 groups each, busiest first); 5: fewer; 16: round 0 only
+@pytest.mark.parametrize(("width", "num_overflow"), [(2, 1), (2, 2), (5, 1), (5, 5), (16, 1)])
+def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width, num_overflow):
     sizes = [7, 3, 0, 12, 2]  # an empty group, groups larger and smaller than a round
     x, w_gate, w_up, w_down, sizes_G = _swiglu_problem(4, sizes, extra_rows=4)
     args = tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
     sizes_j = jnp.asarray(sizes_G)
 
-    out = jax.jit(_rounds_swiglu, static_argnums=5)(*args, sizes_j, width)
+    out = jax.jit(_rounds_swiglu, static_argnums=(5, 6))(*args, sizes_j, width, num_overflow)
     np.testing.assert_allclose(np.asarray(out), _numpy_swiglu(x, w_gate, w_up, w_down, sizes), rtol=1e-4, atol=1e-4)
     assert not np.asarray(out)[sum(sizes):].any()  # rows outside every group stay zero
 
@@ -137,7 +139,7 @@ def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width):
         return jnp.sum(jnp.sin(jnp.where(in_group, jax.lax.ragged_dot(h_, wd, sizes_j), 0)) * cotangent)
 
     def loss_rounds(x_, wg, wu, wd):
-        return jnp.sum(jnp.sin(_rounds_swiglu(x_, wg, wu, wd, sizes_j, width)) * cotangent)
+        return jnp.sum(jnp.sin(_rounds_swiglu(x_, wg, wu, wd, sizes_j, width, num_overflow)) * cotangent)
 
     grads_rounds = jax.jit(jax.grad(loss_rounds, argnums=(0, 1, 2, 3)))(*args)
     grads_ragged = jax.grad(loss_ragged, argnums=(0, 1, 2, 3))(*args)
@@ -149,9 +151,13 @@ def test_rounds_swiglu_with_all_groups_empty_is_zero_with_zero_gradients():
     x, w_gate, w_up, w_down, _ = _swiglu_problem(6, [0, 0, 0], extra_rows=5)
     args = tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
     sizes = jnp.zeros((3,), jnp.int32)
-    assert not np.asarray(_rounds_swiglu(*args, sizes, 4)).any()
-    grads = jax.grad(lambda *a: jnp.sum(_rounds_swiglu(*a, sizes, 4)), argnums=(0, 1, 2, 3))(*args)
+    assert not np.asarray(_rounds_swiglu(*args, sizes, 4, 1)).any()
+    grads = jax.grad(lambda *a: jnp.sum(_rounds_swiglu(*a, sizes, 4, 1)), argnums=(0, 1, 2, 3))(*args)
     assert all(not np.asarray(g).any() for g in grads)
+
+
+def test_overflow_rounds_take_a_quarter_of_the_groups():
+    assert overflow_groups(64) == 16 and overflow_groups(3) == 1
 
 
 def test_round_width_is_capacity_sized():

@@ -284,88 +284,115 @@ def round_width(num_rows: int, num_groups: int) -> int:
     return max(8, -(-math.ceil(1.25 * mean) // 8) * 8)
 
 
-def _round_rows(sizes_G: jax.Array, r: jax.Array, width: int, num_rows: int) -> jax.Array:
-    """``[G, width]`` row indices of round ``r``: rows ``r*width ...`` of each group (groups are
-    contiguous, in order); ``num_rows`` (out of range) where a group has no row left."""
+def overflow_groups(num_groups: int) -> int:
+    """Groups per overflow round of the ``rounds`` kernel: a quarter of them (at least one)."""
+    return max(1, num_groups // 4)
+
+
+def _round_rows(sizes_G, groups_P, offset_P, width: int, num_rows: int) -> jax.Array:
+    """``[P, width]`` row indices: rows ``offset_p ...`` of group ``groups_P[p]`` (groups are
+    contiguous, in order); ``num_rows`` (out of range) past the end of a group."""
     starts_G = jnp.cumsum(sizes_G) - sizes_G
-    pos_GxW = r * width + jnp.arange(width, dtype=jnp.int32)[None, :]
-    return jnp.where(pos_GxW < sizes_G[:, None], starts_G[:, None] + pos_GxW, num_rows)
+    pos_PxW = offset_P[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.where(pos_PxW < sizes_G[groups_P][:, None], starts_G[groups_P][:, None] + pos_PxW, num_rows)
 
 
-def _num_rounds(sizes_G: jax.Array, width: int) -> jax.Array:
-    return (jnp.max(sizes_G) + width - 1) // width
+def _round_schedule(sizes_G, width: int, num_overflow: int, round_fn, carry):
+    """Run ``carry = round_fn(carry, groups_P, rows_PxW)`` over every row of every group.
+
+    Round 0 takes the first ``width`` rows of *all* groups (outside the loop, so the carry gets the
+    inputs' shard_map variance before the loop needs it).  Then, while any group has rows left,
+    an overflow round takes the next ``width`` rows of the ``num_overflow`` groups with the most
+    rows left: a skewed batch (at initialisation the busiest expert gets 2x its share) costs a
+    quarter round per extra round instead of a whole one.  The schedule depends on the sizes only,
+    so the backward pass replays it exactly.
+    """
+    G = sizes_G.shape[0]
+    all_G = jnp.arange(G, dtype=jnp.int32)
+    carry = round_fn(carry, all_G, jnp.zeros((G,), jnp.int32))
+    done_G = jnp.minimum(sizes_G, width)
+
+    def more(state):
+        _, done = state
+        return jnp.any(done < sizes_G)
+
+    def one_round(state):
+        carry_, done = state
+        _, groups_P = jax.lax.top_k(sizes_G - done, num_overflow)
+        carry_ = round_fn(carry_, groups_P, done[groups_P])
+        return carry_, jnp.minimum(done.at[groups_P].add(width), sizes_G)
+
+    carry, _ = jax.lax.while_loop(more, one_round, (carry, done_G))
+    return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width: int):
-    """SwiGLU experts on rows grouped by expert, in rounds of ``[G, width]`` row buffers.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width: int, num_overflow: int):
+    """SwiGLU experts on rows grouped by expert, in rounds of ``[groups, width]`` row buffers.
 
-    Round r gathers rows ``r*width ... (r+1)*width - 1`` of every group into a ``[G, width, D]``
-    buffer (the shape capacity dispatch computes on), runs the three batched matmuls and scatters
-    the results back.  Rounds repeat until the largest group is done — a ``while_loop`` with a
-    data-dependent trip count, so nothing is dropped and a balanced batch costs one round
-    (~1.25x the useful FLOPs, like capacity dispatch).  Compared with ``blocks`` there is no
-    per-block copy of the expert weights and the matmuls are [width x D] per expert instead of
-    many small blocks, which XLA:CPU runs several times faster (their backward most of all).
+    A round gathers up to ``width`` rows of each of its groups into a ``[P, width, D]`` buffer
+    (round 0: all groups, the shape capacity dispatch computes on), runs the three batched
+    matmuls and scatters the results back; overflow rounds (see :func:`_round_schedule`) repeat
+    on the most-loaded groups until every row is done — a ``while_loop`` with a data-dependent
+    trip count, so nothing is dropped and a balanced batch costs one round (~1.25x the useful
+    FLOPs, like capacity dispatch).  Compared with ``blocks`` there are no small per-block matmuls
+    and no per-block weight copies (only overflow rounds gather their groups' weights), which
+    XLA:CPU runs several times faster, the backward most of all.
 
     ``jax.custom_vjp`` because reverse-mode autodiff cannot go through a ``while_loop``: the
-    backward pass runs the same rounds (see :func:`_rounds_swiglu_bwd`).  Rows past
+    backward pass replays the same rounds (see :func:`_rounds_swiglu_bwd`).  Rows past
     ``sum(sizes)`` belong to no group and produce zeros.
     """
-    return _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width)[0]
+    return _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width, num_overflow)[0]
 
 
-def _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width):
+def _rounds_swiglu_fwd(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, width, num_overflow):
     M, D = x_MxD.shape
     F = w_gate_GxDxF.shape[-1]
     sizes_G = sizes_G.astype(jnp.int32)
 
-    def one_round(r, carry):
+    def one_round(carry, groups_P, offset_P):
         y_MxD, gate_MxF, up_MxF = carry
-        rows_GxW = _round_rows(sizes_G, r, width, M)
-        x_GxWxD = x_MxD.at[rows_GxW].get(mode="fill", fill_value=0)
-        gate_GxWxF = jnp.einsum("gwd,gdf->gwf", x_GxWxD, w_gate_GxDxF)
-        up_GxWxF = jnp.einsum("gwd,gdf->gwf", x_GxWxD, w_up_GxDxF)
-        y_GxWxD = jnp.einsum("gwf,gfd->gwd", jax.nn.silu(gate_GxWxF) * up_GxWxF, w_down_GxFxD)
-        return (y_MxD.at[rows_GxW].set(y_GxWxD, mode="drop"),
-                gate_MxF.at[rows_GxW].set(gate_GxWxF, mode="drop"),
-                up_MxF.at[rows_GxW].set(up_GxWxF, mode="drop"))
+        rows_PxW = _round_rows(sizes_G, groups_P, offset_P, width, M)
+        x_PxWxD = x_MxD.at[rows_PxW].get(mode="fill", fill_value=0)
+        gate_PxWxF = jnp.einsum("pwd,pdf->pwf", x_PxWxD, w_gate_GxDxF[groups_P])
+        up_PxWxF = jnp.einsum("pwd,pdf->pwf", x_PxWxD, w_up_GxDxF[groups_P])
+        y_PxWxD = jnp.einsum("pwf,pfd->pwd", jax.nn.silu(gate_PxWxF) * up_PxWxF, w_down_GxFxD[groups_P])
+        return (y_MxD.at[rows_PxW].set(y_PxWxD, mode="drop"),
+                gate_MxF.at[rows_PxW].set(gate_PxWxF, mode="drop"),
+                up_MxF.at[rows_PxW].set(up_PxWxF, mode="drop"))
 
     zeros = (jnp.zeros((M, D), x_MxD.dtype), jnp.zeros((M, F), x_MxD.dtype), jnp.zeros((M, F), x_MxD.dtype))
-    # Round 0 outside the loop: its outputs carry the inputs' shard_map variance (manual axes),
-    # which the loop carry must have from the start; an empty round 0 just computes on zeros.
-    first = one_round(0, zeros)
-    y_MxD, gate_MxF, up_MxF = jax.lax.fori_loop(1, _num_rounds(sizes_G, width), one_round, first)
+    y_MxD, gate_MxF, up_MxF = _round_schedule(sizes_G, width, num_overflow, one_round, zeros)
     # keep the pre-activations (as autodiff of the matmuls would) so the backward needs no recompute
     return y_MxD, (x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, sizes_G, gate_MxF, up_MxF)
 
 
-def _rounds_swiglu_bwd(width, residuals, dy_MxD):
+def _rounds_swiglu_bwd(width, num_overflow, residuals, dy_MxD):
     """Gradients round by round: per round, the SwiGLU backward on the round's buffers; input
-    gradients are scattered back to their rows, weight gradients summed over rounds."""
+    gradients are scattered back to their rows, weight gradients added to the round's groups."""
     x_MxD, w_gate, w_up, w_down, sizes_G, gate_MxF, up_MxF = residuals
     M = x_MxD.shape[0]
 
-    def one_round(r, carry):
+    def one_round(carry, groups_P, offset_P):
         dx_MxD, dw_gate, dw_up, dw_down = carry
-        rows_GxW = _round_rows(sizes_G, r, width, M)
-        take = lambda a: a.at[rows_GxW].get(mode="fill", fill_value=0)  # noqa: E731 (empty rows -> 0)
-        x_GxWxD, dy_GxWxD, gate_GxWxF, up_GxWxF = take(x_MxD), take(dy_MxD), take(gate_MxF), take(up_MxF)
-        sig_GxWxF = jax.nn.sigmoid(gate_GxWxF)
-        silu_GxWxF = gate_GxWxF * sig_GxWxF
-        dw_down = dw_down + jnp.einsum("gwf,gwd->gfd", silu_GxWxF * up_GxWxF, dy_GxWxD)
-        dh_GxWxF = jnp.einsum("gwd,gfd->gwf", dy_GxWxD, w_down)
-        dup_GxWxF = dh_GxWxF * silu_GxWxF
-        dgate_GxWxF = dh_GxWxF * up_GxWxF * sig_GxWxF * (1 + gate_GxWxF * (1 - sig_GxWxF))
-        dw_gate = dw_gate + jnp.einsum("gwd,gwf->gdf", x_GxWxD, dgate_GxWxF)
-        dw_up = dw_up + jnp.einsum("gwd,gwf->gdf", x_GxWxD, dup_GxWxF)
-        dx_GxWxD = (jnp.einsum("gwf,gdf->gwd", dgate_GxWxF, w_gate)
-                    + jnp.einsum("gwf,gdf->gwd", dup_GxWxF, w_up))
-        return dx_MxD.at[rows_GxW].set(dx_GxWxD, mode="drop"), dw_gate, dw_up, dw_down
+        rows_PxW = _round_rows(sizes_G, groups_P, offset_P, width, M)
+        take = lambda a: a.at[rows_PxW].get(mode="fill", fill_value=0)  # noqa: E731 (empty rows -> 0)
+        x_PxWxD, dy_PxWxD, gate_PxWxF, up_PxWxF = take(x_MxD), take(dy_MxD), take(gate_MxF), take(up_MxF)
+        sig_PxWxF = jax.nn.sigmoid(gate_PxWxF)
+        silu_PxWxF = gate_PxWxF * sig_PxWxF
+        dh_PxWxF = jnp.einsum("pwd,pfd->pwf", dy_PxWxD, w_down[groups_P])
+        dup_PxWxF = dh_PxWxF * silu_PxWxF
+        dgate_PxWxF = dh_PxWxF * up_PxWxF * sig_PxWxF * (1 + gate_PxWxF * (1 - sig_PxWxF))
+        dw_down = dw_down.at[groups_P].add(jnp.einsum("pwf,pwd->pfd", silu_PxWxF * up_PxWxF, dy_PxWxD))
+        dw_gate = dw_gate.at[groups_P].add(jnp.einsum("pwd,pwf->pdf", x_PxWxD, dgate_PxWxF))
+        dw_up = dw_up.at[groups_P].add(jnp.einsum("pwd,pwf->pdf", x_PxWxD, dup_PxWxF))
+        dx_PxWxD = (jnp.einsum("pwf,pdf->pwd", dgate_PxWxF, w_gate[groups_P])
+                    + jnp.einsum("pwf,pdf->pwd", dup_PxWxF, w_up[groups_P]))
+        return dx_MxD.at[rows_PxW].set(dx_PxWxD, mode="drop"), dw_gate, dw_up, dw_down
 
     zeros = (jnp.zeros_like(x_MxD), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-    first = one_round(0, zeros)  # outside the loop, as in the forward
-    dx, dw_gate, dw_up, dw_down = jax.lax.fori_loop(1, _num_rounds(sizes_G, width), one_round, first)
+    dx, dw_gate, dw_up, dw_down = _round_schedule(sizes_G, width, num_overflow, one_round, zeros)
     return dx, dw_gate, dw_up, dw_down, None
 
 
@@ -375,8 +402,9 @@ _rounds_swiglu.defvjp(_rounds_swiglu_fwd, _rounds_swiglu_bwd)
 def _grouped_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, impl):
     impl = resolve_grouped_matmul(impl)
     if impl == "rounds":
-        width = round_width(x_MxD.shape[0], group_sizes_G.shape[0])
-        return _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G, width)
+        G = group_sizes_G.shape[0]
+        return _rounds_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G,
+                              round_width(x_MxD.shape[0], G), overflow_groups(G))
     if impl == "blocks":
         return _blocks_swiglu(x_MxD, w_gate_GxDxF, w_up_GxDxF, w_down_GxFxD, group_sizes_G)
     h_MxF = jax.nn.silu(grouped_matmul(x_MxD, w_gate_GxDxF, group_sizes_G, impl))
