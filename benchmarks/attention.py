@@ -13,14 +13,12 @@ the full ``L x L`` square (causality not halved), ×3 for forward + backward.
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import backend, cpu_load, matmul_dtype, random_like, round_figures, time_fn
+from benchmarks.common import backend, cpu_load, matmul_dtype, random_like, round_figures, quick_flag_main, time_fn
 
 
 def backends(platform: str | None = None) -> list[str]:
@@ -94,10 +92,7 @@ def run(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter sequences, fewer repeats")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+    quick_flag_main(run, __doc__, "shorter sequences, fewer repeats", argv)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,16 @@ def round_figures(figures: dict[str, Any], digits: int = 4) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def quick_flag_main(run: Callable[[bool], dict], description: str | None, quick_help: str,
+                    argv: list[str] | None = None) -> None:
+    """``main()`` of a benchmark whose only option is ``--quick``: print ``run(quick)`` as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.quick), indent=2))
+

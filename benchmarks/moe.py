@@ -21,16 +21,14 @@ shared) on CPU; ``small-moe`` at 4 x 4096 tokens and its top-8/1-shared variant 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import backend, cpu_load, matmul_dtype, random_like, round_figures, time_fn
+from benchmarks.common import backend, cpu_load, matmul_dtype, random_like, round_figures, quick_flag_main, time_fn
 from benchmarks.step import MODEL_CONFIGS, platform_overrides
 
 
@@ -154,10 +152,7 @@ def run(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+    quick_flag_main(run, __doc__, "fewer tokens and repeats", argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ result, so ``python -m benchmarks.run`` divides every figure by a peak taken in 
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import backend, cpu_load, device_description, matmul_dtype, random_like, round_figures, time_fn
+from benchmarks.common import backend, cpu_load, device_description, matmul_dtype, random_like, round_figures, quick_flag_main, time_fn
 
 _CACHE: dict[bool, dict] = {}
 
@@ -93,10 +91,7 @@ def run(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller matrices, fewer repeats")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+    quick_flag_main(run, __doc__, "smaller matrices, fewer repeats", argv)
 
 
 if __name__ == "__main__":

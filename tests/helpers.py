@@ -71,3 +71,22 @@ def tokenizer_and_cache(
         (src / f"{lang}.txt").write_bytes((sample_train_dir / f"{lang}.txt").read_bytes())
     cfg = ensure_tokenizer_and_cache(load_config(config_file, settings + [f"data.inputs=[{src}]"]), root, progress=False)
     return [f"tokenizer.model_file={cfg.tokenizer.model_file}", f"data.cache_dir={cfg.data.cache_dir}"]
+
+
+def akshara_splits(text: str, surfaces: list[str]) -> tuple[int, int]:
+    """(grapheme clusters of ``text``, how many of them a token boundary cuts), given the tokens'
+    surface strings in order (they must join to ``text``).  Independent of tokenizer/evaluate.py:
+    token ends from the surfaces' lengths, clusters from regex ``\\X``."""
+    import regex
+
+    ends, pos = set(), 0
+    for surface in surfaces[:-1]:
+        pos += len(surface)
+        ends.add(pos)
+    clusters = split = start = 0
+    for g in regex.findall(r"\X", text):
+        clusters += 1
+        split += any(start < e < start + len(g) for e in ends)
+        start += len(g)
+    return clusters, split
+

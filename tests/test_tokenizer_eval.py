@@ -7,10 +7,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-import regex
 import sentencepiece as spm
 from typer.testing import CliRunner
 
+from helpers import akshara_splits
 from indicfm.cli import app
 from tokenizer.config import TokenizerConfig
 from tokenizer.evaluate import (
@@ -95,15 +95,9 @@ def _independent_split_rate(sp, lines):
         if not text.startswith(" ") and surfaces[0].startswith(" "):
             surfaces[0] = surfaces[0][1:]
         assert "".join(surfaces) == text
-        ends, pos = set(), 0
-        for s in surfaces[:-1]:
-            pos += len(s)
-            ends.add(pos)
-        start = 0
-        for g in regex.findall(r"\X", text):
-            clusters += 1
-            split += any(start < e < start + len(g) for e in ends)
-            start += len(g)
+        line_clusters, line_split = akshara_splits(text, surfaces)
+        clusters += line_clusters
+        split += line_split
     return clusters, split
 
 

@@ -13,6 +13,7 @@ import sentencepiece as spm
 from typer.testing import CliRunner
 
 from data_pipeline.sources import InputError
+from helpers import akshara_splits
 from indicfm.cli import app
 from tokenizer.config import TokenizerConfig
 from tokenizer.train import minimum_vocab_size, train_tokenizer
@@ -195,8 +196,6 @@ def test_cli_train_prints_counts_and_writes_files(tmp_path, sample_train_dir):
 
 def test_default_recipe_splits_fewer_aksharas_than_sentencepiece_bpe(trained, subset_dir, sample_heldout_dir, tmp_path):
     """Akshara split rate (computed here with regex \\X and piece lengths) on held-out text."""
-    import regex
-
     plain = train_tokenizer([subset_dir], tmp_path / "plain", small_cfg())
 
     def split_rate(model_file):
@@ -209,15 +208,9 @@ def test_default_recipe_splits_fewer_aksharas_than_sentencepiece_bpe(trained, su
                 pieces[0] = pieces[0][1:] if not text.startswith(" ") and pieces[0].startswith(" ") else pieces[0]
                 if "".join(pieces) != text:  # byte pieces: skip the line
                     continue
-                ends, pos = set(), 0
-                for p in pieces[:-1]:
-                    pos += len(p)
-                    ends.add(pos)
-                start = 0
-                for g in regex.findall(r"\X", text):
-                    clusters += 1
-                    split += any(start < e < start + len(g) for e in ends)
-                    start += len(g)
+                line_clusters, line_split = akshara_splits(text, pieces)
+                clusters += line_clusters
+                split += line_split
         return split / clusters
 
     # At 64k on FLORES the gap is 1.2% vs 6.1%; at this toy size many clusters don't fit the
