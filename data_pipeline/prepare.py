@@ -25,6 +25,7 @@ cache without it is never taken as complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, write_json_atomic
+from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, write_json_atomic
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, lsh_bands, minhasher
 from data_pipeline.filters import batch_check, filters_for
@@ -57,6 +58,7 @@ from data_pipeline.sources import (
     line_ranges,
     read_line_range,
 )
+from data_pipeline.workers import OrderedMap, WorkerDied
 from indicfm.files import file_sha256
 
 BATCH_DOCS = 512
@@ -64,8 +66,11 @@ BATCH_DOCS = 512
 RANGE_BYTES = 1 << 20
 #: Every dropped document, one line each: source, line, language, reason (tab-separated).
 DROP_LOG = "dropped.tsv"
-#: Rows of one language gathered in memory before they are appended to its arrays.
+#: Rows of one language gathered in memory before they are written to its arrays.
 WRITE_ROWS = 1024
+#: Documents are packed into rows as soon as this many rows are complete (not all at the end,
+#: when the other processes have nothing left to do).
+PACK_ROWS = 32
 
 
 class PrepareError(ValueError):
@@ -241,17 +246,9 @@ class DocumentProcessor:
                            time.process_time() - cpu_start)
 
 
-_WORKER: DocumentProcessor | None = None
-
-
-def _init_worker(config_json: str, tokenizer_file: str) -> None:
-    global _WORKER
-    _WORKER = DocumentProcessor(DataConfig.model_validate_json(config_json), tokenizer_file)
-
-
-def _work(task: RangeTask | DocumentsTask) -> BatchResult:
-    assert _WORKER is not None
-    return _WORKER(task)
+def _make_processor(config_json: str, tokenizer_file: str) -> DocumentProcessor:
+    """Builds a worker process's DocumentProcessor (the config travels as JSON)."""
+    return DocumentProcessor(DataConfig.model_validate_json(config_json), tokenizer_file)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -347,7 +344,7 @@ class _Run:
     def _lang(self, lang: str, rows: int = 0) -> tuple[Packer, LanguageWriter]:
         if lang not in self.packers:
             self.packers[lang] = Packer(self.seq_len, self.pad_id)
-            self.writers[lang] = LanguageWriter(self.out / "rows" / lang, self.seq_len, rows)
+            self.writers[lang] = LanguageWriter(self.out / "rows" / lang, self.seq_len, rows, write_rows=WRITE_ROWS)
         return self.packers[lang], self.writers[lang]
 
     def consume(self, batch: RangeTask | DocumentsTask, result: BatchResult) -> int:
@@ -375,7 +372,7 @@ class _Run:
                 continue
             packer, writer = self._lang(lang)
             packer.add_many(result.token_ids[np.repeat(sel, result.lengths)], result.lengths[sel])
-            if packer.pending_tokens >= WRITE_ROWS * self.seq_len:
+            if packer.pending_tokens >= PACK_ROWS * self.seq_len:
                 writer.append(packer.pop_full_rows())
         self.docs_done += len(reasons)
         return int(result.lengths[keep].sum())
@@ -414,10 +411,11 @@ class _Run:
         self.drop_log.close()
         languages = {}
         report = self.report.to_dict()["languages"]
+        for lang, packer in self.packers.items():
+            self.writers[lang].append(packer.finish())
+        close_writers(list(self.writers.values()))
         for lang, packer in sorted(self.packers.items()):
             writer = self.writers[lang]
-            writer.append(packer.finish())
-            writer.close()
             languages[lang] = {
                 "rows": writer.rows,
                 "tokens": report[lang]["tokens"],
@@ -519,7 +517,7 @@ def prepare(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with contextlib.closing(run.drop_log), Progress(
+    with contextlib.ExitStack() as stack, contextlib.closing(run.drop_log), Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
         console=console, disable=not show_progress, transient=False,
     ) as progress:
@@ -527,7 +525,10 @@ def prepare(
         clock = [0.0]  # main-process seconds: reading + consuming
         batch_cpu = 0.0
         tasks = _tasks(files, config, run.docs_done, clock)
-        for batch, result in _guard_workers(_process(tasks, config, tokenizer, n_workers)):
+        results = stack.enter_context(_process(tasks, config, tokenizer, n_workers))
+        # Imported (≈0.8 s, holding the GIL: ml_dtypes) while the worker processes start.
+        import tensorstore  # noqa: F401
+        for batch, result in _guard_workers(results):
             consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
             batch_cpu += result.cpu_seconds
@@ -573,22 +574,23 @@ def prepare(
 
 def _guard_workers(results):
     """Turn a dead worker process into a clear error (the last checkpoint stays resumable)."""
-    from concurrent.futures.process import BrokenProcessPool
-
     try:
         yield from results
-    except BrokenProcessPool as err:
+    except WorkerDied as err:
         raise PrepareError(
-            "a worker process died (its error is printed above); re-run to resume from the last "
-            "checkpoint, or use --workers 1 to work without worker processes"
+            f"{err}; re-run to resume from the last checkpoint, or use --workers 1 to work without "
+            "worker processes"
         ) from err
 
 
 def _worker_context():
     """The fork-server context with the worker's modules preloaded (spawn where there is none).
 
-    The preload list is process-wide and read when the fork server first starts; a fork server
-    already running keeps its own (workers then just import what they need themselves)."""
+    Not fork: the parent runs tensorstore threads.  A fork server (a fresh process that imports the
+    worker's modules once, then forks each worker from itself) starts workers for ≈0.05 s of CPU
+    each instead of ≈0.5 s for spawn's fresh interpreter + imports.  The preload list is
+    process-wide and read when the fork server first starts; a fork server already running keeps
+    its own (workers then just import what they need themselves)."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -602,62 +604,10 @@ def _worker_context():
 _WORKER_MODULES = ("data_pipeline.prepare", "sentencepiece", "pycld2")
 
 
-def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tokenizer: Path, n_workers: int):
-    """Yield (task, its BatchResult) in input order, using ``n_workers`` processes in all.
-
-    The main process is one of them: it runs ``n_workers - 1`` worker processes and, whenever the
-    next result in input order is not ready yet, processes the next batch itself instead of waiting
-    (its own in-order work -- dedup, packing, writing -- comes first).  On a 2-core machine that is
-    one worker process plus the main process, never three processes competing for two cores.
-    At most ``2 × (n_workers - 1)`` batches are in flight in the pool and a bounded number of
-    finished ones wait in memory (``Pool.imap`` would read the whole input ahead).
-    """
-    processor = DocumentProcessor(config, str(tokenizer))
-    if n_workers <= 1:
-        for task in tasks:
-            yield task, processor(task)
-        return
-
-    from concurrent.futures import Future, ProcessPoolExecutor
-
-    # Not fork: the parent runs tensorstore threads.  A fork server (a fresh process that imports
-    # the worker's modules once, then forks each worker from itself) starts workers for ≈0.05 s of
-    # CPU each instead of ≈0.5 s for spawn's fresh interpreter + imports, which on a 2-core machine
-    # is time taken from the work itself.  ProcessPoolExecutor (not multiprocessing.Pool, which
-    # waits forever when a worker dies) raises BrokenProcessPool instead.
-    ctx = _worker_context()
-    pool_workers = n_workers - 1
-    # Finished results wait in memory (≈0.5 MB each) while the next in input order is still being
-    # worked on: room for a few dozen lets the main process keep working through the pool's
-    # start-up (≈0.3 s: the fork server imports the worker's modules) instead of waiting.
-    max_in_pool, max_waiting = 2 * pool_workers, 4 * pool_workers + 32
-    with ProcessPoolExecutor(
-        pool_workers, mp_context=ctx, initializer=_init_worker, initargs=(config.model_dump_json(), str(tokenizer))
-    ) as pool:
-        pending: deque[tuple[RangeTask | DocumentsTask, Future | BatchResult]] = deque()
-        in_pool = 0
-        tasks = iter(tasks)
-        more = True
-        while True:
-            while more and in_pool < max_in_pool:
-                task = next(tasks, None)
-                if task is None:
-                    more = False
-                else:
-                    pending.append((task, pool.submit(_work, task)))
-                    in_pool += 1
-            if not pending:
-                return
-            task, head = pending[0]
-            if isinstance(head, Future) and not head.done() and more and len(pending) < max_waiting:
-                local = next(tasks, None)  # the head is still being worked on: do a batch meanwhile
-                if local is None:
-                    more = False
-                else:
-                    pending.append((local, processor(local)))
-                continue
-            pending.popleft()
-            if isinstance(head, Future):
-                in_pool -= 1
-                head = head.result()
-            yield task, head
+def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tokenizer: Path,
+             n_workers: int) -> OrderedMap:
+    """(task, its BatchResult) in input order, using ``n_workers`` processes in all, the main one
+    included (see :class:`data_pipeline.workers.OrderedMap`): whatever the number, the results and
+    so the cache are the same."""
+    make = functools.partial(_make_processor, config.model_dump_json(), str(tokenizer))
+    return OrderedMap(tasks, make, n_workers, _worker_context() if n_workers > 1 else None)
