@@ -175,8 +175,10 @@ class DocumentProcessor:
     def reasons(self, items: list[tuple[str, str]]) -> tuple[list[str | None], np.ndarray]:
         """Quality, script and language-ID reason (or None) of each (lang, text), and whether each
         text's whitespace differs from ``" ".join(text.split())`` (see filters.CharStats)."""
-        langs = [lang for lang, _ in items]
-        texts = [text for _, text in items]
+        return self.column_reasons([lang for lang, _ in items], [text for _, text in items])
+
+    def column_reasons(self, langs: list[str], texts: list[str]) -> tuple[list[str | None], np.ndarray]:
+        """:meth:`reasons` of documents given as two columns."""
         config_of = {lang: self._filters_for(lang) for lang in dict.fromkeys(langs)}
         reasons, stats = batch_check(texts, langs, [config_of[lang] for lang in langs])
         lid = self.config.lid
@@ -218,19 +220,27 @@ class DocumentProcessor:
     def __call__(self, task: RangeTask | DocumentsTask) -> BatchResult:
         cpu_start = time.process_time()
         source, lines, docs = self.read(task)
-        accepted = [i for i, r in enumerate(docs.reasons) if r is None]
-        items = [(docs.langs[i], docs.texts[i]) for i in accepted]
         reasons = list(docs.reasons)
         previews = list(docs.previews)
-        texts, collapsed = [], []  # of passing documents; collapsed: whitespace runs → one space
-        verdicts, uncollapsed = self.reasons(items)
-        for i, (lang, text), reason, irregular in zip(accepted, items, verdicts, uncollapsed.tolist()):
-            if reason is None:
-                texts.append(text)
-                collapsed.append(" ".join(text.split()) if irregular else text)
-            else:
-                reasons[i] = reason
-                previews[i] = text[:EXAMPLE_CHARS]
+        if docs.reasons.count(None) < len(docs.reasons):  # some were dropped while reading
+            accepted = [i for i, r in enumerate(docs.reasons) if r is None]
+            read_langs, read_texts = [docs.langs[i] for i in accepted], [docs.texts[i] for i in accepted]
+        else:
+            accepted, read_langs, read_texts = range(len(docs.texts)), docs.langs, docs.texts
+        verdicts, uncollapsed = self.column_reasons(read_langs, read_texts)
+        if verdicts.count(None) < len(verdicts):
+            for i, text, reason in zip(accepted, read_texts, verdicts):
+                if reason is not None:
+                    reasons[i] = reason
+                    previews[i] = text[:EXAMPLE_CHARS]
+            texts = [text for text, reason in zip(read_texts, verdicts) if reason is None]
+            uncollapsed = uncollapsed[np.array([v is None for v in verdicts], bool)]
+        else:
+            texts = read_texts
+        # collapsed: whitespace runs → one space (what dedup compares)
+        collapsed = list(texts)
+        for k in np.flatnonzero(uncollapsed).tolist():
+            collapsed[k] = " ".join(texts[k].split())
         keys = [exact_key(t, collapsed=True) for t in collapsed]
         signatures = bands = None
         if self.config.dedup.near:
@@ -349,33 +359,48 @@ class _Run:
 
     def consume(self, batch: RangeTask | DocumentsTask, result: BatchResult) -> int:
         """Apply dedup, count, pack, in input order; returns the number of tokens packed."""
-        passing = [i for i, r in enumerate(result.reasons) if r is None]
-        dedup, report, log = self.dedup, self.report, self.drop_log
         reasons = list(result.reasons)
-        verdicts = dedup.check_batch(result.keys, result.signatures, result.bands)
-        keep = np.fromiter((v is None for v in verdicts), bool, count=len(verdicts))
-        for i, verdict in zip(passing, verdicts):
-            if verdict is not None:
-                reasons[i] = verdict
+        everyone_passed = reasons.count(None) == len(reasons)
+        passing = range(len(reasons)) if everyone_passed else [i for i, r in enumerate(reasons) if r is None]
+        verdicts = self.dedup.check_batch(result.keys, result.signatures, result.bands)
+        no_duplicates = verdicts.count(None) == len(verdicts)
+        keep = np.ones(len(verdicts), bool)
+        if not no_duplicates:
+            for k, (i, verdict) in enumerate(zip(passing, verdicts)):
+                if verdict is not None:
+                    reasons[i] = verdict
+                    keep[k] = False
+        if not (everyone_passed and no_duplicates):
+            self._record_drops(result, reasons, passing)
+        langs = result.langs
+        if langs.count(langs[0] if langs else "") == len(langs):  # the usual batch: one file, one language
+            by_lang = {langs[0]: keep} if langs else {}
+        else:
+            langs_arr = np.array([langs[i] for i in passing])
+            by_lang = {lang: keep & (langs_arr == lang) for lang in dict.fromkeys(langs_arr.tolist())}
+        for lang, sel in by_lang.items():
+            self.report.kept_many(lang, int(sel.sum()), int(result.lengths[sel].sum()))
+            if not sel.any():
+                continue
+            packer, writer = self._lang(lang)
+            if sel.all():
+                packer.add_many(result.token_ids, result.lengths)
+            else:
+                packer.add_many(result.token_ids[np.repeat(sel, result.lengths)], result.lengths[sel])
+            if packer.pending_tokens >= PACK_ROWS * self.seq_len:
+                writer.append(packer.pop_full_rows())
+        self.docs_done += len(reasons)
+        return int(result.lengths[keep].sum())
+
+    def _record_drops(self, result: BatchResult, reasons: list[str | None], passing: Sequence[int]) -> None:
+        """Report and log every dropped document of a batch (``reasons``: with dedup's verdicts)."""
         source, lines, langs = result.source, result.lines, result.langs
         passing_index = dict(zip(passing, range(len(passing))))
         for i, reason in enumerate(reasons):
             if reason is not None:
                 text = result.previews[i] if i not in passing_index else result.head(passing_index[i])
-                report.dropped(langs[i], reason, source, lines[i], text)
-                log.write(f"{source}\t{lines[i]}\t{langs[i]}\t{reason}\n")
-        langs_arr = np.array([langs[i] for i in passing])
-        for lang in dict.fromkeys(langs_arr.tolist()):
-            sel = keep & (langs_arr == lang)
-            report.kept_many(lang, int(sel.sum()), int(result.lengths[sel].sum()))
-            if not sel.any():
-                continue
-            packer, writer = self._lang(lang)
-            packer.add_many(result.token_ids[np.repeat(sel, result.lengths)], result.lengths[sel])
-            if packer.pending_tokens >= PACK_ROWS * self.seq_len:
-                writer.append(packer.pop_full_rows())
-        self.docs_done += len(reasons)
-        return int(result.lengths[keep].sum())
+                self.report.dropped(langs[i], reason, source, lines[i], text)
+                self.drop_log.write(f"{source}\t{lines[i]}\t{langs[i]}\t{reason}\n")
 
     def checkpoint(self, fingerprint: dict) -> None:
         """Make everything so far durable, then commit state.json (atomically, last)."""

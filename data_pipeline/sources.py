@@ -41,6 +41,8 @@ PARQUET_SUFFIXES = (".parquet",)
 #: C0 and C1 control characters, DEL and NUL. Tab, newline and carriage return are allowed (a JSON
 #: record's text may hold several lines); a text file's line never contains a newline.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: A line that is empty or all whitespace (re's \s is str.isspace's set).
+_BLANK_LINE = re.compile(r"^[^\S\n]*$", re.M)
 _NON_SPACE = re.compile(r"\S")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -516,6 +518,7 @@ def _text_columns_fast(data: bytes, lang: str, r: LineRange, max_chars: int) -> 
     texts: list[str | None] = normalized
     reasons: list[str | None] = [None] * len(lines)
     previews = [""] * len(lines)
-    for i in [i for i, line in enumerate(lines) if not line or line.isspace()]:
-        texts[i], reasons[i], previews[i] = None, "empty", _preview(lines[i])
+    if _BLANK_LINE.search(text):  # rare: only then look at each line
+        for i in [i for i, line in enumerate(lines) if not line or line.isspace()]:
+            texts[i], reasons[i], previews[i] = None, "empty", _preview(lines[i])
     return DocumentColumns([lang] * len(texts), texts, reasons, previews)

@@ -228,7 +228,10 @@ def _run(tasks: Iterator, function: Callable, starter: _Starter, tasks_ahead: in
             if task is None:
                 more = False
                 break
-            worker.tasks.send(task)
+            try:
+                worker.tasks.send(task)
+            except OSError:  # BrokenPipeError: the worker is gone (it may have failed to start)
+                raise worker._died() from None
             worker.sent += 1
             pending.append((task, worker))
         if not pending and not more:

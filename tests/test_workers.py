@@ -93,3 +93,15 @@ def test_leaving_early_stops_the_workers():
                 break
         workers = [w.process for w in results._starter.workers]
     assert workers and not any(p.is_alive() for p in workers)
+
+
+def _make_nothing(caller_pid: int):
+    if os.getpid() != caller_pid:
+        os._exit(4)  # a worker that cannot even start (its set-up fails hard)
+    return lambda task: task
+
+
+def test_a_worker_that_dies_at_start_raises_worker_died():
+    with pytest.raises(WorkerDied, match="exit code 4"):
+        with OrderedMap(range(100_000), functools.partial(_make_nothing, os.getpid()), 2, _forkserver()) as results:
+            list(results)
