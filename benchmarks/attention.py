@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.attention [--quick]``.  Forward + backward (gradients for q, k, v) of
 ``indicfm.model.attention.dot_product_attention`` on packed rows (three documents per row, so the
-segment mask matters), for the chosen backend (``resolve_impl("auto")``: cuDNN on GPU, XLA elsewhere)
+segment mask matters), for the chosen backend (``resolve_impl("auto")``: cuDNN on GPU, splash on
+TPU, XLA elsewhere)
 and for ``xla`` — jax's own XLA implementation, the reference the issue compares against; on GPU
 both run in bfloat16.  Also the plain-einsum float32 ``reference`` as an independent correctness
 check: the relative error ‖chosen − reference‖ / ‖reference‖ is printed.
@@ -25,7 +26,7 @@ def backends(platform: str | None = None) -> list[str]:
     """The chosen backend first, then the XLA reference (once, when they are the same), then the
     plain float32 einsum (``reference``, what the tests check against)."""
     platform = platform or backend()
-    chosen = "cudnn" if platform == "gpu" else "xla"  # mirrors attention.resolve_impl("auto")
+    chosen = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")  # mirrors attention.resolve_impl("auto")
     return ([chosen] if chosen == "xla" else [chosen, "xla"]) + ["reference"]
 
 
@@ -60,7 +61,8 @@ def run(quick: bool) -> dict:
     v = random_like(keys[2], (B, L, K, G), dtype)
     cotangent = random_like(keys[3], (B, L, H, G), dtype)
     segment, _ = _packed_segments(B, L)
-    mask = segment_mask(jnp.asarray(segment), jnp.asarray(segment))
+    segment = jnp.asarray(segment)
+    mask = segment_mask(segment, segment)
     flops = 3 * 4.0 * B * L * L * H * G
     figures: dict = {
         "shape": f"B={B} L={L} H={H} K={K} G={G} {jnp.dtype(dtype).name}",
@@ -73,13 +75,13 @@ def run(quick: bool) -> dict:
     for impl in backends():
 
         def loss(q_, k_, v_, impl=impl):
-            out = dot_product_attention(q_, k_, v_, mask, impl)
+            out = dot_product_attention(q_, k_, v_, mask, impl, segment)
             return jnp.sum((out * cotangent).astype(jnp.float32))
 
         fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         timing = time_fn(lambda: fwd_bwd(q, k, v), warmup=1, repeats=3 if quick else 7)
         times[impl] = timing.median_s
-        out = jax.jit(lambda q_, k_, v_, impl=impl: dot_product_attention(q_, k_, v_, mask, impl))(q, k, v)
+        out = jax.jit(lambda q_, k_, v_, impl=impl: dot_product_attention(q_, k_, v_, mask, impl, segment))(q, k, v)
         err = jnp.linalg.norm(out.astype(jnp.float32) - reference) / jnp.linalg.norm(reference)
         figures[f"{impl}_fwd_bwd_ms"] = timing.median_s * 1e3
         figures[f"{impl}_tflops"] = flops / timing.median_s / 1e12

@@ -111,6 +111,7 @@ def test_gpu_configuration_small_moe_at_4096_cudnn_and_no_ragged_dot():
         cfg = step.load_case_config(case)
         assert cfg.model.max_seq_len == 4096
     assert attention.backends("gpu")[:2] == ["cudnn", "xla"]
+    assert attention.backends("tpu")[:2] == ["splash", "xla"]
     assert resolve_grouped_matmul("auto", "gpu") != "ragged_dot"
     assert "dropless/blocks" in moe.implementations("gpu")
     assert moe.shapes(quick=False, platform="gpu")[0][2:] == (4, 4096)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from indicfm.model.attention import resolve_impl, segment_mask
+from indicfm.model.attention import SELF_ATTENTION_ONLY, resolve_impl, segment_mask
 from indicfm.model.config import ModelConfig
 from indicfm.model.layers import compute_dtype
 from indicfm.model.transformer import Transformer
@@ -38,9 +38,10 @@ def inference_config(cfg: ModelConfig) -> ModelConfig:
       so a prompt's continuation would depend on its neighbours and on the cache length; dropless
       computes every chosen expert (as Hugging Face's Qwen2-MoE does).
     * cuDNN attention applies its causal mask by index (``is_causal``), which is wrong for one new
-      query against a cache of earlier keys; the XLA kernel with the explicit slot mask is used.
+      query against a cache of earlier keys, and TPU splash attention only attends a sequence to
+      itself; the XLA kernel with the explicit slot mask is used instead of either.
     """
-    impl = "xla" if resolve_impl(cfg.attention_impl) == "cudnn" else cfg.attention_impl
+    impl = "xla" if resolve_impl(cfg.attention_impl) in SELF_ATTENTION_ONLY else cfg.attention_impl
     return cfg.model_copy(update={"dispatch": "dropless", "attention_impl": impl, "remat": "none"})
 
 
@@ -77,8 +78,9 @@ def forward_with_cache(
     from slots when a row is left-padded.  ``segment`` is 1 for real tokens and 0 for padding.
     """
     cfg = model.cfg
-    if resolve_impl(cfg.attention_impl) == "cudnn":
-        raise ValueError("cuDNN attention cannot read a KV cache; build the model from inference_config(cfg)")
+    if resolve_impl(cfg.attention_impl) in SELF_ATTENTION_ONLY:
+        raise ValueError(f"{resolve_impl(cfg.attention_impl)} attention cannot read a KV cache; "
+                         "build the model from inference_config(cfg)")
     dtype = compute_dtype(cfg)
     B, L = tokens_BxL.shape
     S = cache.segment_BxS.shape[1]

@@ -4,7 +4,8 @@ Packed batches (issue 3) hold several documents per row: ``segment_ids`` gives e
 own id > 0 (0 marks padding) and a token may only attend to earlier tokens of the same segment.
 ``jax.nn.dot_product_attention`` (jax 0.10) has no segment-id argument, so the segment rule is
 passed as a boolean mask ``[B, 1, L, L]``; on cuDNN ``is_causal=True`` adds the causal part in the
-kernel and the mask is turned into an additive bias by jax.  Padding tokens attend to padding only,
+kernel and the mask is turned into an additive bias by jax.  On TPU the splash-attention kernel
+(:mod:`indicfm.model.splash`) takes the segment ids themselves and builds no mask.  Padding tokens attend to padding only,
 so no row is fully masked (no NaNs); their outputs are ignored by the loss.
 
 The module exposes ``project_qkv`` and ``attend`` separately so a KV cache for generation can sit
@@ -50,15 +51,27 @@ def reference_attention(q_BxLxHxG: jax.Array, k_BxSxKxG: jax.Array, v_BxSxKxG: j
 
 
 def resolve_impl(attention_impl: str) -> str:
-    """'auto' -> 'cudnn' on GPU, 'xla' elsewhere (TPU splash attention is not wired yet)."""
+    """'auto' -> 'cudnn' on GPU, 'splash' on TPU, 'xla' elsewhere."""
     if attention_impl != "auto":
         return attention_impl
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
 
 
-def dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str) -> jax.Array:
-    """Dispatch to the chosen backend; all take the same segment/causal mask."""
+#: Backends that need the queries and keys to be the same tokens (no KV cache: training, scoring).
+SELF_ATTENTION_ONLY = ("cudnn", "splash")
+
+
+def dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str, segment_ids_BxL=None) -> jax.Array:
+    """Dispatch to the chosen backend.  All but splash take the segment/causal mask; splash takes the
+    segment ids (the queries' and keys' own, so ``L == S``) and ignores the mask."""
     impl = resolve_impl(impl)
+    if impl == "splash":
+        if segment_ids_BxL is None or q_BxLxHxG.shape[1] != k_BxSxKxG.shape[1]:
+            raise ValueError("splash attention is self-attention over segment ids (training, scoring); "
+                             "a KV cache needs attention_impl 'xla' (see indicfm.inference.decode.inference_config)")
+        from indicfm.model.splash import splash_attention
+
+        return splash_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, segment_ids_BxL)
     if impl == "reference":
         return reference_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS)
     if impl == "cudnn":
@@ -97,13 +110,14 @@ class Attention(nnx.Module):
         v_BxLxKxG = constrain(v, ("batch", "length", "act_kv_heads", None))
         return q_BxLxHxG, k_BxLxKxG, v_BxLxKxG
 
-    def attend(self, q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS) -> jax.Array:
+    def attend(self, q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, segment_ids_BxL=None) -> jax.Array:
         """Attention over given keys/values and the output projection back to D."""
-        out_BxLxHxG = dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, self.impl)
+        out_BxLxHxG = dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, self.impl, segment_ids_BxL)
         out_BxLxHxG = constrain(out_BxLxHxG, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhg,hgd->bld", out_BxLxHxG, self.w_o_HxGxD[...].astype(out_BxLxHxG.dtype))
 
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
-        mask_Bx1xLxL = segment_mask(segment_ids_BxL, segment_ids_BxL)
-        return self.attend(q, k, v, mask_Bx1xLxL)
+        # splash attention works from the segment ids and needs no [B, 1, L, L] mask
+        mask_Bx1xLxL = None if resolve_impl(self.impl) == "splash" else segment_mask(segment_ids_BxL, segment_ids_BxL)
+        return self.attend(q, k, v, mask_Bx1xLxL, segment_ids_BxL)

@@ -61,8 +61,8 @@ class ModelConfig(Section):
     remat: Literal["none", "attention", "full"] = Field(
         "none", description="rematerialisation: recompute nothing, the attention sub-layer, or the whole block"
     )
-    attention_impl: Literal["auto", "xla", "cudnn", "reference"] = Field(
-        "auto", description="auto: cudnn on GPU, xla elsewhere; reference: plain einsum (tests)"
+    attention_impl: Literal["auto", "xla", "cudnn", "splash", "reference"] = Field(
+        "auto", description="auto: cudnn on GPU, splash on TPU, xla elsewhere; reference: plain einsum (tests)"
     )
     max_seq_len: int = Field(2048, gt=0, description="longest sequence the model is trained/served with")
 
