@@ -15,7 +15,9 @@
 # its own `benchmarks.run --only peak --only NAME` with a time limit, writing $OUT/NAME.json (or
 # ./gpu_NAME.json without $OUT), so a benchmark cut off by its limit loses only its own figures.
 # Budget: a lent machine gives a session 15 minutes in all and one command 10; the limits below
-# (GPU_KIT_LIMIT_S each, default 170 s) keep the three inside one command.
+# (GPU_KIT_LIMIT_S each, default 170 s) keep the three inside one command.  `step` prints each
+# case's figures as it finishes ("[step] case: {...}" on stderr), so a step run cut off by its limit
+# still reports the cases it measured; `run step` alone with GPU_KIT_LIMIT_S=540 measures all six.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -212,6 +213,8 @@ def run(quick: bool, selected: list[Case] | None = None) -> dict:
             measured = {"status": f"failed: {type(err).__name__}: {str(err)[:160]}"}
         for key, value in measured.items():
             figures[f"{case.name}_{key}"] = value
+        # each case as it is measured: a run cut off by a time limit still shows the cases it did
+        print(f"[step] {case.name}: {json.dumps(round_figures(measured))}", file=sys.stderr, flush=True)
     figures["load_after"] = cpu_load()
     return round_figures(figures)
 
