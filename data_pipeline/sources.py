@@ -231,8 +231,33 @@ def _iter_text(f: InputFile, max_chars: int, start: int = 0, first_line: int = 1
     lang = f.lang or UNKNOWN_LANGUAGE
     # A UTF-8 character takes at most 4 bytes, so a line of more bytes than this is surely too long
     # (and is never held whole); a shorter one is decoded and its characters counted exactly.
-    limit = 4 * max_chars + 1
-    with open(f.path, "rb") as stream:
+    for line_no, raw, rest in _raw_lines(f.path, 4 * max_chars + 1, start, first_line, count):
+        if rest is not None:
+            reason = _classify_long_line(raw, rest)
+            yield Document(lang, None, source, line_no, reason, _preview(raw[:1024]))
+            continue
+        raw = _strip_cr(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield Document(lang, None, source, line_no, "invalid_utf8", _preview(raw))
+            continue
+        reason = _classify_text(text, max_chars)
+        if reason is not None:
+            yield Document(lang, None, source, line_no, reason, _preview(text))
+        else:
+            yield Document(lang, normalize(text), source, line_no, None)
+
+
+def _raw_lines(path: Path, limit: int, start: int = 0, first_line: int = 1,
+               count: int | None = None) -> Iterator[tuple[int, bytes, Iterator[bytes] | None]]:
+    """``(line number, bytes, rest)`` for ``count`` lines from byte ``start`` (all by default).
+
+    A line of more than ``limit`` bytes is never held whole: ``bytes`` is its start and ``rest``
+    iterates over the remainder in chunks (``rest`` is None for a line that fits); whatever of
+    ``rest`` the caller leaves unread is skipped.  A leading BOM is not part of the first line.
+    """
+    with open(path, "rb") as stream:
         stream.seek(start)
         line_no = first_line - 1
         while count is None or line_no < first_line - 1 + count:
@@ -243,21 +268,10 @@ def _iter_text(f: InputFile, max_chars: int, start: int = 0, first_line: int = 1
             line_no += 1
             if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
-            if not complete:
-                reason = _classify_long_line(raw, _rest_of_line(stream))
-                yield Document(lang, None, source, line_no, reason, _preview(raw[:1024]))
-                continue
-            raw = _strip_cr(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield Document(lang, None, source, line_no, "invalid_utf8", _preview(raw))
-                continue
-            reason = _classify_text(text, max_chars)
-            if reason is not None:
-                yield Document(lang, None, source, line_no, reason, _preview(text))
-            else:
-                yield Document(lang, normalize(text), source, line_no, None)
+            rest = None if complete else _rest_of_line(stream)
+            yield line_no, raw, rest
+            for _ in rest or ():  # the next line starts after this one's end
+                pass
 
 
 def _record_lang(value: object, fallback: str | None) -> str | None:
@@ -284,34 +298,21 @@ def _iter_jsonl(
     fallback = name_lang if is_known_language(name_lang) else None
     # JSON may spell a character as a 12-byte surrogate-pair escape; beyond this a record is surely
     # too long, and it is skipped unparsed (its language can't be known without holding it whole).
-    limit = 12 * max_chars + 65536
-    with open(f.path, "rb") as stream:
-        stream.seek(start)
-        line_no = first_line - 1
-        while count is None or line_no < first_line - 1 + count:
-            got = _read_line(stream, limit)
-            if got is None:
-                return
-            raw, complete = got
-            line_no += 1
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if not complete:
-                for _ in _rest_of_line(stream):
-                    pass
-                yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "too_long", _preview(raw[:1024]))
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-            except ValueError:
-                yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "malformed_record", _preview(raw))
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            lang = _record_lang(record.get(lang_field), fallback) if isinstance(record, dict) else None
-            if not isinstance(text, str) or lang is None:
-                yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "malformed_record", _preview(raw))
-                continue
-            yield _document_from_string(text, lang, source, line_no, max_chars)
+    for line_no, raw, rest in _raw_lines(f.path, 12 * max_chars + 65536, start, first_line, count):
+        if rest is not None:
+            yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "too_long", _preview(raw[:1024]))
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        except ValueError:
+            yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "malformed_record", _preview(raw))
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        lang = _record_lang(record.get(lang_field), fallback) if isinstance(record, dict) else None
+        if not isinstance(text, str) or lang is None:
+            yield Document(UNKNOWN_LANGUAGE, None, source, line_no, "malformed_record", _preview(raw))
+            continue
+        yield _document_from_string(text, lang, source, line_no, max_chars)
 
 
 def _document_from_string(text: str, lang: str, source: str, line_no: int, max_chars: int) -> Document:
