@@ -94,3 +94,16 @@ def test_tpu_chooses_splash_and_serving_switches_to_xla(monkeypatch):
     assert inference_config(cfg).attention_impl == "xla"  # a KV cache needs the masked XLA kernel
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert resolve_impl("auto") == "xla"
+
+
+def test_a_kernel_first_built_under_a_mesh_also_serves_calls_without_one():
+    """The kernel is cached per shape: one first built inside shard_map (or a jit trace) must not
+    carry that context into a later eager call."""
+    from indicfm.model import splash as splash_module
+
+    splash_module._kernel.cache_clear()
+    q, k, v, seg = _inputs(batch=4)
+    with jax.set_mesh(make_mesh(MeshConfig(data=4, tensor=2))):
+        jax.jit(splash_attention)(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(splash_attention(q, k, v, seg)), np.asarray(_reference(q, k, v, seg)),
+                               atol=2e-5)

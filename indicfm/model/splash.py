@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 
 from indicfm.sharding import current_mesh, logical_to_spec
 
@@ -51,10 +52,12 @@ def _kernel(length: int, heads_per_kv_head: int, interpret: bool):
         block_q_dq=block, block_kv_dq=block,
     )
     causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads_per_kv_head)])
-    # The kernel keeps the block mask's tables as arrays: concrete ones, even when first built while
-    # a step is being traced (else the cached kernel would hold that trace's tracers).
+    # The kernel (a pytree) keeps the block mask's tables as arrays.  This cached one must hold plain
+    # NumPy tables: built while a step is traced they would be that trace's tracers, and built inside
+    # shard_map (even concrete) they would carry its manual sharding into every later use.
     with jax.ensure_compile_time_eval():
-        return splash.make_splash_mqa(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        kernel = splash.make_splash_mqa(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.tree.map(np.asarray, kernel)
 
 
 def _local_attention(q_BxLxHxG, k_BxLxKxG, v_BxLxKxG, segment_ids_BxL, interpret: bool):
