@@ -198,13 +198,15 @@ def time_restore(model_name: str, directory: str, in_flight_gb: int) -> float:
     return time.perf_counter() - start
 
 
-def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1) -> dict:
+def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1, cold: bool = False) -> dict:
     """Write the model's full train state once, then time restoring it into freshly described shardings.
 
     Each part runs in its own fresh process, so the restore, like a real resume, starts with no Orbax
     or tensorstore cache, and its memory (peak ≈ the state + ``in_flight_gb``) is all there is.  The
     files were just written, so they are (as far as free memory allows) in the OS page cache: this
-    measures Orbax and tensorstore (reads, copies into the arrays), not the disk.
+    measures Orbax and tensorstore (reads, copies into the arrays), not the disk.  ``cold``: the
+    page cache is dropped first (Linux, as root), so the restore reads the disk, as a resume on a
+    fresh machine after preemption does.
     """
     nbytes = state_bytes(model_name)
     needed = nbytes + in_flight_gb * 1e9 + 1e9  # + the interpreter, JAX and Orbax themselves
@@ -217,16 +219,30 @@ def measure_restore(model_name: str, workdir: Path, *, in_flight_gb: int = 1) ->
         start = time.perf_counter()
         writer.submit(write_state_checkpoint, model_name, str(workdir), in_flight_gb).result()
         save_s = time.perf_counter() - start
+    cache = _drop_page_cache() if cold else "warm (just written)"
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as reader:
         restore_s = reader.submit(time_restore, model_name, str(workdir), in_flight_gb).result()
     disk = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
     return {
         "restore_s": round(restore_s, 3),
+        "restore_page_cache": cache,
         "state_gb": round(nbytes / 1e9, 3),
         "restore_gb_per_s": round(nbytes / 1e9 / restore_s, 3),
         "checkpoint_on_disk_gb": round(disk / 1e9, 3),
         "one_off_save_s": round(save_s, 1),  # host zeros through Checkpointer, incl. process start-up
     }
+
+
+def _drop_page_cache() -> str:
+    """Flush and drop the OS page cache so the next read comes from disk; says what happened."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:  # not Linux, or not root: the restore is then (partly) warm
+        return f"warm (could not drop the page cache: {err.strerror or err})"
+    return "cold (dropped)"
 
 
 def _available_memory_bytes() -> int | None:
@@ -240,7 +256,7 @@ def _available_memory_bytes() -> int | None:
     return None
 
 
-def run(quick: bool, *, restore_only: bool = False) -> dict:
+def run(quick: bool, *, restore_only: bool = False, cold_restore: bool = False) -> dict:
     restore_model = "tiny-moe" if quick else "small-moe"
     root = Path(tempfile.mkdtemp(prefix="indicfm-bench-ckpt-"))
     try:
@@ -254,7 +270,7 @@ def run(quick: bool, *, restore_only: bool = False) -> dict:
             orbax_only = measure_stall(tiny, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
             figures.update({f"orbax_only_{k}": v for k, v in orbax_only.items() if k != "goal_stall_per_save_le_2pct"})
         figures["restore_model"] = restore_model
-        figures.update(measure_restore(restore_model, root / "restore"))
+        figures.update(measure_restore(restore_model, root / "restore", cold=cold_restore))
         return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -270,8 +286,12 @@ def main() -> None:
         "--restore-only", action="store_true",
         help="only the restore figures (e.g. the ~12 GB small-moe restore on its own, when memory is free)",
     )
+    parser.add_argument(
+        "--cold-restore", action="store_true",
+        help="drop the OS page cache before the restore (Linux, as root): time a resume reading the disk",
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, restore_only=args.restore_only), indent=2))
+    print(json.dumps(run(args.quick, restore_only=args.restore_only, cold_restore=args.cold_restore), indent=2))
 
 
 if __name__ == "__main__":
