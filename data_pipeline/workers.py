@@ -66,13 +66,21 @@ def _serve(make_function: Callable[[], Callable[[Any], Any]], tasks: Connection,
     """A worker process's loop: one task in, one result (or a _Failure) out, until ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it stops us
     function = make_function()
-    while (task := tasks.recv()) is not None:
+    while True:
+        try:
+            task = tasks.recv()
+        except EOFError:  # the caller is gone (killed): nobody wants our results
+            return
+        if task is None:
+            return
         try:
             result = function(task)
         except Exception as err:  # sent to the caller, which raises it
             result = _failure(err)
         try:
             results.send(result)
+        except OSError:  # BrokenPipeError: the caller is gone
+            return
         except Exception as err:  # a result that does not pickle
             results.send(_failure(err))
 
