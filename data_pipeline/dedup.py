@@ -13,6 +13,12 @@ batch of documents at once in NumPy costs a few µs per document.  The LSH band/
 the way datasketch does (minimising the false-positive + false-negative areas at the threshold), and
 tests compare the signatures' Jaccard estimates with exact Jaccard of the shingle sets.
 
+What the index keeps of a kept document's signature is its *b-bit fingerprint* (the lowest
+``FINGERPRINT_BITS`` bits of each minimum; Li & König, "b-Bit Minwise Hashing", WWW 2010): a
+quarter of the memory and of what workers send, while the LSH bands are still hashed from the full
+signature.  Two different minima agree in their lowest b bits by chance with probability 2^-b, so
+the Jaccard check corrects for it: J ≈ (matches/k - 2^-b) / (1 - 2^-b).
+
 Signatures are computed in worker processes (:func:`minhash_signatures`); the first-occurrence
 bookkeeping (:class:`DuplicateIndex`) lives in the single process that decides, in input order, so
 the result does not depend on the number of workers.
@@ -179,6 +185,25 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return _splitmix64(mixed + np.arange(bands, dtype=np.uint64))
 
 
+#: Bits of each MinHash minimum the index keeps (see the module docstring).
+FINGERPRINT_BITS = 8
+#: Version of what :meth:`DuplicateIndex.save_increment` writes (2: fingerprints + band keys; 1 had
+#: full signatures); an interrupted prepare only resumes with the same.
+STATE_FORMAT = 2
+
+
+def fingerprints(signatures: np.ndarray) -> np.ndarray:
+    """The b-bit fingerprints of MinHash signatures: the lowest FINGERPRINT_BITS bits of each."""
+    return (np.asarray(signatures) & np.uint32((1 << FINGERPRINT_BITS) - 1)).astype(np.uint8)
+
+
+def matches_needed(threshold: float, num_perm: int) -> float:
+    """Agreeing fingerprint positions (of ``num_perm``) that mean an estimated Jaccard ≥ threshold:
+    matches/k = J + (1 - J)·2^-b, solved for J = threshold."""
+    chance = 2.0**-FINGERPRINT_BITS
+    return num_perm * (threshold + (1 - threshold) * chance)
+
+
 @lru_cache(maxsize=None)
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands·rows ≤ num_perm minimising false-positive + false-negative area.
@@ -201,7 +226,7 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 class DuplicateIndex:
     """Remembers what was kept; answers "is this an exact / near duplicate of something kept?".
 
-    State grows by 16 bytes (exact) + 4·num_perm bytes (signature) + ~32 bytes per band (the
+    State grows by 16 bytes (exact) + num_perm bytes (fingerprint) + ~32 bytes per band (the
     :class:`BandTable`) per kept document and is saved with the prepare checkpoint so an
     interrupted run resumes with the same decisions.
     """
@@ -209,26 +234,46 @@ class DuplicateIndex:
     def __init__(self, config: DedupConfig):
         self.config = config
         self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
+        self._need = matches_needed(config.threshold, config.num_perm)
         self._exact: set[bytes] = set()
-        self._table = BandTable(1 << 20)  # band key -> kept documents (indices into _signatures)
-        self._signatures: list[np.ndarray] = []
+        self._table = BandTable(1 << 20)  # band key -> kept documents (rows of _fingerprints)
+        self._fingerprints = np.zeros((0, config.num_perm), np.uint8)  # grown geometrically
+        self._kept = 0  # rows of _fingerprints in use
         self._new_keys: list[bytes] = []  # kept since the last save_increment
-        self._saved_signatures = 0
+        self._new_bands: list[np.ndarray] = []  # their band keys, [docs, bands] blocks
+        self._saved = 0  # kept documents already in saved increments
 
     def __len__(self) -> int:
-        return len(self._signatures) if self.config.near else len(self._exact)
+        return self._kept if self.config.near else len(self._exact)
+
+    def fingerprint(self, doc: int) -> np.ndarray:
+        """The kept document ``doc``'s fingerprint."""
+        return self._fingerprints[doc]
+
+    def _remember(self, fingerprints_NxK: np.ndarray, bands_NxB: np.ndarray) -> int:
+        """Store kept documents' fingerprints; returns the first one's document number."""
+        first, n = self._kept, len(fingerprints_NxK)
+        if first + n > len(self._fingerprints):
+            grown = np.zeros((max(first + n, 2 * len(self._fingerprints), 1024), self.config.num_perm), np.uint8)
+            grown[:first] = self._fingerprints[:first]
+            self._fingerprints = grown
+        self._fingerprints[first : first + n] = fingerprints_NxK
+        self._kept += n
+        self._new_bands.append(np.asarray(bands_NxB, np.uint64).reshape(n, self.bands))
+        return first
 
     def check_and_add(
         self, key: bytes, signature: np.ndarray | None, bands: np.ndarray | None = None
     ) -> str | None:
         """Reason the document is a duplicate, or None (then it is recorded as kept).
 
-        ``bands`` are the signature's :func:`band_hashes` when the caller computed them in bulk.
+        ``signature``: the full MinHash signature; ``bands`` its :func:`band_hashes` when the caller
+        computed them in bulk.
         """
         if self.config.near and signature is not None:
             if bands is None:
                 bands = band_hashes(signature[None, :], self.bands, self.rows)[0]
-            return self.check_batch([key], signature[None, :], np.asarray(bands)[None, :])[0]
+            return self.check_batch([key], fingerprints(signature[None, :]), np.asarray(bands)[None, :])[0]
         if self.config.exact and key in self._exact:
             return "exact_duplicate"
         if self.config.exact:
@@ -237,19 +282,22 @@ class DuplicateIndex:
         return None
 
     def check_batch(
-        self, keys: Sequence[bytes], signatures: np.ndarray | None, bands: np.ndarray | None
+        self, keys: Sequence[bytes], fingerprints_NxK: np.ndarray | None, bands: np.ndarray | None
     ) -> list[str | None]:
         """Verdict for each document of a batch, in order, as if they came one by one.
 
-        This runs in the one process that decides in input order, so its cost bounds the whole
-        prepare.  Most documents share neither their exact key nor any band with anything kept or
-        with another document of the batch: a few whole-batch operations find the "suspects" that
-        do, and everything else is recorded at once.  Suspects share keys only among themselves
-        and with documents kept before the batch, so recording the others first changes no
-        verdict; they are then decided one by one with plain Python sets.
+        ``fingerprints_NxK``: the documents' :func:`fingerprints` (or full signatures); ``bands``: their
+        :func:`band_hashes` (of the full signatures).  This runs in the one process that decides in
+        input order, so its cost bounds the whole prepare.  Most documents share neither their
+        exact key nor any band with anything kept or with another document of the batch: a few
+        whole-batch operations find the "suspects" that do, and everything else is recorded at
+        once.  Suspects share keys only among themselves and with documents kept before the batch,
+        so recording the others first changes no verdict; they are then decided one by one.
         """
-        if not (self.config.near and signatures is not None and bands is not None):
+        if not (self.config.near and fingerprints_NxK is not None and bands is not None):
             return [self.check_and_add(key, None) for key in keys]
+        if fingerprints_NxK.dtype != np.uint8:  # full signatures: keep their fingerprints
+            fingerprints_NxK = fingerprints(fingerprints_NxK)
         bands = np.asarray(bands, np.uint64)
         first = self._table.lookup(bands)  # [docs, bands]: a kept document with that band, or -1
         suspect = (first >= 0).any(axis=1) | _repeats_in_batch(bands)
@@ -257,10 +305,9 @@ class DuplicateIndex:
             suspect |= self._exact_suspects(keys)
         clean = np.flatnonzero(~suspect)
         if len(clean):
-            first_doc = len(self._signatures)
+            first_doc = self._remember(fingerprints_NxK[clean], bands[clean])
             docs = np.repeat(np.arange(first_doc, first_doc + len(clean)), bands.shape[1])
             self._table.insert_new(bands[clean], docs)
-            self._signatures.extend(signatures[clean])
             if self.config.exact:
                 clean_keys = [keys[i] for i in clean.tolist()]
                 self._exact.update(clean_keys)
@@ -268,7 +315,7 @@ class DuplicateIndex:
         out: list[str | None] = [None] * len(keys)
         kept_here: dict[int, list[int]] = {}  # band key -> suspects of this batch kept so far
         for i in np.flatnonzero(suspect).tolist():
-            out[i] = self._decide(keys[i], signatures[i], bands[i].tolist(), first[i].tolist(), kept_here)
+            out[i] = self._decide(keys[i], fingerprints_NxK[i], bands[i], first[i].tolist(), kept_here)
         if kept_here:
             band_keys = list(kept_here)
             counts = [len(v) for v in kept_here.values()]
@@ -276,21 +323,20 @@ class DuplicateIndex:
                             np.array([d for v in kept_here.values() for d in v], np.int64))
         return out
 
-    def _decide(self, key: bytes, signature: np.ndarray, band_keys: list[int], first: list[int],
+    def _decide(self, key: bytes, fingerprint: np.ndarray, bands: np.ndarray, first: list[int],
                 kept_here: dict[int, list[int]]) -> str | None:
         """One suspect: its verdict, and when kept, record it (``kept_here`` until the batch ends)."""
         if self.config.exact and key in self._exact:
             return "exact_duplicate"
+        band_keys = bands.tolist()
         candidates: set[int] = set()
         for band_key, doc in zip(band_keys, first):
             if doc >= 0:
                 candidates.update(self._table.docs_of(band_key, doc))
             candidates.update(kept_here.get(band_key, ()))
-        need = self.config.threshold * len(signature)
-        if any(np.count_nonzero(self._signatures[d] == signature) >= need for d in sorted(candidates)):
+        if any(np.count_nonzero(self._fingerprints[d] == fingerprint) >= self._need for d in sorted(candidates)):
             return "near_duplicate"
-        doc = len(self._signatures)
-        self._signatures.append(signature)
+        doc = self._remember(fingerprint[None, :], bands[None, :])
         for band_key in band_keys:
             kept_here.setdefault(band_key, []).append(doc)
         if self.config.exact:
@@ -311,17 +357,16 @@ class DuplicateIndex:
     # -- checkpointing -------------------------------------------------------------------------
     def save_increment(self, directory: Path, part: int) -> None:
         """Write what was kept since the last save as part ``part`` (append-only, so a checkpoint
-        costs time proportional to the new documents, not to the whole index)."""
+        costs time proportional to the new documents, not to the whole index): exact keys, and
+        the fingerprints and band keys of the near-duplicate index."""
         directory.mkdir(parents=True, exist_ok=True)
         keys = self._new_keys
-        sigs = self._signatures[self._saved_signatures :]
         np.save(directory / f"exact_keys.{part:06d}.npy", np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16))
-        np.save(
-            directory / f"signatures.{part:06d}.npy",
-            np.stack(sigs) if sigs else np.zeros((0, self.config.num_perm), np.uint32),
-        )
-        self._new_keys = []
-        self._saved_signatures = len(self._signatures)
+        np.save(directory / f"fingerprints.{part:06d}.npy", self._fingerprints[self._saved : self._kept])
+        bands = np.concatenate(self._new_bands) if self._new_bands else np.zeros((0, self.bands), np.uint64)
+        np.save(directory / f"bands.{part:06d}.npy", bands)
+        self._new_keys, self._new_bands = [], []
+        self._saved = self._kept
 
     def load(self, directory: Path, parts: int) -> None:
         """Rebuild the index from parts 0 .. parts-1 written by :meth:`save_increment`."""
@@ -329,12 +374,11 @@ class DuplicateIndex:
         for part in range(parts):
             for row in np.load(directory / f"exact_keys.{part:06d}.npy"):
                 self._exact.add(row.tobytes())
-            sigs = np.load(directory / f"signatures.{part:06d}.npy")
-            first_doc = len(self._signatures)
-            docs = np.repeat(np.arange(first_doc, first_doc + len(sigs)), self.bands)
-            self._table.add(band_hashes(sigs, self.bands, self.rows), docs)
-            self._signatures.extend(sigs)
-        self._saved_signatures = len(self._signatures)
+            bands = np.load(directory / f"bands.{part:06d}.npy")
+            first_doc = self._remember(np.load(directory / f"fingerprints.{part:06d}.npy"), bands)
+            self._table.add(bands, np.repeat(np.arange(first_doc, first_doc + len(bands)), self.bands))
+        self._new_bands = []
+        self._saved = self._kept
 
 
 def _repeats_in_batch(bands: np.ndarray) -> np.ndarray:

@@ -40,7 +40,8 @@ import numpy as np
 
 from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, write_json_atomic
 from data_pipeline.config import DataConfig
-from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, lsh_bands, minhasher
+from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
+from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
 from data_pipeline.filters import batch_check, filters_for
 from data_pipeline.lid import get_identifier, lid_reason, shares_script
 from data_pipeline.pack import Packer
@@ -120,7 +121,7 @@ class BatchResult:
     previews: list[str]  # per document: what report examples show of a dropped one ("" if passing)
     heads: str  # the passing documents' first EXAMPLE_CHARS characters, joined with NUL
     keys: list[bytes]  # for passing documents, in order
-    signatures: np.ndarray | None  # [passing, num_perm] uint32
+    fingerprints: np.ndarray | None  # [passing, num_perm] uint8: b-bit MinHash (dedup.fingerprints)
     bands: np.ndarray | None  # [passing, bands] uint64 LSH band hashes
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
@@ -242,17 +243,18 @@ class DocumentProcessor:
         for k in np.flatnonzero(uncollapsed).tolist():
             collapsed[k] = " ".join(texts[k].split())
         keys = [exact_key(t, collapsed=True) for t in collapsed]
-        signatures = bands = None
+        prints = bands = None
         if self.config.dedup.near:
             signatures = self.minhasher.signatures(collapsed, collapsed=True)
             bands = band_hashes(signatures, self.lsh_bands, self.lsh_rows)
+            prints = fingerprints(signatures)
         # [BOS] tokens [EOS]: BOS gives the model a context to predict a document's first token
         # from, exactly as evaluation (bits per byte) and generation present text to it.
         ids = self.sp.encode(texts, add_bos=True, add_eos=True, num_threads=1) if texts else []
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
         heads = "\x00".join(t[:EXAMPLE_CHARS] for t in texts)
-        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, signatures, bands, flat, lengths,
+        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, prints, bands, flat, lengths,
                            time.process_time() - cpu_start)
 
 
@@ -362,7 +364,7 @@ class _Run:
         reasons = list(result.reasons)
         everyone_passed = reasons.count(None) == len(reasons)
         passing = range(len(reasons)) if everyone_passed else [i for i, r in enumerate(reasons) if r is None]
-        verdicts = self.dedup.check_batch(result.keys, result.signatures, result.bands)
+        verdicts = self.dedup.check_batch(result.keys, result.fingerprints, result.bands)
         no_duplicates = verdicts.count(None) == len(verdicts)
         keep = np.ones(len(verdicts), bool)
         if not no_duplicates:
@@ -414,6 +416,7 @@ class _Run:
         state = {
             "drop_log_bytes": self.drop_log.tell(),
             "fingerprint": fingerprint,
+            "dedup_state_format": DEDUP_STATE_FORMAT,
             "docs_done": self.docs_done,
             "dedup_parts": self.parts,
             "rows": {lang: w.rows for lang, w in self.writers.items()},
@@ -468,6 +471,9 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | Non
     if state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
         if state["fingerprint"] == fingerprint:
+            if state.get("dedup_state_format", 1) != DEDUP_STATE_FORMAT:
+                raise PrepareError(f"{out} holds a prepare interrupted by another indicfm version, whose "
+                                   "deduplication state this one can't read; pass --overwrite to start again")
             return state
         raise PrepareError(
             f"{out} holds an interrupted prepare of other inputs/config/tokenizer; "

@@ -149,7 +149,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_d
         pass
 
     # Interrupt a few batches after the 2nd checkpoint, with rows written since then (small
-    # WRITE_ROWS): the resumed run must overwrite those, not append after them.
+    # PACK_ROWS and WRITE_ROWS): the resumed run must overwrite those, not append after them.
+    monkeypatch.setattr(prepare_mod, "PACK_ROWS", 2)
     monkeypatch.setattr(prepare_mod, "WRITE_ROWS", 2)
     checkpoints = []
     monkeypatch.setattr(prepare_mod, "_checkpoint_hook", checkpoints.append)
@@ -272,6 +273,30 @@ def test_overwrite_refuses_to_delete_a_directory_that_is_not_a_cache(tmp_path, s
     with pytest.raises(PrepareError, match="empty directory"):
         prepare([sample_train_dir], tokenizer, precious, seq_len=SEQ_LEN, workers=1, show_progress=False)
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_prepare_interrupted_by_an_older_version_is_not_resumed_with_its_dedup_state(
+    tmp_path, sample_train_dir, tokenizer, monkeypatch
+):
+    out = tmp_path / "cache"
+    config = DataConfig(checkpoint_every_docs=2000)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(checkpoints_done):
+        raise Interrupted
+
+    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", stop)
+    with pytest.raises(Interrupted):
+        prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
+    state_file = out / ".prepare_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["dedup_state_format"]  # as written before the index kept fingerprints
+    state_file.write_text(json.dumps(state))
+    monkeypatch.undo()
+    with pytest.raises(PrepareError, match="another indicfm version"):
+        prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
 
 
 def test_resume_point_inside_a_line_range_skips_exactly_the_done_documents(sample_train_dir, tokenizer):

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from data_pipeline.config import DedupConfig
-from data_pipeline.dedup import DuplicateIndex, exact_key, lsh_bands, minhasher
+from data_pipeline.dedup import (
+    FINGERPRINT_BITS, DuplicateIndex, exact_key, fingerprints, lsh_bands, matches_needed, minhasher,
+)
 
 
 def _shingles(text: str, n: int = 5) -> set[str]:
@@ -40,6 +42,19 @@ def test_minhash_estimates_match_exact_jaccard(sample_train_dir):
     assert abs(err.mean()) < 0.01 and np.abs(err).max() < 0.2
     # Batch computation equals one-at-a-time computation.
     np.testing.assert_array_equal(sigs[:6], np.stack([mh.signatures([t])[0] for a, b in pairs[:3] for t in (a, b)]))
+    # What the index keeps, 8-bit fingerprints, estimates as well once chance agreements
+    # (probability 2^-8 per position) are corrected for -- including for unrelated documents.
+    prints = fingerprints(sigs)
+    chance = 2.0**-FINGERPRINT_BITS
+    est_b = ((prints[0::2] == prints[1::2]).mean(axis=1) - chance) / (1 - chance)
+    err_b = est_b - exact
+    assert abs(err_b.mean()) < 0.01 and np.abs(err_b).max() < 0.2
+    unrelated = (prints[0::2] == np.roll(prints[1::2], 1, axis=0)).mean(axis=1)
+    exact_unrelated = np.array([_jaccard(a, b) for (a, _), (_, b) in zip(pairs, pairs[-1:] + pairs[:-1])])
+    assert exact_unrelated.mean() < 0.05  # mostly unrelated sentences
+    assert abs((unrelated.mean() - chance) / (1 - chance) - exact_unrelated.mean()) < 0.01
+    # the index's threshold in matches is the same correction, solved for J = threshold
+    assert matches_needed(0.8, 128) == pytest.approx(128 * (0.8 + 0.2 * chance))
 
 
 def test_short_texts_and_word_shingles():
@@ -104,13 +119,18 @@ def test_batch_check_equals_one_by_one(sample_train_dir):
     for lo in range(0, len(docs), 64):
         got += batched.check_batch(keys[lo : lo + 64], sigs[lo : lo + 64], band_hashes(sigs[lo : lo + 64], bands, rows))
     assert got == expected
-    # and it remembers the same kept documents in the same buckets (later verdicts depend on it)
-    def remembered(index):
-        keys = band_hashes(np.stack(index._signatures), bands, rows).ravel().tolist()
-        first = index._table.lookup(np.array(keys, np.uint64)).tolist()
-        return index._exact, {k: sorted(index._signatures[d].tobytes() for d in index._table.docs_of(k, f))
-                              for k, f in zip(keys, first)}
+    # and it remembers the same kept documents in the same buckets (later verdicts depend on it):
+    # the band keys of every kept document (from the test's own signatures) lead to the same
+    # fingerprints in both indexes
+    kept = np.array([v is None for v in expected])
+    kept_keys = band_hashes(sigs[kept], bands, rows).ravel()
 
+    def remembered(index):
+        first = index._table.lookup(kept_keys).tolist()
+        return index._exact, {k: sorted(index.fingerprint(d).tobytes() for d in index._table.docs_of(k, f))
+                              for k, f in zip(kept_keys.tolist(), first)}
+
+    assert len(one) == len(batched) == kept.sum()
     assert remembered(one) == remembered(batched)
     assert expected.count("near_duplicate") > 10 and expected.count("exact_duplicate") > 10
 
