@@ -18,6 +18,7 @@ background thread (a fork server's first start takes ≈0.3 s), during which the
 from __future__ import annotations
 
 import pickle
+import queue
 import signal
 import threading
 import traceback
@@ -62,15 +63,28 @@ def _failure(err: BaseException) -> _Failure:
     return _Failure(err, text)
 
 
-def _serve(make_function: Callable[[], Callable[[Any], Any]], tasks: Connection, results: Connection) -> None:
-    """A worker process's loop: one task in, one result (or a _Failure) out, until ``None``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it stops us
-    function = make_function()
+def _read_tasks(tasks: Connection, inbox: queue.SimpleQueue) -> None:
+    """Move tasks from the pipe to ``inbox`` as they come, whatever the worker is doing: a caller
+    blocked sending a large task while this worker is blocked sending a result would otherwise
+    wait for each other forever."""
     while True:
         try:
             task = tasks.recv()
         except EOFError:  # the caller is gone (killed): nobody wants our results
+            task = None
+        inbox.put(task)
+        if task is None:
             return
+
+
+def _serve(make_function: Callable[[], Callable[[Any], Any]], tasks: Connection, results: Connection) -> None:
+    """A worker process's loop: one task in, one result (or a _Failure) out, until ``None``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it stops us
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_tasks, args=(tasks, inbox), name="read-tasks", daemon=True).start()
+    function = make_function()
+    while True:
+        task = inbox.get()
         if task is None:
             return
         try:
@@ -141,17 +155,26 @@ class _Starter(threading.Thread):
     def run(self) -> None:
         try:
             for _ in range(self.count):
-                task_reader, task_writer = self.context.Pipe(duplex=False)
-                result_reader, result_writer = self.context.Pipe(duplex=False)
-                _enlarge_pipe(result_writer, RESULT_PIPE_BYTES)
-                process = self.context.Process(target=_serve, args=(self.make_function, task_reader, result_writer),
-                                               daemon=True, name="indicfm-worker")
-                process.start()
-                task_reader.close()
-                result_writer.close()
-                self.workers.append(_Worker(process, task_writer, result_reader))
+                self.workers.append(self._start_one())
         except BaseException as err:  # raised in the caller when it next looks
             self.error = err
+
+    def _start_one(self) -> _Worker:
+        task_reader, task_writer = self.context.Pipe(duplex=False)
+        result_reader, result_writer = self.context.Pipe(duplex=False)
+        try:
+            _enlarge_pipe(result_writer, RESULT_PIPE_BYTES)
+            process = self.context.Process(target=_serve, args=(self.make_function, task_reader, result_writer),
+                                           daemon=True, name="indicfm-worker")
+            process.start()
+        except BaseException:
+            task_writer.close()
+            result_reader.close()
+            raise
+        finally:  # the worker's ends: the worker holds its own copies
+            task_reader.close()
+            result_writer.close()
+        return _Worker(process, task_writer, result_reader)
 
     def started(self) -> list[_Worker]:
         """The workers once all have started (empty before), raising a start-up error."""
@@ -195,7 +218,10 @@ class OrderedMap(Generic[Task, Result]):
         if self.processes > 1:
             import multiprocessing
 
-            context = self.context or multiprocessing.get_context()
+            # Never plain fork by default: the caller may run threads (tensorstore, this module's
+            # own starter thread), which a forked child would inherit in whatever state they were.
+            context = self.context or multiprocessing.get_context(
+                "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
             if context.get_start_method() == "forkserver":
                 # Launch the fork server now (a fork-exec, ≈10 ms): it then imports its preloaded
                 # modules on another core even while this process holds the GIL for a while.

@@ -105,3 +105,22 @@ def test_a_worker_that_dies_at_start_raises_worker_died():
     with pytest.raises(WorkerDied, match="exit code 4"):
         with OrderedMap(range(100_000), functools.partial(_make_nothing, os.getpid()), 2, _forkserver()) as results:
             list(results)
+
+
+def _big_result(caller_pid: int, task: bytes) -> bytes:
+    time.sleep(0.002 if os.getpid() != caller_pid else 0.05)  # the worker process does most
+    return task * 2
+
+
+def _make_big(caller_pid: int):
+    return functools.partial(_big_result, caller_pid)
+
+
+@pytest.mark.timeout(120)
+def test_large_tasks_and_results_do_not_deadlock():
+    """Tasks larger than a pipe's buffer while results fill the other pipe: the caller blocks
+    sending a task only until the worker has read it, never until the worker sent a result."""
+    tasks = [bytes([i % 256]) * (200 << 10) for i in range(100)]
+    with OrderedMap(tasks, functools.partial(_make_big, os.getpid()), 2, _forkserver()) as results:
+        out = [result for _, result in results]
+    assert out == [t * 2 for t in tasks]
