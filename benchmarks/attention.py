@@ -25,8 +25,9 @@ from benchmarks.common import backend, cpu_load, matmul_dtype, random_like, roun
 def backends(platform: str | None = None) -> list[str]:
     """The chosen backend first, then the XLA reference (once, when they are the same), then the
     plain float32 einsum (``reference``, what the tests check against)."""
-    platform = platform or backend()
-    chosen = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")  # mirrors attention.resolve_impl("auto")
+    from indicfm.model.attention import resolve_impl
+
+    chosen = resolve_impl("auto", platform or backend())
     return ([chosen] if chosen == "xla" else [chosen, "xla"]) + ["reference"]
 
 

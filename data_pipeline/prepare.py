@@ -31,14 +31,13 @@ import json
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, write_json_atomic
+from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, flush_writers, write_json_atomic
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
@@ -408,7 +407,7 @@ class _Run:
         """Make everything so far durable, then commit state.json (atomically, last)."""
         for lang, packer in self.packers.items():
             self.writers[lang].append(packer.pop_full_rows())
-            self.writers[lang].flush()
+        flush_writers(list(self.writers.values()))
         self.dedup.save_increment(self.state_dir, self.parts)
         self.parts += 1
         self.drop_log.flush()

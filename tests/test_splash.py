@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from indicfm.config import MeshConfig
 from indicfm.inference.decode import inference_config
-from indicfm.model.attention import Attention, reference_attention, resolve_impl, segment_mask
+from indicfm.model.attention import Attention, backend_for, reference_attention, resolve_impl, segment_mask
 from indicfm.model.config import ModelConfig
 from indicfm.model.splash import block_size, splash_attention
 from indicfm.sharding import make_mesh, named_sharding
@@ -92,6 +92,9 @@ def test_tpu_chooses_splash_and_serving_switches_to_xla(monkeypatch):
     assert resolve_impl("auto") == "splash"
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64)
     assert inference_config(cfg).attention_impl == "xla"  # a KV cache needs the masked XLA kernel
+    # 'auto' on TPU falls back to XLA where splash can't run; an explicit 'splash' says why
+    assert backend_for("auto", 256, 256) == "splash" and backend_for("auto", 100, 100) == "xla"
+    assert backend_for("auto", 1, 256) == "xla" and backend_for("splash", 100, 100) == "splash"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert resolve_impl("auto") == "xla"
 

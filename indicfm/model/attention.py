@@ -50,11 +50,21 @@ def reference_attention(q_BxLxHxG: jax.Array, k_BxSxKxG: jax.Array, v_BxSxKxG: j
     return out.reshape(B, L, H, G).astype(q_BxLxHxG.dtype)
 
 
-def resolve_impl(attention_impl: str) -> str:
-    """'auto' -> 'cudnn' on GPU, 'splash' on TPU, 'xla' elsewhere."""
+def resolve_impl(attention_impl: str, platform: str | None = None) -> str:
+    """'auto' -> 'cudnn' on GPU, 'splash' on TPU, 'xla' elsewhere (``platform``: default backend)."""
     if attention_impl != "auto":
         return attention_impl
-    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform or jax.default_backend(), "xla")
+
+
+def backend_for(attention_impl: str, q_len: int, kv_len: int) -> str:
+    """The backend that runs: :func:`resolve_impl`, except that 'auto' falls back to 'xla' where
+    splash can't run (queries other than the keys, or a length not a multiple of 128); an explicit
+    'splash' raises there instead."""
+    impl = resolve_impl(attention_impl)
+    if impl == "splash" and attention_impl == "auto" and (q_len != kv_len or q_len % 128):
+        return "xla"
+    return impl
 
 
 #: Backends that need the queries and keys to be the same tokens (no KV cache: training, scoring).
@@ -64,7 +74,7 @@ SELF_ATTENTION_ONLY = ("cudnn", "splash")
 def dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str, segment_ids_BxL=None) -> jax.Array:
     """Dispatch to the chosen backend.  All but splash take the segment/causal mask; splash takes the
     segment ids (the queries' and keys' own, so ``L == S``) and ignores the mask."""
-    impl = resolve_impl(impl)
+    impl = backend_for(impl, q_BxLxHxG.shape[1], k_BxSxKxG.shape[1])
     if impl == "splash":
         if segment_ids_BxL is None or q_BxLxHxG.shape[1] != k_BxSxKxG.shape[1]:
             raise ValueError("splash attention is self-attention over segment ids (training, scoring); "
@@ -119,5 +129,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
         # splash attention works from the segment ids and needs no [B, 1, L, L] mask
-        mask_Bx1xLxL = None if resolve_impl(self.impl) == "splash" else segment_mask(segment_ids_BxL, segment_ids_BxL)
+        L = segment_ids_BxL.shape[1]
+        needs_mask = backend_for(self.impl, L, L) != "splash"
+        mask_Bx1xLxL = segment_mask(segment_ids_BxL, segment_ids_BxL) if needs_mask else None
         return self.attend(q, k, v, mask_Bx1xLxL, segment_ids_BxL)
