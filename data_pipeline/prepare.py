@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, flush_writers, write_json_atomic
+from data_pipeline.cache import (
+    FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, flush_writers, write_json_atomic,
+)
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
@@ -374,7 +376,7 @@ class _Run:
         if not (everyone_passed and no_duplicates):
             self._record_drops(result, reasons, passing)
         langs = result.langs
-        if langs.count(langs[0] if langs else "") == len(langs):  # the usual batch: one file, one language
+        if len(set(langs)) <= 1:  # the usual batch: one file, one language
             by_lang = {langs[0]: keep} if langs else {}
         else:
             langs_arr = np.array([langs[i] for i in passing])

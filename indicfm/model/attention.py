@@ -5,8 +5,8 @@ own id > 0 (0 marks padding) and a token may only attend to earlier tokens of th
 ``jax.nn.dot_product_attention`` (jax 0.10) has no segment-id argument, so the segment rule is
 passed as a boolean mask ``[B, 1, L, L]``; on cuDNN ``is_causal=True`` adds the causal part in the
 kernel and the mask is turned into an additive bias by jax.  On TPU the splash-attention kernel
-(:mod:`indicfm.model.splash`) takes the segment ids themselves and builds no mask.  Padding tokens attend to padding only,
-so no row is fully masked (no NaNs); their outputs are ignored by the loss.
+(:mod:`indicfm.model.splash`) takes the segment ids themselves and builds no mask.  Padding tokens
+attend to padding only, so no row is fully masked (no NaNs); their outputs are ignored by the loss.
 
 The module exposes ``project_qkv`` and ``attend`` separately so a KV cache for generation can sit
 between them (issue 9).
@@ -71,7 +71,9 @@ def backend_for(attention_impl: str, q_len: int, kv_len: int) -> str:
 SELF_ATTENTION_ONLY = ("cudnn", "splash")
 
 
-def dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str, segment_ids_BxL=None) -> jax.Array:
+def dot_product_attention(
+    q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask_Bx1xLxS, impl: str, segment_ids_BxL=None
+) -> jax.Array:
     """Dispatch to the chosen backend.  All but splash take the segment/causal mask; splash takes the
     segment ids (the queries' and keys' own, so ``L == S``) and ignores the mask."""
     impl = backend_for(impl, q_BxLxHxG.shape[1], k_BxSxKxG.shape[1])
