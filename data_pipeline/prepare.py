@@ -116,21 +116,16 @@ class BatchResult:
     """
 
     source: str
-    lines: list[int]  # per document: 1-based line / record number
+    lines: Sequence[int]  # per document: 1-based line / record number (a range for a line range)
     langs: list[str]  # per document
     reasons: list[str | None]  # per document
     previews: list[str]  # per document: what report examples show of a dropped one ("" if passing)
-    heads: str  # the passing documents' first EXAMPLE_CHARS characters, joined with NUL
     keys: list[bytes]  # for passing documents, in order
     fingerprints: np.ndarray | None  # [passing, num_perm] uint8: b-bit MinHash (dedup.fingerprints)
     bands: np.ndarray | None  # [passing, bands] uint64 LSH band hashes
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
     cpu_seconds: float = 0.0  # CPU time the worker spent on this batch
-
-    def head(self, k: int) -> str:
-        """The ``k``-th passing document's first characters (for a deduplication example)."""
-        return self.heads.split("\x00")[k]
 
 
 #: Characters of a dropped document a report example keeps (see Report.dropped).
@@ -151,6 +146,24 @@ class DocumentsTask:
     """Documents the main process read itself (parquet, hub datasets)."""
 
     documents: list[Document]
+
+
+def read_task(task: RangeTask | DocumentsTask, config: DataConfig,
+              max_chars: int) -> tuple[str, Sequence[int], DocumentColumns]:
+    """(source, line numbers, documents) of a task, as read and normalised (not yet filtered).
+
+    Workers read their tasks; the main process reads one again only for the text of a report
+    example of a duplicate (the few first ones), so results need not carry every document's text."""
+    if isinstance(task, DocumentsTask):
+        docs = task.documents
+        return (docs[0].source if docs else "", [d.line for d in docs], DocumentColumns.from_documents(docs))
+    columns = read_line_range(task.file, task.range, max_chars=max_chars,
+                              text_field=config.text_field, lang_field=config.lang_field)
+    first = task.range.first_line + task.skip
+    if task.skip:
+        columns = DocumentColumns(*(x[task.skip :] for x in (columns.langs, columns.texts, columns.reasons,
+                                                              columns.previews)))
+    return str(task.file.path), range(first, first + len(columns.texts)), columns
 
 
 class DocumentProcessor:
@@ -206,18 +219,8 @@ class DocumentProcessor:
             )
         return needs
 
-    def read(self, task: RangeTask | DocumentsTask) -> tuple[str, list[int], DocumentColumns]:
-        """(source, line numbers, documents) of a task."""
-        if isinstance(task, DocumentsTask):
-            docs = task.documents
-            return (docs[0].source if docs else "", [d.line for d in docs], DocumentColumns.from_documents(docs))
-        columns = read_line_range(task.file, task.range, max_chars=self.max_chars,
-                                  text_field=self.config.text_field, lang_field=self.config.lang_field)
-        first = task.range.first_line + task.skip
-        if task.skip:
-            columns = DocumentColumns(*(x[task.skip :] for x in (columns.langs, columns.texts, columns.reasons,
-                                                                  columns.previews)))
-        return str(task.file.path), list(range(first, first + len(columns.texts))), columns
+    def read(self, task: RangeTask | DocumentsTask) -> tuple[str, Sequence[int], DocumentColumns]:
+        return read_task(task, self.config, self.max_chars)
 
     def __call__(self, task: RangeTask | DocumentsTask) -> BatchResult:
         cpu_start = time.process_time()
@@ -254,8 +257,7 @@ class DocumentProcessor:
         ids = self.sp.encode(texts, add_bos=True, add_eos=True, num_threads=1) if texts else []
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-        heads = "\x00".join(t[:EXAMPLE_CHARS] for t in texts)
-        return BatchResult(source, lines, docs.langs, reasons, previews, heads, keys, prints, bands, flat, lengths,
+        return BatchResult(source, lines, docs.langs, reasons, previews, keys, prints, bands, flat, lengths,
                            time.process_time() - cpu_start)
 
 
@@ -374,7 +376,7 @@ class _Run:
                     reasons[i] = verdict
                     keep[k] = False
         if not (everyone_passed and no_duplicates):
-            self._record_drops(result, reasons, passing)
+            self._record_drops(batch, result, reasons, passing)
         langs = result.langs
         if len(set(langs)) <= 1:  # the usual batch: one file, one language
             by_lang = {langs[0]: keep} if langs else {}
@@ -395,15 +397,22 @@ class _Run:
         self.docs_done += len(reasons)
         return int(result.lengths[keep].sum())
 
-    def _record_drops(self, result: BatchResult, reasons: list[str | None], passing: Sequence[int]) -> None:
+    def _record_drops(self, batch: RangeTask | DocumentsTask, result: BatchResult, reasons: list[str | None],
+                      passing: Sequence[int]) -> None:
         """Report and log every dropped document of a batch (``reasons``: with dedup's verdicts)."""
         source, lines, langs = result.source, result.lines, result.langs
-        passing_index = dict(zip(passing, range(len(passing))))
+        passing_set = set(passing)
+        batch_texts: list[str] | None = None
         for i, reason in enumerate(reasons):
-            if reason is not None:
-                text = result.previews[i] if i not in passing_index else result.head(passing_index[i])
-                self.report.dropped(langs[i], reason, source, lines[i], text)
-                self.drop_log.write(f"{source}\t{lines[i]}\t{langs[i]}\t{reason}\n")
+            if reason is None:
+                continue
+            text = result.previews[i]
+            if i in passing_set and self.report.wants_example(reason):  # a duplicate: read its text again
+                if batch_texts is None:
+                    batch_texts = read_task(batch, self.config, reader_max_chars(self.config))[2].texts
+                text = batch_texts[i][:EXAMPLE_CHARS]
+            self.report.dropped(langs[i], reason, source, lines[i], text)
+            self.drop_log.write(f"{source}\t{lines[i]}\t{langs[i]}\t{reason}\n")
 
     def checkpoint(self, fingerprint: dict) -> None:
         """Make everything so far durable, then commit state.json (atomically, last)."""

@@ -59,11 +59,15 @@ class Report:
         counts.docs_kept += docs
         counts.tokens += tokens
 
+    def wants_example(self, reason: str) -> bool:
+        """Would :meth:`dropped` keep the text of a document dropped for ``reason``?"""
+        return len(self.examples[reason]) < self.examples_per_reason
+
     def dropped(self, lang: str, reason: str, source: str, line: int, text: str) -> None:
         counts = self.languages[lang]
         counts.docs_in += 1
         counts.dropped[reason] += 1
-        if len(self.examples[reason]) < self.examples_per_reason:
+        if self.wants_example(reason):
             self.examples[reason].append(
                 {"lang": lang, "source": source, "line": line, "text": text[:300]}
             )

@@ -104,6 +104,21 @@ def test_originals_kept_and_counts_add_up(injected, clean_cache, sample_train_di
         assert v["docs_kept"] >= 0.85 * v["docs_in"], (lang, v)
 
 
+def test_report_examples_show_the_dropped_documents_text(injected):
+    """A duplicate's example text is read again from its file by the main process (workers send no
+    text of passing documents); every example's text is its own line's, NFC, cut at 300 chars."""
+    corpus, planted, out = injected
+    examples = json.loads((out / "examples.json").read_text(encoding="utf-8"))
+    assert examples.get("exact_duplicate") and examples.get("near_duplicate")
+    for reason in ("exact_duplicate", "near_duplicate", "wrong_script", "too_short"):
+        for example in examples[reason]:
+            path = Path(example["source"])
+            if path.suffix != ".txt":
+                continue
+            raw = path.read_bytes().split(b"\n")[example["line"] - 1].decode("utf-8").removesuffix("\r")
+            assert example["text"] == unicodedata.normalize("NFC", raw)[:300], (reason, example)
+
+
 def _expected_stream(cache: Path, corpus: Path, tokenizer: Path, lang: str) -> list[list[int]]:
     """Token ids (+EOS) of the kept lines of ``lang``, encoded directly with SentencePiece."""
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
