@@ -36,6 +36,15 @@ Result = TypeVar("Result")
 RESULT_PIPE_BYTES = 1 << 20
 
 
+class _Stop:
+    """Sent to a worker (and put in its inbox) to end it: unlike ``None``, never a task."""
+
+
+_STOP = _Stop()
+#: What ``next(tasks, _END)`` returns once the tasks are exhausted (a task may be anything, None too).
+_END = object()
+
+
 class WorkerDied(RuntimeError):
     """A worker process ended without sending the result of a task it had been given."""
 
@@ -56,8 +65,8 @@ class _Failure:
 
 def _failure(err: BaseException) -> _Failure:
     text = traceback.format_exc()
-    try:
-        pickle.dumps(err)
+    try:  # both ways: an exception whose __init__ takes other arguments pickles, but won't unpickle
+        pickle.loads(pickle.dumps(err))
     except Exception:
         return _Failure(None, text)
     return _Failure(err, text)
@@ -71,21 +80,21 @@ def _read_tasks(tasks: Connection, inbox: queue.SimpleQueue) -> None:
         try:
             task = tasks.recv()
         except EOFError:  # the caller is gone (killed): nobody wants our results
-            task = None
+            task = _STOP
         inbox.put(task)
-        if task is None:
+        if isinstance(task, _Stop):
             return
 
 
 def _serve(make_function: Callable[[], Callable[[Any], Any]], tasks: Connection, results: Connection) -> None:
-    """A worker process's loop: one task in, one result (or a _Failure) out, until ``None``."""
+    """A worker process's loop: one task in, one result (or a _Failure) out, until ``_STOP``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it stops us
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_tasks, args=(tasks, inbox), name="read-tasks", daemon=True).start()
     function = make_function()
     while True:
         task = inbox.get()
-        if task is None:
+        if isinstance(task, _Stop):
             return
         try:
             result = function(task)
@@ -258,8 +267,8 @@ def _run(tasks: Iterator, function: Callable, starter: _Starter, tasks_ahead: in
             worker = min(workers, key=lambda w: w.sent)
             if worker.sent > tasks_ahead:
                 break
-            task = next(tasks, None)
-            if task is None:
+            task = next(tasks, _END)
+            if task is _END:
                 more = False
                 break
             try:
@@ -273,8 +282,8 @@ def _run(tasks: Iterator, function: Callable, starter: _Starter, tasks_ahead: in
         head = pending[0][1] if pending else None  # None: only when there are more tasks
         if head is None or (isinstance(head, _Worker) and not head.ready):
             if more and len(pending) < max_waiting:  # the next result isn't ready: do a task meanwhile
-                task = next(tasks, None)
-                if task is None:
+                task = next(tasks, _END)
+                if task is _END:
                     more = False
                 else:
                     pending.append((task, _Done(function(task))))
@@ -293,7 +302,7 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
     for worker in workers:
         try:
             if graceful:
-                worker.tasks.send(None)
+                worker.tasks.send(_STOP)
             else:
                 worker.process.terminate()
         except OSError:  # it is already gone

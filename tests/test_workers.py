@@ -30,6 +30,13 @@ class NotPicklable(Exception):
         raise TypeError("this exception does not pickle")
 
 
+class TwoArguments(Exception):
+    """Pickles, but unpickling calls ``__init__`` with the message only and fails."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
 def _failing(caller_pid: int, task: int) -> int:
     if os.getpid() == caller_pid:  # the caller only keeps busy until a worker has failed
         time.sleep(0.005)
@@ -38,6 +45,8 @@ def _failing(caller_pid: int, task: int) -> int:
         raise ValueError(f"bad task {task}")
     if task == 9:
         raise NotPicklable("odd")
+    if task == 13:
+        raise TwoArguments("x", "y")
     if task == 11:
         os._exit(3)  # a worker process dying without a word (out of memory, killed, ...)
     return task
@@ -79,6 +88,28 @@ def test_an_exception_in_a_worker_is_raised_in_the_caller_with_its_type_and_trac
 def test_an_exception_that_does_not_pickle_still_reaches_the_caller():
     with pytest.raises(RuntimeError, match="NotPicklable"):
         _first_failure(9)
+
+
+def test_an_exception_that_pickles_but_does_not_unpickle_still_reaches_the_caller():
+    with pytest.raises(RuntimeError, match="TwoArguments") as info:
+        _first_failure(13)
+    assert "_failing" in str(info.value)  # with the worker's traceback
+
+
+def _identity(task):
+    return task
+
+
+def _make_identity():
+    return _identity
+
+
+def test_none_is_a_task_like_any_other():
+    """``None`` among the tasks neither ends the input nor stops a worker."""
+    tasks = [None if i % 7 == 0 else i for i in range(300)]
+    with OrderedMap(tasks, _make_identity, 2, _forkserver()) as results:
+        out = list(results)
+    assert out == [(t, t) for t in tasks]
 
 
 def test_a_dying_worker_raises_worker_died():
