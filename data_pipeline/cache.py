@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.pack import PackedRows
+from indicfm.files import fsync_directory
 
 #: 2: every document is packed as [BOS] tokens [EOS] (1 had no BOS).
 FORMAT_VERSION = 2
@@ -68,13 +69,15 @@ def _spec(path: Path, seq_len: int, rows: int) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file, fsync it, then rename: readers see old or new, never half."""
+    """Write JSON to a temporary file, fsync it, then rename: readers see old or new, never half
+    (and after a power loss too: the directory is fsynced)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
         json.dump(data, out, ensure_ascii=False, indent=1)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)  # the rename itself, and every file created there before it
 
 
 class LanguageWriter:

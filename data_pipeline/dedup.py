@@ -36,6 +36,7 @@ import numpy as np
 
 from data_pipeline.band_table import BandTable
 from data_pipeline.config import DedupConfig
+from indicfm.files import save_array_durably
 
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV-64 prime: mixes code points into one 64-bit value
 _SEPARATOR = 0x110000  # not a Unicode code point: shingles never span two documents
@@ -361,10 +362,11 @@ class DuplicateIndex:
         the fingerprints and band keys of the near-duplicate index."""
         directory.mkdir(parents=True, exist_ok=True)
         keys = self._new_keys
-        np.save(directory / f"exact_keys.{part:06d}.npy", np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16))
-        np.save(directory / f"fingerprints.{part:06d}.npy", self._fingerprints[self._saved : self._kept])
+        save_array_durably(directory / f"exact_keys.{part:06d}.npy",
+                           np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16))
+        save_array_durably(directory / f"fingerprints.{part:06d}.npy", self._fingerprints[self._saved : self._kept])
         bands = np.concatenate(self._new_bands) if self._new_bands else np.zeros((0, self.bands), np.uint64)
-        np.save(directory / f"bands.{part:06d}.npy", bands)
+        save_array_durably(directory / f"bands.{part:06d}.npy", bands)
         self._new_keys, self._new_bands = [], []
         self._saved = self._kept
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+import numpy as np
 
 
 def file_sha256(path: str | Path) -> str:
@@ -14,3 +17,22 @@ def file_sha256(path: str | Path) -> str:
     """
     with open(path, "rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def save_array_durably(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` and fsync: a checkpoint's state file written (and fsynced) after it may refer to
+    it, so after a power loss the state must not point at a file the OS never wrote."""
+    with open(path, "wb") as out:
+        np.save(out, array)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Make the names created or renamed in ``path`` durable (POSIX: a rename is only durable once
+    its directory is fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -198,6 +198,38 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_d
             np.testing.assert_array_equal(getattr(ra, name), getattr(rb, name))
 
 
+def test_a_checkpoint_is_on_disk_before_its_state_file_says_so(tmp_path, sample_train_dir, tokenizer, monkeypatch):
+    """Power-loss safety: when state.json is renamed into place, every dedup part it counts and the
+    drop log were fsynced, and the directory is fsynced right after (so the rename itself lasts)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "cache"
+    prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=DataConfig(checkpoint_every_docs=3000),
+            workers=1, show_progress=False)
+    state_dir = str((out / ".prepare_state").resolve())
+    commits = [i for i, (kind, path) in enumerate(events) if kind == "replace" and path.endswith("state.json")]
+    assert len(commits) >= 2
+    for n, i in enumerate(commits):
+        synced = {path for kind, path in events[:i] if kind == "fsync"}
+        for name in ("exact_keys", "fingerprints", "bands"):
+            assert f"{state_dir}/{name}.{n:06d}.npy" in synced, (n, name)
+        assert str((out / DROP_LOG).resolve()) in synced
+        assert events[i + 1] == ("fsync", state_dir)
+
+
 def test_rerun_on_complete_cache_is_a_no_op_and_mismatch_is_refused(clean_cache, sample_train_dir, tokenizer):
     result = prepare([sample_train_dir], tokenizer, clean_cache, seq_len=SEQ_LEN, workers=1, show_progress=False)
     assert result.documents == 0 and result.resumed
