@@ -119,6 +119,27 @@ def test_report_examples_show_the_dropped_documents_text(injected):
             assert example["text"] == unicodedata.normalize("NFC", raw)[:300], (reason, example)
 
 
+def test_duplicate_examples_from_json_lines_and_parquet(tmp_path, sample_train_dir, tokenizer):
+    """The main process re-reads a duplicate's text from any source: a JSON-lines line range and a
+    parquet batch (read by the main process itself) alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hin = [x for x in (sample_train_dir / "hin_Deva.txt").read_text(encoding="utf-8").splitlines() if len(x) > 150]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = [{"text": hin[0], "lang": "hin_Deva"}, {"text": hin[1], "lang": "hin_Deva"},
+               {"text": hin[0], "lang": "hin_Deva"}]  # line 3 repeats line 1
+    (corpus / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    pq.write_table(pa.table({"text": [hin[2], hin[1]], "lang": ["hin_Deva", "hin_Deva"]}), corpus / "b.parquet")
+    out = tmp_path / "cache"
+    prepare([corpus], tokenizer, out, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    examples = json.loads((out / "examples.json").read_text(encoding="utf-8"))["exact_duplicate"]
+    got = sorted((Path(e["source"]).name, e["line"], e["text"]) for e in examples)
+    nfc = lambda text: unicodedata.normalize("NFC", text)[:300]  # noqa: E731
+    assert got == [("a.jsonl", 3, nfc(hin[0])), ("b.parquet", 2, nfc(hin[1]))]
+
+
 def _expected_stream(cache: Path, corpus: Path, tokenizer: Path, lang: str) -> list[list[int]]:
     """Token ids (+EOS) of the kept lines of ``lang``, encoded directly with SentencePiece."""
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
