@@ -12,7 +12,7 @@
 # helpers only: `run` puts a stand-in module on the path that raises if it is ever called.
 #
 # `run` installs them without an index, then runs each benchmark (default: attention, moe, step) as
-# its own `benchmarks.run --only peak --only NAME` with a time limit, writing $OUT/NAME.json (or
+# its own `benchmarks.run --only peak --only NAME` with a time limit, writing $OUT/gpu_NAME.json (or
 # ./gpu_NAME.json without $OUT), so a benchmark cut off by its limit loses only its own figures.
 # Budget: a lent machine gives a session 15 minutes in all and one command 10; the limits below
 # (GPU_KIT_LIMIT_S each, default 170 s) keep the three inside one command.  `step` prints each
