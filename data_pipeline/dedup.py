@@ -55,7 +55,7 @@ def exact_key(text: str, *, collapsed: bool = False) -> bytes:
                            digest_size=16).digest()
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """Finaliser that spreads the bits of 64-bit integers (wrap-around arithmetic intended)."""
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -106,7 +106,7 @@ class MinHasher:
         separators_before = np.concatenate([[0], np.cumsum(units == 0)])
         valid = separators_before[n : n + windows] == separators_before[:windows]
         owners = separators_before[:windows][valid]
-        hashes = _splitmix64(h[valid])
+        hashes = splitmix64(h[valid])
         counts = np.bincount(owners, minlength=len(texts))
         short = np.nonzero(counts == 0)[0]
         if len(short):  # texts shorter than a shingle: hash the padded text, insert in order
@@ -130,7 +130,7 @@ class MinHasher:
             with np.errstate(over="ignore"):
                 for k in range(n):
                     h = h * _SHINGLE_BASE + units[k : k + windows]
-            out.append(_splitmix64(h))
+            out.append(splitmix64(h))
             counts.append(windows)
         if not out:
             return np.zeros(0, np.uint64), np.zeros(1, np.int64)
@@ -183,7 +183,7 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     sig = signatures[:, : bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
     with np.errstate(over="ignore"):
         mixed = (sig * _BAND_MULTIPLIERS[:rows]).sum(axis=2, dtype=np.uint64)
-    return _splitmix64(mixed + np.arange(bands, dtype=np.uint64))
+    return splitmix64(mixed + np.arange(bands, dtype=np.uint64))
 
 
 #: Bits of each MinHash minimum the index keeps (see the module docstring).

@@ -7,7 +7,8 @@ One document's path::
       → worker process          read the range: decode, NFC-normalise; malformed_record /
                                 invalid_utf8 / control_chars / empty / too_long; filters (quality,
                                 wrong_script), lid (wrong_language), exact key + MinHash signature
-                                and LSH band hashes, SentencePiece ids + EOS
+                                and LSH band hashes, BOS + SentencePiece ids + EOS (memoised per word:
+                                data_pipeline.tokenize)
       → main process, in order  dedup (exact_duplicate, near_duplicate; first occurrence wins)
                                 → report → pack (per language) → cache (tensorstore)
 
@@ -60,6 +61,7 @@ from data_pipeline.sources import (
     line_ranges,
     read_line_range,
 )
+from data_pipeline.tokenize import BatchEncoder
 from data_pipeline.workers import OrderedMap, WorkerDied
 from indicfm.files import file_sha256
 
@@ -174,6 +176,7 @@ class DocumentProcessor:
 
         self.config = config
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+        self.encoder = BatchEncoder(self.sp)
         self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
         self.minhasher = minhasher(config.dedup)
         self.lsh_bands, self.lsh_rows = lsh_bands(config.dedup.threshold, config.dedup.num_perm)
@@ -254,9 +257,7 @@ class DocumentProcessor:
             prints = fingerprints(signatures)
         # [BOS] tokens [EOS]: BOS gives the model a context to predict a document's first token
         # from, exactly as evaluation (bits per byte) and generation present text to it.
-        ids = self.sp.encode(texts, add_bos=True, add_eos=True, num_threads=1) if texts else []
-        lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+        flat, lengths = self.encoder.encode(texts)
         return BatchResult(source, lines, docs.langs, reasons, previews, keys, prints, bands, flat, lengths,
                            time.process_time() - cpu_start)
 

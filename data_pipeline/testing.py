@@ -14,7 +14,8 @@ from pathlib import Path
 
 def train_tiny_tokenizer(input_dir: str | Path, model_prefix: str | Path, vocab_size: int = 1000) -> Path:
     """A small BPE SentencePiece model (≈1 s) with indicfm's conventions: no normalisation of its
-    own (``identity``: indicfm applies NFC once), byte fallback, pad=0 unk=1 bos=2 eos=3."""
+    own (``identity``: indicfm applies NFC once; spaces kept as they are), byte fallback,
+    pad=0 unk=1 bos=2 eos=3."""
     import sentencepiece as spm
 
     files = sorted(str(p) for p in Path(input_dir).glob("*.txt"))
@@ -24,6 +25,7 @@ def train_tiny_tokenizer(input_dir: str | Path, model_prefix: str | Path, vocab_
         model_type="bpe",
         vocab_size=vocab_size,
         normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         byte_fallback=True,
         character_coverage=0.98,
         pad_id=0,
