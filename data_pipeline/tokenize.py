@@ -36,8 +36,10 @@ from data_pipeline.dedup import splitmix64
 #: with control characters; a batch that has one anyway is encoded the plain way).
 _DOC_SEPARATOR = "\x00"
 _SPACE_PIECE = "\u2581"  # "▁": SentencePiece's escaped space
-#: Distinct words kept per process; past this the cache starts again empty (bounded memory).
-MAX_WORDS = 1 << 19
+#: Distinct words kept per process; past this the cache starts again empty.  Bounds its memory to
+#: about 50 MB: the hash table (2^20 slots of 16 bytes, kept at most half full), the ids and 24
+#: bytes per word.
+MAX_WORDS = 500_000
 #: New words encoded per SentencePiece call (joined by spaces, then cut at the pieces starting
 #: with "▁"): one call per word costs several times more (SentencePiece's per-text overhead).
 _NEW_WORDS_PER_CALL = 256
