@@ -4,7 +4,9 @@ Why: tokenizing is the largest single part of ``data prepare``'s work (``benchma
 about 40% of its CPU time), and a corpus repeats its words over and over.  For the models
 ``indicfm tokenizer train`` writes, a document's ids are exactly the concatenation of the ids of its
 space-separated words, so each distinct word is encoded by SentencePiece once and every later
-occurrence is looked up (fast tokenizers keep such a word cache too).
+occurrence is looked up (fast tokenizers keep such a word cache too; Hugging Face ``tokenizers``
+with indicfm's model converted, ``indicfm.export.hf_tokenizer``, gives the same ids here but ran 3×
+slower than SentencePiece on the benchmark corpus, 3-4× with a Metaspace pre-tokenizer).
 
 Why that is exact: SentencePiece escapes each space to "▁" and prefixes the text with one
 (``add_dummy_prefix``); BPE then repeatedly merges the adjacent pair whose merged piece scores best,
@@ -63,9 +65,7 @@ def word_cacheable(model_proto: bytes) -> bool:
         and not trainer.treat_whitespace_as_suffix
     )
     bpe = trainer.model_type == sentencepiece_model_pb2.TrainerSpec.ModelType.BPE
-    return plain_text and bpe and not any(
-        _SPACE_PIECE in piece.piece[1:] for piece in model.pieces
-    )
+    return plain_text and bpe and not any(_SPACE_PIECE in piece.piece[1:] for piece in model.pieces)
 
 
 def _split_words(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
