@@ -261,18 +261,22 @@ def _available_memory_bytes() -> int | None:
     return None
 
 
-def run(quick: bool, *, restore_only: bool = False, cold_restore: bool = False) -> dict:
+def run(quick: bool, *, restore_only: bool = False, cold_restore: bool = False, stall_model: str = "tiny-moe",
+        stall_seq_len: int = 128, stall_batch_size: int = 16, saves: int | None = None) -> dict:
+    """``stall_model`` etc.: on a GPU or TPU a tiny-moe step takes milliseconds, so measure the
+    stall there with the model and shapes a real run uses (e.g. small-moe, 4096 tokens)."""
     restore_model = "tiny-moe" if quick else "small-moe"
     root = Path(tempfile.mkdtemp(prefix="indicfm-bench-ckpt-"))
     try:
         figures = {"devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
         if not restore_only:
-            tiny = _model_config("tiny-moe")
-            figures["stall_model"] = "tiny-moe"
-            stall_args = dict(seq_len=128, batch_size=16, saves=8 if quick else 30)
-            figures.update(measure_stall(tiny, **stall_args, workdir=root / "stall"))
+            model = _model_config(stall_model)
+            figures["stall_model"] = f"{stall_model}, {stall_batch_size}x{stall_seq_len} tokens"
+            stall_args = dict(seq_len=stall_seq_len, batch_size=stall_batch_size,
+                              saves=saves or (8 if quick else 30))
+            figures.update(measure_stall(model, **stall_args, workdir=root / "stall"))
             # the same with Orbax called on the training thread (its own async save only), for comparison
-            orbax_only = measure_stall(tiny, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
+            orbax_only = measure_stall(model, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
             figures.update({f"orbax_only_{k}": v for k, v in orbax_only.items() if k != "goal_stall_per_save_le_2pct"})
         figures["restore_model"] = restore_model
         figures.update(measure_restore(restore_model, root / "restore", cold=cold_restore))
@@ -295,8 +299,15 @@ def main() -> None:
         "--cold-restore", action="store_true",
         help="drop the OS page cache before the restore (Linux, as root): time a resume reading the disk",
     )
+    parser.add_argument("--stall-model", default="tiny-moe", help="model config the stall is measured with")
+    parser.add_argument("--stall-seq-len", type=int, default=128, help="tokens per sequence of the stall's steps")
+    parser.add_argument("--stall-batch-size", type=int, default=16, help="sequences per step of the stall's steps")
+    parser.add_argument("--saves", type=int, help="saves timed (default 8 with --quick, else 30)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, restore_only=args.restore_only, cold_restore=args.cold_restore), indent=2))
+    figures = run(args.quick, restore_only=args.restore_only, cold_restore=args.cold_restore,
+                  stall_model=args.stall_model, stall_seq_len=args.stall_seq_len,
+                  stall_batch_size=args.stall_batch_size, saves=args.saves)
+    print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,3 +29,13 @@ def test_stall_figures_from_real_saves(tmp_path):
     assert figures["save_call_over_step_time"] > 0
     assert len(figures["stall_per_save_over_step_time_each"]) == 2
     assert figures["goal_stall_per_save_le_2pct"] == (figures["stall_per_save_over_step_time"] <= 0.02)
+
+
+@pytest.mark.slow
+def test_stall_model_and_shapes_are_chosen_by_the_caller():
+    """The accelerator path: the stall measured with the model and shapes asked for (one save)."""
+    figures = checkpoint.run(quick=True, stall_model="tiny-moe", stall_seq_len=32, stall_batch_size=8, saves=1)
+    assert figures["stall_model"] == "tiny-moe, 8x32 tokens"
+    assert len(figures["stall_per_save_over_step_time_each"]) == 1
+    assert len(figures["orbax_only_stall_per_save_over_step_time_each"]) == 1
+    assert figures["restore_s"] > 0
