@@ -127,6 +127,11 @@ class LanguageWriter:
         if self.rows - self._written >= self.write_rows:
             self._write_buffer()
 
+    def write_now(self) -> None:
+        """Start writing every appended row without waiting (e.g. a language that is complete: its
+        writes then overlap the rest of the run instead of the end of it)."""
+        self._write_buffer()
+
     def _write_buffer(self) -> None:
         if not self._buffer:
             return

@@ -20,7 +20,9 @@ them, doing batches whenever the next result is not ready yet (see :func:`_proce
 ``checkpoint_every_docs`` documents the written rows, the dedup index, the packers' unfinished rows
 and the report are committed to ``.prepare_state``; re-running the same command after an
 interruption continues from there without duplicating rows.  ``metadata.json`` is written last: a
-cache without it is never taken as complete.
+cache without it is never taken as complete.  Once the last line of a text file is consumed and
+no later input can hold its language, that language's last row is packed and its writes start:
+they overlap the rest of the run instead of all waiting at its end.
 """
 
 from __future__ import annotations
@@ -402,6 +404,13 @@ class _Run:
         self.docs_done += len(reasons)
         return int(result.lengths[keep].sum())
 
+    def finish_language(self, lang: str) -> None:
+        """``lang`` gets no more documents: pack its last row and start writing its rows now."""
+        if lang in self.packers:
+            packer, writer = self._lang(lang)
+            writer.append(packer.finish())
+            writer.write_now()
+
     def _record_drops(self, batch: RangeTask | DocumentsTask, result: BatchResult, reasons: list[str | None],
                       passing: Sequence[int]) -> None:
         """Report and log every dropped document of a batch (``reasons``: with dedup's verdicts)."""
@@ -574,9 +583,12 @@ def prepare(
         results = stack.enter_context(_process(tasks, config, tokenizer, n_workers))
         # Imported (≈0.8 s, holding the GIL: ml_dtypes) while the worker processes start.
         import tensorstore  # noqa: F401
+        complete_after = _languages_complete_after(files, has_hub=bool(config.hub))
         for batch, result in _guard_workers(results):
             consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
+            if isinstance(batch, RangeTask) and batch.range.end == complete_after.get(batch.file.path, (None, -1))[1]:
+                run.finish_language(complete_after[batch.file.path][0])
             batch_cpu += result.cpu_seconds
             clock[0] += time.perf_counter() - consume_start
             documents += len(result.reasons)
@@ -616,6 +628,23 @@ def prepare(
         render_table(report, console)
     return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0],
                          batch_cpu_seconds=batch_cpu)
+
+
+def _languages_complete_after(files: Sequence[InputFile], has_hub: bool) -> dict[Path, tuple[str, int]]:
+    """{path: (language, size)} of the text files after whose last line their language gets no
+    more documents: no later file has it, nor any file whose languages are per record (JSON lines,
+    parquet, hub datasets)."""
+    out = {}
+    later_langs: set[str] = set()
+    per_record_later = has_hub
+    for f in reversed(files):
+        if f.format == "text" and f.lang is not None and f.lang not in later_langs and not per_record_later:
+            out[f.path] = (f.lang, f.path.stat().st_size)
+        if f.lang is None:
+            per_record_later = True
+        else:
+            later_langs.add(f.lang)
+    return out
 
 
 def _guard_workers(results):

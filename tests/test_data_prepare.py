@@ -140,6 +140,22 @@ def test_duplicate_examples_from_json_lines_and_parquet(tmp_path, sample_train_d
     assert got == [("a.jsonl", 3, nfc(hin[0])), ("b.parquet", 2, nfc(hin[1]))]
 
 
+def test_which_languages_are_complete_after_a_file(tmp_path):
+    """A text file's language is complete after its last line when no later input can hold it: no
+    later file of that language, and no later file whose languages are per record."""
+    from data_pipeline.prepare import _languages_complete_after
+    from data_pipeline.sources import InputFile
+
+    files = []
+    for name, lang, fmt in [("a.txt", "hin_Deva", "text"), ("b.jsonl", None, "jsonl"), ("c.txt", "hin_Deva", "text"),
+                            ("d.txt", "tam_Taml", "text"), ("e.txt", "hin_Deva", "text")]:
+        (tmp_path / name).write_text("x" * len(name))
+        files.append(InputFile(tmp_path / name, lang, fmt))
+    complete = _languages_complete_after(files, has_hub=False)
+    assert {p.name: v for p, v in complete.items()} == {"d.txt": ("tam_Taml", 5), "e.txt": ("hin_Deva", 5)}
+    assert _languages_complete_after(files, has_hub=True) == {}
+
+
 def _expected_stream(cache: Path, corpus: Path, tokenizer: Path, lang: str) -> list[list[int]]:
     """Token ids (+EOS) of the kept lines of ``lang``, encoded directly with SentencePiece."""
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
