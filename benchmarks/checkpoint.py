@@ -273,7 +273,7 @@ def run(quick: bool, *, restore_only: bool = False, cold_restore: bool = False, 
             model = _model_config(stall_model)
             figures["stall_model"] = f"{stall_model}, {stall_batch_size}x{stall_seq_len} tokens"
             stall_args = dict(seq_len=stall_seq_len, batch_size=stall_batch_size,
-                              saves=saves or (8 if quick else 30))
+                              saves=saves if saves is not None else (8 if quick else 30))
             figures.update(measure_stall(model, **stall_args, workdir=root / "stall"))
             # the same with Orbax called on the training thread (its own async save only), for comparison
             orbax_only = measure_stall(model, **stall_args, workdir=root / "stall-orbax-only", save_thread=False)
@@ -283,6 +283,15 @@ def run(quick: bool, *, restore_only: bool = False, cold_restore: bool = False, 
         return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main() -> None:
@@ -302,7 +311,7 @@ def main() -> None:
     parser.add_argument("--stall-model", default="tiny-moe", help="model config the stall is measured with")
     parser.add_argument("--stall-seq-len", type=int, default=128, help="tokens per sequence of the stall's steps")
     parser.add_argument("--stall-batch-size", type=int, default=16, help="sequences per step of the stall's steps")
-    parser.add_argument("--saves", type=int, help="saves timed (default 8 with --quick, else 30)")
+    parser.add_argument("--saves", type=_positive_int, help="saves timed (default 8 with --quick, else 30)")
     args = parser.parse_args()
     figures = run(args.quick, restore_only=args.restore_only, cold_restore=args.cold_restore,
                   stall_model=args.stall_model, stall_seq_len=args.stall_seq_len,
