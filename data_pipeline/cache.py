@@ -125,14 +125,11 @@ class LanguageWriter:
         self._buffer.append(packed)
         self.rows += len(packed)
         if self.rows - self._written >= self.write_rows:
-            self._write_buffer()
+            self.write_now()
 
     def write_now(self) -> None:
         """Start writing every appended row without waiting (e.g. a language that is complete: its
         writes then overlap the rest of the run instead of the end of it)."""
-        self._write_buffer()
-
-    def _write_buffer(self) -> None:
         if not self._buffer:
             return
         packed = self._buffer[0] if len(self._buffer) == 1 else PackedRows(
@@ -159,7 +156,7 @@ class LanguageWriter:
 
     def flush(self) -> None:
         """Write every appended row and wait until it is on disk (before a checkpoint says so)."""
-        self._write_buffer()
+        self.write_now()
         for future in self._inflight:
             future.result()
         self._inflight = []
@@ -169,7 +166,7 @@ def flush_writers(writers: list[LanguageWriter]) -> None:
     """:meth:`LanguageWriter.flush` for several writers, their writes all started before any is
     waited for (tensorstore writes the languages concurrently)."""
     for writer in writers:
-        writer._write_buffer()
+        writer.write_now()
     for writer in writers:
         writer.flush()
 

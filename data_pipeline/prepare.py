@@ -581,14 +581,13 @@ def prepare(
         batch_cpu = 0.0
         tasks = _tasks(files, config, run.docs_done, clock)
         results = stack.enter_context(_process(tasks, config, tokenizer, n_workers))
-        # Imported (≈0.8 s, holding the GIL: ml_dtypes) while the worker processes start.
-        import tensorstore  # noqa: F401
         complete_after = _languages_complete_after(files, has_hub=bool(config.hub))
         for batch, result in _guard_workers(results):
             consume_start = time.perf_counter()
             tokens += run.consume(batch, result)
-            if isinstance(batch, RangeTask) and batch.range.end == complete_after.get(batch.file.path, (None, -1))[1]:
-                run.finish_language(complete_after[batch.file.path][0])
+            done = complete_after.get(batch.file.path) if isinstance(batch, RangeTask) else None
+            if done is not None and batch.range.end == done[1]:  # the file's last line range
+                run.finish_language(done[0])
             batch_cpu += result.cpu_seconds
             clock[0] += time.perf_counter() - consume_start
             documents += len(result.reasons)
