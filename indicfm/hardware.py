@@ -8,6 +8,8 @@ Slice names follow what users already type:
 * Cloud TPU accelerator types: ``v4-32`` and ``v5p-128`` count TensorCores (two per chip, so
   ``v5p-128`` is 64 chips); ``v5litepod-16`` / ``v5e-16`` and ``v6e-16`` count chips.
 * GPUs and CPUs: ``h100x64`` is 64 GPUs, ``a100x8`` eight, a bare ``h100`` one.
+* Multi-slice TPU jobs (slices joined over the data-centre network): ``2xv5p-128`` is two v5p-128
+  slices, 128 chips in all.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class Chip(BaseModel):
     price_spot: float = Field(ge=0, description="USD per chip-hour")
     device_kinds: list[str] = Field(default_factory=list, description="substrings of jax Device.device_kind")
     typical_mfu: float = Field(0.35, gt=0, le=1, description="MFU the planner assumes when not told")
+    topology_prefix: str | None = Field(None, description="TPU: libtpu's name of the generation (v5p:4x4x4)")
+    topologies: dict[int, str] = Field(
+        default_factory=dict, description="TPU: chips in one slice -> its physical shape, e.g. 64: 4x4x4"
+    )
 
     @property
     def peak_flops(self) -> float:
@@ -71,18 +77,25 @@ class Chip(BaseModel):
 
 
 class Slice(NamedTuple):
-    """A chip type and how many of them; unpacks as ``chip, num_chips = parse_slice(...)``."""
+    """A chip type and how many of them (over ``num_slices`` TPU slices joined by the data-centre
+    network; ``num_chips`` counts all of them)."""
 
     chip: Chip
     num_chips: int
+    num_slices: int = 1
+
+    @property
+    def chips_per_slice(self) -> int:
+        return self.num_chips // self.num_slices
 
     @property
     def num_hosts(self) -> int:
         """Host VMs / nodes in the slice: one JAX process runs on each."""
+        per_slice = self.chips_per_slice
         limit = self.chip.single_host_max_chips or self.chip.chips_per_host
-        if self.num_chips <= limit:
-            return 1
-        return math.ceil(self.num_chips / self.chip.chips_per_host)
+        if per_slice <= limit:
+            return self.num_slices
+        return math.ceil(per_slice / self.chip.chips_per_host) * self.num_slices
 
     @property
     def chips_per_host(self) -> int:
@@ -90,15 +103,15 @@ class Slice(NamedTuple):
 
     @property
     def accelerator_type(self) -> str:
-        """The gcloud ``--accelerator-type`` of a TPU slice, e.g. ``v5p-128`` for 64 v5p chips."""
+        """The gcloud ``--accelerator-type`` of one TPU slice, e.g. ``v5p-128`` for 64 v5p chips."""
         if self.chip.kind != "tpu" or not self.chip.accelerator_prefix:
             raise HardwareError(f"{self.chip.name} is not a Cloud TPU; it has no accelerator type")
-        return f"{self.chip.accelerator_prefix}-{self.num_chips * self.chip.cores_per_chip}"
+        return f"{self.chip.accelerator_prefix}-{self.chips_per_slice * self.chip.cores_per_chip}"
 
     @property
     def name(self) -> str:
         if self.chip.kind == "tpu" and self.chip.accelerator_prefix:
-            return self.accelerator_type
+            return self.accelerator_type if self.num_slices == 1 else f"{self.num_slices}x{self.accelerator_type}"
         return f"{self.chip.name}x{self.num_chips}"
 
     @property
@@ -136,13 +149,19 @@ def load_hardware(path: str | Path | None = None) -> dict[str, Chip]:
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e"}
 _TPU_NAME = re.compile(r"^(?P<chip>[a-z0-9]+?)-(?P<count>\d+)$")
+_MULTI_SLICE = re.compile(r"^(?P<slices>\d+)x(?P<rest>[a-z].*)$")
 _MULTI_NAME = re.compile(r"^(?P<chip>[a-z0-9]+?)(?:x(?P<count>\d+))?$")
 
 
 def parse_slice(name: str, hardware: dict[str, Chip] | None = None) -> Slice:
-    """``"v5p-128"`` → (v5p chip, 64); ``"v5e-256"`` → (v5e, 256); ``"h100x64"`` → (h100, 64); ``"cpu"`` → (cpu, 1)."""
+    """``"v5p-128"`` → (v5p chip, 64); ``"v5e-256"`` → (v5e, 256); ``"h100x64"`` → (h100, 64); ``"cpu"`` → (cpu, 1);
+    ``"2xv5p-128"`` → (v5p, 128 chips, 2 slices)."""
     chips = hardware if hardware is not None else load_hardware()
     text = name.strip().lower()
+    num_slices = 1
+    multi_slice = _MULTI_SLICE.match(text)
+    if multi_slice:
+        num_slices, text = int(multi_slice["slices"]), multi_slice["rest"]
     tpu = _TPU_NAME.match(text)
     multi = _MULTI_NAME.match(text)
     if tpu:
@@ -167,7 +186,9 @@ def parse_slice(name: str, hardware: dict[str, Chip] | None = None) -> Slice:
                 f"hardware {name!r}: {key} types count TensorCores ({chip.cores_per_chip} per chip), "
                 f"so the number must be a multiple of {chip.cores_per_chip}"
             )
-        return Slice(chip, units // chip.cores_per_chip)
+        return Slice(chip, units // chip.cores_per_chip * num_slices, num_slices)
+    if num_slices > 1:
+        raise HardwareError(f"hardware {name!r}: several slices (NxTYPE-COUNT) are for Cloud TPU types like 2xv5p-128")
     return Slice(chip, units)
 
 

@@ -36,8 +36,8 @@ def test_tpu_slices(name, chip, chips, hosts, accelerator):
 
 
 def test_gpu_and_cpu_slices():
-    chip, count = parse_slice("h100x64")
-    assert (chip.name, count) == ("h100", 64)
+    s = parse_slice("h100x64")
+    assert (s.chip.name, s.num_chips, s.num_slices) == ("h100", 64, 1)
     assert parse_slice("h100x64").num_hosts == 8
     assert parse_slice("a100").num_chips == 1
     assert parse_slice("cpux8").num_hosts == 1

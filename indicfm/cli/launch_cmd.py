@@ -171,6 +171,14 @@ def plan(
     mfu: Annotated[Optional[float], typer.Option(help="assumed model FLOPs utilisation (default: per chip kind)")] = None,
     spot: Annotated[bool, typer.Option("--spot", help="price with spot rates")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="also compile the real train step for the TPU slice with XLA's TPU compiler (needs the tpu "
+            "extra, no TPU) and print XLA:TPU's memory per chip, FLOPs and collectives beside the estimate",
+        ),
+    ] = False,
 ) -> None:
     """Memory, speed and cost of a training config on some hardware, before spending money.
 
@@ -180,10 +188,16 @@ def plan(
 
         indicfm plan --config configs/model/small-moe.yaml --hardware v5p-128 \\
             --set trainer.global_batch_size=256 --set data.seq_len=2048 --tokens 2e11 --days 7
+
+        indicfm plan --config model/moe-8b --hardware v5p-128 --compile   # proof by XLA:TPU, on any machine
     """
     from indicfm.hardware import HardwareError
     from launch.plan import PlanError, make_plan, render_plan
 
+    if compile_:
+        from launch.compile import prepare_libtpu_env
+
+        prepare_libtpu_env()  # before JAX starts its backends, so libtpu starts quietly
     cfg = load_config_or_exit(config, sets)
     if days is not None and tokens is None:
         fail("--days needs --tokens (how many tokens to finish in that time)")
@@ -191,9 +205,24 @@ def plan(
         result = make_plan(cfg, hardware, tokens=tokens, days=days, mfu=mfu, spot=spot)
     except (PlanError, HardwareError) as err:
         fail(str(err))
+    compiled = None
+    if compile_:
+        from launch.compile import CompileError, compile_plan
+
+        try:
+            compiled = compile_plan(cfg, result)
+        except CompileError as err:
+            fail(str(err))
     if json_out:
         import json
 
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if compiled is not None:
+            out["compiled"] = [c.to_dict() for c in compiled]
+        typer.echo(json.dumps(out, indent=2))
     else:
         render_plan(result)
+        if compiled is not None:
+            from launch.compile import render_compiled
+
+            render_compiled(compiled, result)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from indicfm.model.config import ModelConfig
 from indicfm.model.layers import compute_dtype, make_param, param_dtype, rope
+from indicfm.model.platform import target_platform
 from indicfm.sharding import constrain
 
 
@@ -54,7 +55,7 @@ def resolve_impl(attention_impl: str, platform: str | None = None) -> str:
     """'auto' -> 'cudnn' on GPU, 'splash' on TPU, 'xla' elsewhere (``platform``: default backend)."""
     if attention_impl != "auto":
         return attention_impl
-    return {"gpu": "cudnn", "tpu": "splash"}.get(platform or jax.default_backend(), "xla")
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform or target_platform(), "xla")
 
 
 def backend_for(attention_impl: str, q_len: int, kv_len: int) -> str:

@@ -38,9 +38,9 @@ class ModelConfig(Section):
         description="capacity: fixed per-expert buffers, over-capacity tokens skip the layer; "
         "dropless: tokens sorted by expert and a grouped matmul, nothing dropped",
     )
-    grouped_matmul: Literal["auto", "ragged_dot", "tokamax", "rounds", "blocks", "dense"] = Field(
+    grouped_matmul: Literal["auto", "megablox", "ragged_dot", "tokamax", "rounds", "blocks", "dense"] = Field(
         "auto",
-        description="dropless kernel: auto = ragged_dot on TPU, tokamax on GPU if installed, else blocks on "
+        description="dropless kernel: auto = megablox (Pallas) on TPU, tokamax on GPU if installed, else blocks on "
         "GPU and rounds on CPU (rounds: capacity-sized per-expert buffers repeated until every token is done; "
         "blocks: groups padded to whole blocks, one batched matmul); ragged_dot/dense cost E x the FLOPs on CPU/GPU",
     )

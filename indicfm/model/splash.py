@@ -17,11 +17,13 @@ G head dim.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
 import numpy as np
 
+from indicfm.model.platform import target_platform
 from indicfm.sharding import current_mesh, logical_to_spec
 
 #: Largest query / key block a kernel step works on (MaxText's default for v4-v6e TPUs).
@@ -52,12 +54,18 @@ def _kernel(length: int, heads_per_kv_head: int, interpret: bool):
         block_q_dq=block, block_kv_dq=block,
     )
     causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads_per_kv_head)])
-    # The kernel (a pytree) keeps the block mask's tables as arrays.  This cached one must hold plain
-    # NumPy tables: built while a step is traced they would be that trace's tracers, and built inside
-    # shard_map (even concrete) they would carry its manual sharding into every later use.
-    with jax.ensure_compile_time_eval():
+
+    def build():
         kernel = splash.make_splash_mqa(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-    return jax.tree.map(np.asarray, kernel)
+        return jax.tree.map(np.asarray, kernel)
+
+    # The kernel (a pytree) keeps the block mask's tables as arrays.  This cached one must hold plain
+    # NumPy tables: built while a step is traced they would be that trace's tracers, built inside
+    # shard_map they would carry its manual sharding into every later use, and under the mesh of an
+    # ahead-of-time TPU compile there is no device to put them on.  JAX's trace and mesh contexts
+    # are per thread, so a fresh thread builds them eagerly on the host, outside all of those.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(build).result()
 
 
 def _local_attention(q_BxLxHxG, k_BxLxKxG, v_BxLxKxG, segment_ids_BxL, interpret: bool):
@@ -82,7 +90,7 @@ def _local_attention(q_BxLxHxG, k_BxLxKxG, v_BxLxKxG, segment_ids_BxL, interpret
 
 def splash_attention(q_BxLxHxG, k_BxLxKxG, v_BxLxKxG, segment_ids_BxL) -> jax.Array:
     """Causal self-attention within segments (keys and queries are the same ``L`` tokens)."""
-    interpret = jax.default_backend() != "tpu"
+    interpret = target_platform() != "tpu"
     run = functools.partial(_local_attention, interpret=interpret)
     mesh = current_mesh()
     if mesh is None:

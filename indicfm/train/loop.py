@@ -120,13 +120,12 @@ def train(
 
     from data_pipeline.loader import TokenLoader
     from indicfm.model.flops import train_flops_per_token
-    from indicfm.sharding import batch_sharding, create_model, make_mesh
+    from indicfm.sharding import create_model, make_mesh
     from indicfm.files import file_sha256
     from indicfm.train.checkpoint import Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
-    from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
-    from indicfm.train.step import abstract_train_state, init_train_state, jit_train_step, make_train_step
+    from indicfm.train.step import build_step_program, init_train_state
 
     workdir = Path(workdir).resolve()
     is_main = jax.process_index() == 0
@@ -156,10 +155,9 @@ def train(
     # 2. mesh, model, optimizer, fresh state
     mesh = make_mesh(cfg.mesh)
     total_steps = cfg.trainer.steps
-    tx = make_optimizer(cfg.optimizer, total_steps, cfg.trainer.max_consecutive_nonfinite)
-    schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, cfg.trainer.seed, mesh)
-    data_sharding = batch_sharding(mesh)
+    program = build_step_program(cfg, mesh)  # the same program `indicfm plan --compile` compiles
+    tx, graphdef, abstract_state = program.tx, program.graphdef, program.abstract_state
+    shardings, data_sharding = program.shardings, program.data_sharding
 
     # 3. resume, or start fresh
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
@@ -191,14 +189,7 @@ def train(
         return result
 
     # 4. compile, metrics, evaluation
-    train_step = jit_train_step(
-        make_train_step(
-            graphdef, tx, schedule,
-            micro_batches=cfg.trainer.micro_batches,
-            router_bias_rate=cfg.model.bias_update_rate if cfg.model.loss_free_bias else 0.0,
-        ),
-        shardings, data_sharding,
-    )
+    train_step = program.step
     tokens_per_step = cfg.trainer.global_batch_size * seq_len
     flops_per_step = train_flops_per_token(cfg.model, seq_len) * tokens_per_step
     peak = total_peak_flops(jax.devices(), cfg.trainer.peak_flops)

@@ -16,6 +16,7 @@ loss-free router bias is updated from the step's expert counts (also skipped on 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
@@ -202,3 +203,49 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[
         return masked_cross_entropy_sum(logits_BxLxV, batch["tokens"], batch["segment_ids"])
 
     return eval_step
+
+
+@dataclass
+class StepProgram:
+    """Everything needed to run *or only compile* the jitted train step of a config on a mesh.
+
+    ``indicfm train`` runs ``step``; ``indicfm plan --compile`` lowers the very same ``step`` for a
+    TPU slice's topology devices with :meth:`abstract_batch` and ``abstract_state`` (nothing is
+    allocated), so what is compiled ahead of time is what a run executes.
+    """
+
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with their target shardings
+    shardings: Any
+    data_sharding: jax.sharding.NamedSharding
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+    def abstract_batch(self, global_batch_size: int, seq_len: int) -> Batch:
+        """Shapes of one global batch (tokens, segment ids, positions), sharded like a real one."""
+        shape = jax.ShapeDtypeStruct((global_batch_size, seq_len), jnp.int32, sharding=self.data_sharding)
+        return {"tokens": shape, "segment_ids": shape, "positions": shape}
+
+
+def build_step_program(cfg: Any, mesh: jax.sharding.Mesh) -> StepProgram:
+    """The optimizer, schedule, abstract sharded state and jitted step of ``cfg`` (an
+    ``indicfm.config.Config``) on ``mesh``: donation, micro-batches, remat and the router-bias
+    update exactly as training uses them."""
+    from indicfm.sharding import batch_sharding
+    from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
+
+    total_steps = cfg.trainer.steps
+    tx = make_optimizer(cfg.optimizer, total_steps, cfg.trainer.max_consecutive_nonfinite)
+    schedule = learning_rate_schedule(cfg.optimizer, total_steps)
+    graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, cfg.trainer.seed, mesh)
+    data_sharding = batch_sharding(mesh)
+    step = jit_train_step(
+        make_train_step(
+            graphdef, tx, schedule,
+            micro_batches=cfg.trainer.micro_batches,
+            router_bias_rate=cfg.model.bias_update_rate if cfg.model.loss_free_bias else 0.0,
+        ),
+        shardings, data_sharding,
+    )
+    return StepProgram(graphdef, abstract_state, shardings, data_sharding, tx, schedule, step)
