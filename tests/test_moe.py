@@ -174,7 +174,7 @@ def test_router_bias_is_not_a_param_and_moves_load_towards_balance():
     assert after < 0.5 * before, (before, after)
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "dense"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "dense", "megablox"])
 def test_grouped_matmul_backends_match_a_loop(impl):
     rng = np.random.default_rng(0)
     sizes = np.array([3, 0, 5, 2])

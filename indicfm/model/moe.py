@@ -596,6 +596,9 @@ def run_experts(x_BxLxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFx
         fn, mesh=mesh,
         in_specs=(tok_spec, tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec, w_out_spec),
         out_specs=tok_spec,
+        # Pallas kernels (megablox) build outputs without shard_map's varying-axes types, so
+        # type checking is off for them; autodiff then sums replicated inputs' cotangents itself.
+        check_vma=resolve_grouped_matmul(static.get("gmm_impl", "auto")) != "megablox",
     )
     return sharded(*args)
 
