@@ -315,14 +315,15 @@ def train(
         return run  # nothing left to do
     try:
         with PreemptionWatcher() as watcher, jax.set_mesh(run.mesh):
+            loop = StepLoop(run, watcher, on_step, stop_at_step)
             if run.evaluator and cfg.eval.at_start and run.step == 0:
-                StepLoop(run, watcher, None, None).evaluate(0)
+                loop.evaluate(0)
             say(
                 f"training {cfg.trainer.steps - run.step} steps · {run.tokens_per_step:,} tokens/step · "
                 f"{run.flops_per_step / 1e9:,.2f} GFLOP/step · peak {run.peak / 1e12:,.3f} TFLOP/s over "
                 f"{jax.device_count()} device(s)"
             )
-            StepLoop(run, watcher, on_step, stop_at_step).run_until(cfg.trainer.steps)
+            loop.run_until(cfg.trainer.steps)
     finally:
         run.bar.close()
         run.checkpointer.close()  # waits for background saves: a returned run is on disk
