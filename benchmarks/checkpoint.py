@@ -46,8 +46,7 @@ def _optimizer():
 
 
 def _state_for(model_cfg, mesh):
-    from indicfm.sharding import create_model
-    from indicfm.train.step import init_train_state
+    from indicfm.train.state import create_model, init_train_state
 
     _, tx, schedule = _optimizer()
     graphdef, state, shardings = init_train_state(create_model(model_cfg, mesh, 0), tx, 0, mesh)
@@ -157,7 +156,7 @@ def _model_config(name: str):
 
 def _restore_target(model_cfg, mesh):
     """What a resuming run asks Orbax for: shapes, dtypes and target shardings; nothing allocated."""
-    from indicfm.train.step import abstract_train_state
+    from indicfm.train.state import abstract_train_state
 
     _, tx, _ = _optimizer()
     _, target, _ = abstract_train_state(model_cfg, tx, 0, mesh)

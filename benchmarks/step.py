@@ -138,9 +138,10 @@ def measure_case(case: Case, peak_flops: float, repeats: int = 3) -> dict:
     from indicfm.model.attention import resolve_impl
     from indicfm.model.flops import count_active_params, count_params, train_flops_per_token
     from indicfm.model.moe import resolve_grouped_matmul
-    from indicfm.sharding import batch_sharding, create_model, make_mesh
+    from indicfm.sharding import batch_sharding, make_mesh
     from indicfm.train.optimizer import make_optimizer
-    from indicfm.train.step import init_train_state, jit_train_step, make_train_step
+    from indicfm.train.state import create_model, init_train_state
+    from indicfm.train.step import jit_train_step, make_train_step
 
     cfg = load_case_config(case)
     model_cfg = cfg.model

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import ARRAYS, CacheError, open_language_arrays, read_metadata
+from data_pipeline.cache import ARRAYS, open_language_arrays, read_metadata
 
 _PERMUTATIONS_CACHED = 64
 
@@ -41,17 +41,6 @@ def temperature_weights(rows: dict[str, int], temperature: float) -> dict[str, f
     raw = {lang: float(n) ** (1.0 / temperature) for lang, n in rows.items() if n > 0}
     total = sum(raw.values())
     return {lang: w / total for lang, w in raw.items()}
-
-
-def mixture_weights(
-    cache_dir: str | Path, language_weights: dict[str, float] | None, mixture_temperature: float | None
-) -> dict[str, float] | None:
-    """The ``language_weights`` to give :class:`TokenLoader` from ``data.language_weights`` or
-    ``data.mixture_temperature`` (explicit weights win; neither = proportional to the cache)."""
-    if language_weights is not None or mixture_temperature is None:
-        return language_weights
-    info = read_metadata(cache_dir)
-    return temperature_weights({lang: v["rows"] for lang, v in info.languages.items()}, mixture_temperature)
 
 
 class TokenLoader:
@@ -246,14 +235,3 @@ class TokenLoader:
         ):
             raise ValueError(f"loader state language_weights {saved} do not match this loader's {self.language_weights}")
         self.step = int(state["step"])
-
-
-def open_loader_checked(cache_dir: str | Path, tokenizer_sha256: str | None = None, **kwargs) -> TokenLoader:
-    """A :class:`TokenLoader` that also checks the cache was made with the expected tokenizer."""
-    loader = TokenLoader(cache_dir, **kwargs)
-    if tokenizer_sha256 is not None and loader.tokenizer_sha256 != tokenizer_sha256:
-        raise CacheError(
-            f"{cache_dir}: made with tokenizer sha256 {loader.tokenizer_sha256[:12]}…, expected "
-            f"{tokenizer_sha256[:12]}…; re-run `indicfm data prepare` with this tokenizer"
-        )
-    return loader

@@ -1,36 +1,18 @@
-"""Device mesh and the ONE table of sharding rules.
+"""Device mesh and the ONE table of sharding rules (a leaf module: it imports no model code).
 
 Layers name the axes of their parameters and key activations with *logical* names (``embed``,
 ``heads``, ``mlp``, ``experts``, ``batch``, ...).  :data:`LOGICAL_AXIS_RULES` maps each logical name
 to mesh axes of the 4-axis mesh ``(data, fsdp, expert, tensor)``.  Changing the parallelism plan
 means editing that table, not the layers.
 
-How a trainer uses this module (the recipe is exercised by tests/test_sharding.py)::
-
-    mesh = make_mesh(cfg.mesh)
-    rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
-    model = create_model(cfg.model, mesh, seed, rules)            # parameters born sharded
-    with jax.set_mesh(mesh):
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)       # RouterBias is not a Param
-    graphdef, state = nnx.split((model, optimizer))
-    shardings = state_shardings(state, mesh, rules)               # same tree as `state`
-    state = jax.device_put(state, shardings)                      # optimizer moments like their params
-    rows = batch_sharding(mesh)                                    # tokens/segment_ids/positions [B, L]
-
-    @functools.partial(jax.jit, in_shardings=(shardings, rows, rows, rows),
-                       out_shardings=(shardings, None), donate_argnums=0)
-    def train_step(state, tokens, segment_ids, positions):
-        model, optimizer = nnx.merge(graphdef, state)
-        (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, ...)
-        optimizer.update(model, grads)
-        update_router_bias(model, stats.expert_counts, cfg.model.bias_update_rate)
-        return nnx.state((model, optimizer)), (loss, stats)
-
-    with jax.set_mesh(mesh):      # the layers' sharding constraints and the MoE shard_map read it
-        state, metrics = train_step(state, *batch)
+What lives here: the table, :func:`logical_to_spec` / :func:`constrain` (used by the layers),
+:func:`state_shardings` / :func:`batch_sharding` (jit and Orbax targets), and the mesh
+(:func:`resolve_mesh_sizes`, shared with the planner, and :func:`make_mesh`).  Building a sharded
+model and the train state from them is ``indicfm.train.state`` (``create_model``,
+``init_train_state``, ``abstract_train_state``); the jitted step is ``indicfm.train.step``.
 
 Flax's own ``nnx.get_partition_spec`` would return the *logical* names; use :func:`state_shardings`
-(or :func:`abstract_with_shardings` for Orbax restore targets) instead.
+instead.
 
 Rules that cannot apply to a given array (the dimension does not divide the product of the mesh
 axes, or a mesh axis is already used by an earlier dimension) fall back to replication on that
@@ -46,10 +28,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-if TYPE_CHECKING:  # imported lazily at run time: the model imports `constrain` from here
+if TYPE_CHECKING:
     from indicfm.config import MeshConfig
-    from indicfm.model.config import ModelConfig
-    from indicfm.model.transformer import Transformer
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
 
@@ -86,14 +66,10 @@ def logical_axis_rules(shard_weights_over_data: bool = False) -> dict[str, Any]:
     return rules
 
 
-def make_mesh(mesh_cfg: "MeshConfig", devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the ``(data, fsdp, expert, tensor)`` mesh; one size may be -1 for "all remaining devices".
-
-    Works for any device count, multi-host included (``jax.devices()`` lists every host's devices
-    once ``jax.distributed.initialize`` has run).  Axis types are ``Auto`` so the compiler propagates
-    shardings from the constraints the layers place.
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def resolve_mesh_sizes(mesh_cfg: "MeshConfig", num_devices: int) -> dict[str, int]:
+    """Sizes of the ``(data, fsdp, expert, tensor)`` axes on ``num_devices`` devices; one size may be
+    -1 for "all remaining devices".  Pure arithmetic, so the planner uses it for hardware it does not
+    have; a mesh that cannot fit raises ``ValueError`` naming the ``mesh.*`` keys."""
     sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     bad = [name for name, size in sizes.items() if size == 0 or size < -1]
@@ -103,17 +79,29 @@ def make_mesh(mesh_cfg: "MeshConfig", devices: Sequence[jax.Device] | None = Non
         raise ValueError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + n for n in free)}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if len(devices) % fixed:
+        if num_devices % fixed:
             raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                f"mesh: {num_devices} devices are not divisible by the fixed axes "
                 f"({' x '.join(f'{n}={s}' for n, s in sizes.items() if s != -1)} = {fixed}) to fill mesh.{free[0]}=-1"
             )
-        sizes[free[0]] = len(devices) // fixed
-    elif fixed != len(devices):
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
         raise ValueError(
-            f"mesh: data x fsdp x expert x tensor = {fixed} but there are {len(devices)} devices; "
+            f"mesh: data x fsdp x expert x tensor = {fixed} but there are {num_devices} devices; "
             "set one axis to -1 or make the product equal the device count"
         )
+    return sizes
+
+
+def make_mesh(mesh_cfg: "MeshConfig", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the ``(data, fsdp, expert, tensor)`` mesh with :func:`resolve_mesh_sizes`.
+
+    Works for any device count, multi-host included (``jax.devices()`` lists every host's devices
+    once ``jax.distributed.initialize`` has run).  Axis types are ``Auto`` so the compiler propagates
+    shardings from the constraints the layers place.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_sizes(mesh_cfg, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     # jax.make_mesh orders devices by physical topology (ICI/NVLink neighbours) where it knows it.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -200,46 +188,6 @@ def state_shardings(model_or_state: Any, mesh: Mesh, rules: Rules | None = None)
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_with_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-    """``jax.ShapeDtypeStruct`` leaves carrying their NamedSharding: an Orbax restore target.
-
-    ``abstract_state`` is e.g. ``nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))``
-    (or the same for ``(model, optimizer)``); nothing is allocated.
-    """
-    shardings = state_shardings(abstract_state, mesh, rules)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-
-    def one(var: Any, sharding: Any) -> Any:
-        if isinstance(var, nnx.Variable):
-            value = var.get_value()
-            return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.get_value()))
-        return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
-
-    return jax.tree.map(one, abstract_state, shardings, is_leaf=is_var)
-
-
 def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
     """Sharding of ``[B, L]`` token/segment/position batches: B split over every data-like axis."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), None, mesh, rules))
-
-
-def create_model(cfg: "ModelConfig", mesh: Mesh, seed: int = 0, rules: Rules | None = None) -> "Transformer":
-    """Instantiate the transformer with every parameter created directly in its sharded layout.
-
-    The constructor runs under ``jax.jit`` with ``out_shardings`` computed from the abstract model
-    (``nnx.eval_shape``), so each device only ever materialises its own shard.
-    """
-    from indicfm.model.transformer import Transformer  # lazy: the model imports this module
-
-    def build() -> Transformer:
-        return Transformer(cfg, rngs=nnx.Rngs(seed))
-
-    # eval_shape outside the mesh context: with a mesh set, Flax would try to read the logical
-    # names as mesh axes.
-    abstract = nnx.eval_shape(build)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-    with jax.set_mesh(mesh):
-        init = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)
-        state = init()
-    return nnx.merge(graphdef, state)

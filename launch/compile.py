@@ -11,7 +11,7 @@ would on the slice.  Nothing runs; what comes back is XLA:TPU's own account of t
 * FLOPs and bytes accessed per chip (``cost_analysis()``);
 * the collectives in the compiled HLO, with their bytes per step (:mod:`launch.hlo_stats`).
 
-The program compiled is :func:`indicfm.train.step.build_step_program`'s ``step``, the function
+The program compiled is :func:`indicfm.train.step.build_train_step`'s step, the function
 ``indicfm train`` runs, traced with :func:`indicfm.model.platform.compiling_for` ``("tpu")`` so the
 TPU backends are chosen (splash attention and other Pallas kernels lowered through Mosaic for real
 TPU, not the CPU interpreter).
@@ -172,8 +172,10 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
     import jax
 
     from indicfm.model.platform import compiling_for
-    from indicfm.sharding import MESH_AXES, make_mesh
-    from indicfm.train.step import build_step_program
+    from indicfm.sharding import MESH_AXES, logical_axis_rules, make_mesh
+    from indicfm.train.optimizer import run_optimizer
+    from indicfm.train.state import abstract_train_state
+    from indicfm.train.step import abstract_batch, build_train_step
 
     try:
         mesh = make_mesh(cfg.mesh, devices=devices)
@@ -181,11 +183,14 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
         raise CompileError(str(err)) from None
     sizes = dict(zip(MESH_AXES, mesh.devices.shape))
     with compiling_for("tpu"):
-        program = build_step_program(cfg, mesh)
-        batch = program.abstract_batch(cfg.trainer.global_batch_size, cfg.data.seq_len)
+        tx, _ = run_optimizer(cfg)
+        rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)  # as indicfm train lays it out
+        graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, cfg.trainer.seed, mesh, rules)
+        step = build_train_step(cfg, mesh, graphdef, shardings)
+        batch = abstract_batch(cfg.trainer.global_batch_size, cfg.data.seq_len, mesh)
         started = time.perf_counter()
         with jax.set_mesh(mesh):
-            lowered = program.step.lower(program.abstract_state, batch)
+            lowered = step.lower(abstract_state, batch)
         lowered_at = time.perf_counter()
         try:
             compiled = lowered.compile()

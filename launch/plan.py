@@ -48,26 +48,14 @@ class PlanError(ValueError):
 
 
 def mesh_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
-    """Sizes of the (data, fsdp, expert, tensor) axes on ``num_devices`` (-1 fills the rest), as
-    ``indicfm.sharding.make_mesh`` does for real devices."""
-    sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
-    free = [n for n, s in sizes.items() if s == -1]
-    if len(free) > 1:
-        raise PlanError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + n for n in free)}")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if free:
-        if num_devices % fixed:
-            raise PlanError(
-                f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                f"({' x '.join(f'{n}={s}' for n, s in sizes.items() if s != -1)} = {fixed})"
-            )
-        sizes[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise PlanError(
-            f"mesh: data x fsdp x expert x tensor = {fixed} but the hardware has {num_devices} devices; "
-            "set one axis to -1"
-        )
-    return sizes
+    """Sizes of the (data, fsdp, expert, tensor) axes on ``num_devices`` (-1 fills the rest): the
+    trainer's own arithmetic (``indicfm.sharding.resolve_mesh_sizes``), its errors as ``PlanError``."""
+    from indicfm.sharding import resolve_mesh_sizes
+
+    try:
+        return resolve_mesh_sizes(mesh_cfg, num_devices)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def _abstract_mesh(sizes: dict[str, int]):

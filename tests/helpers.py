@@ -90,3 +90,12 @@ def akshara_splits(text: str, surfaces: list[str]) -> tuple[int, int]:
         start += len(g)
     return clusters, split
 
+
+def read_losses(workdir: str | Path) -> dict[int, float]:
+    """step → loss from ``<workdir>/metrics.jsonl`` (the last record of a step wins)."""
+    losses: dict[int, float] = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[int(record["step"])] = float(record["loss"])
+    return losses

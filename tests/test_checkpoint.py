@@ -13,11 +13,11 @@ import pytest
 
 from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
-from indicfm.sharding import create_model, make_mesh
-from indicfm.train.checkpoint import Checkpointer, tokenizer_item, write_tokenizer_item
+from indicfm.sharding import make_mesh
+from indicfm.train.checkpoint import Checkpointer, tokenizer_bytes, tokenizer_item
 from indicfm.train.config import CheckpointConfig, OptimizerConfig
 from indicfm.train.optimizer import make_optimizer
-from indicfm.train.step import abstract_train_state, init_train_state
+from indicfm.train.state import abstract_train_state, create_model, init_train_state
 
 TINY = ModelConfig(
     vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=64,
@@ -112,10 +112,10 @@ def test_tokenizer_item_round_trip_checks_sha(tmp_path):
     source = tmp_path / "tok.model"
     source.write_bytes(os.urandom(1000))
     item = tokenizer_item(source)
-    assert write_tokenizer_item(item, tmp_path / "copy.model").read_bytes() == source.read_bytes()
+    assert tokenizer_bytes(item) == source.read_bytes()
     item["sha256"] = "0" * 64
     with pytest.raises(ValueError, match="sha256"):
-        write_tokenizer_item(item, tmp_path / "bad.model")
+        tokenizer_bytes(item)
 
 
 def test_uncompressed_save_with_little_in_flight_restores_bitwise(tmp_path):

@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory, sample_train_dir):
     from indicfm.sharding import make_mesh, state_shardings
     from indicfm.train.checkpoint import Checkpointer, tokenizer_item
     from indicfm.train.optimizer import make_optimizer
-    from indicfm.train.step import init_train_state
+    from indicfm.train.state import init_train_state
 
     workdir = tmp_path_factory.mktemp("run")
     cfg = Config(model=MODEL, mesh={"data": 2, "expert": 2, "tensor": 2})

@@ -32,9 +32,10 @@ def small_config(*extra: str):
 
 def xla_memory_per_device(cfg) -> tuple[int, int]:
     """(arguments, peak total) bytes per device XLA reports for the compiled, donated train step."""
-    from indicfm.sharding import batch_sharding, create_model, make_mesh
+    from indicfm.sharding import batch_sharding, make_mesh
     from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
-    from indicfm.train.step import init_train_state, jit_train_step, make_train_step
+    from indicfm.train.state import create_model, init_train_state
+    from indicfm.train.step import jit_train_step, make_train_step
 
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optimizer, cfg.trainer.steps, cfg.trainer.max_consecutive_nonfinite)

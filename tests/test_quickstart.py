@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from indicfm.train.loop import read_losses
+from helpers import read_losses
+
 
 pytestmark = pytest.mark.slow
 

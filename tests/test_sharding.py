@@ -14,14 +14,8 @@ from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
 from indicfm.model.moe import update_router_bias
 from indicfm.model.transformer import Transformer
-from indicfm.sharding import (
-    abstract_with_shardings,
-    batch_sharding,
-    create_model,
-    logical_to_spec,
-    make_mesh,
-    state_shardings,
-)
+from indicfm.sharding import batch_sharding, logical_to_spec, make_mesh, resolve_mesh_sizes, state_shardings
+from indicfm.train.state import abstract_train_state, create_model
 
 MESHES = {
     "data8": dict(data=8),
@@ -136,14 +130,15 @@ def test_optimizer_state_shardings_follow_params():
     assert specs and all(spec == P("expert", None, None) for spec in specs.values()), specs
 
 
-def test_abstract_with_shardings_is_a_restore_target():
+def test_abstract_train_state_is_a_restore_target():
     cfg = tiny_cfg("dropless")
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    target = abstract_with_shardings(abstract, mesh)
-    leaf = target["blocks"][1]["mlp"]["w_gate_ExDxF"].get_value()
+    _, target, _ = abstract_train_state(cfg, optax.adam(1e-2), 0, mesh)
+    leaf = target["params"]["blocks"][1]["mlp"]["w_gate_ExDxF"].get_value()
     assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (8, 32, 16)
     assert leaf.sharding.spec == P("expert", "fsdp", "tensor")
+    moment = target["opt_state"][0].mu["blocks"][1]["mlp"]["w_gate_ExDxF"].get_value()
+    assert moment.sharding.spec == P("expert", "fsdp", "tensor")  # AdamW's moments like their parameter
 
 
 def test_make_mesh_sizes_and_errors():
@@ -155,6 +150,10 @@ def test_make_mesh_sizes_and_errors():
         make_mesh(MeshConfig(data=2, fsdp=2, expert=1, tensor=1))
     with pytest.raises(ValueError, match="only one axis"):
         make_mesh(MeshConfig(data=-1, fsdp=-1))
+    # the same arithmetic without devices (the planner's): a 256-chip slice
+    assert resolve_mesh_sizes(MeshConfig(data=-1, fsdp=16, expert=4), 256) == {"data": 4, "fsdp": 16, "expert": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="256 devices"):
+        resolve_mesh_sizes(MeshConfig(data=2, fsdp=2), 256)
 
 
 def test_logical_to_spec_falls_back_to_replication():
@@ -168,7 +167,8 @@ def test_logical_to_spec_falls_back_to_replication():
 
 
 def test_trainer_recipe_jits_a_sharded_step():
-    """The recipe in indicfm/sharding.py's docstring: explicit in/out shardings, donated state."""
+    """A hand-written step over ``nnx.Optimizer`` with the rules' shardings: explicit in/out
+    shardings, donated state, parameters stay in their layout."""
     cfg = tiny_cfg("dropless").model_copy(update={"loss_free_bias": True, "router": "sigmoid"})
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
     model = create_model(cfg, mesh, seed=0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from indicfm.config import load_config
-from indicfm.train.loop import read_losses, train
+from indicfm.train.loop import train
 
-from helpers import tokenizer_and_cache
+from helpers import read_losses, tokenizer_and_cache
 
 LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
 
@@ -69,6 +69,58 @@ def test_crash_and_resume_reproduces_losses_bit_for_bit(prepared, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     # the loss falls on real text
     assert np.mean([logged[5], logged[6]]) < logged[1]
+
+
+def test_next_step_is_dispatched_before_the_last_ones_metrics_are_read_and_sigterm_saves_the_finished_step(
+    prepared, tmp_path, monkeypatch
+):
+    """The host never waits for step n before dispatching step n+1, except where a checkpoint needs
+    step n's state (here steps 3 and 5); a SIGTERM raised while step 4 is logged (step 5 already
+    dispatched) saves step 5, the step the loop had finished when it looked, as before pipelining."""
+    import signal
+
+    import indicfm.train.loop as loop_module
+    import indicfm.train.step as step_module
+
+    events: list[str] = []
+    real_build, real_fetch = step_module.build_train_step, loop_module.fetch_metrics
+
+    def recording_build(*args):
+        jitted = real_build(*args)
+
+        def step(state, batch):
+            out = jitted(state, batch)
+            events.append(f"dispatch {sum(e.startswith('dispatch') for e in events) + 1}")
+            return out
+
+        return step
+
+    def recording_fetch(metrics):
+        host = real_fetch(metrics)
+        events.append(f"read {sum(e.startswith('read') for e in events) + 1}")
+        return host
+
+    monkeypatch.setattr(step_module, "build_train_step", recording_build)
+    monkeypatch.setattr(loop_module, "fetch_metrics", recording_fetch)
+
+    def sigterm_at_4(step, record):
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    cfg = load_config(None, prepared + ["checkpoint.every_steps=3"])
+    result = train(cfg, tmp_path, on_step=sigterm_at_4)
+    assert events == [
+        "dispatch 1", "dispatch 2", "read 1", "dispatch 3", "read 2", "read 3",  # read 3 before dispatch 4: saved
+        "dispatch 4", "dispatch 5", "read 4", "read 5",  # SIGTERM in step 4's on_step: step 5 read and saved
+    ]  # fmt: skip
+    for n in (1, 2, 4):
+        assert events.index(f"dispatch {n + 1}") < events.index(f"read {n}")
+    assert result.stopped == "preempted" and "SIGTERM" in result.message
+    assert result.final_step == 5 and result.last_checkpoint_step == 5
+    from indicfm.train.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).steps() == [3, 5]
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4, 5]  # every step logged, none twice
 
 
 @pytest.mark.slow

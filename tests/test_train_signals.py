@@ -13,9 +13,8 @@ import pytest
 
 from indicfm.train.checkpoint import Checkpointer
 from indicfm.train.config import CheckpointConfig
-from indicfm.train.loop import read_losses
 
-from helpers import tokenizer_and_cache
+from helpers import read_losses, tokenizer_and_cache
 
 from test_train_loop import LANGS, TINY_SETTINGS
 

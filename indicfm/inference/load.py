@@ -12,8 +12,6 @@ must be split), whatever mesh and device count the checkpoint was saved from.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +132,7 @@ def load_for_inference(
     from indicfm.inference.decode import inference_config
     from indicfm.model.transformer import Transformer
     from indicfm.sharding import state_shardings
+    from indicfm.train.checkpoint import tokenizer_bytes
 
     directory, manager = _open_manager(workdir)
     with manager:
@@ -163,7 +162,8 @@ def load_for_inference(
     tokenizer = side.get("tokenizer")
     if not tokenizer:
         raise ValueError(f"checkpoint {directory / str(step)} holds no tokenizer")
-    tokenizer_bytes = base64.b64decode(tokenizer["base64"])
-    if hashlib.sha256(tokenizer_bytes).hexdigest() != tokenizer.get("sha256"):
-        raise ValueError(f"checkpoint {directory / str(step)}: the stored tokenizer does not match its sha256")
-    return LoadedModel(model, train_cfg, meta, step, tokenizer_bytes, directory)
+    try:
+        tokenizer_file = tokenizer_bytes(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {directory / str(step)}: {err}") from None
+    return LoadedModel(model, train_cfg, meta, step, tokenizer_file, directory)

@@ -1,14 +1,15 @@
 """The training loop: ``train(cfg, workdir) -> TrainResult``.
 
-What one call does, in order:
+What one call does, in order (:func:`_set_up`, then :class:`StepLoop`):
 
 1. tokenizer and token cache: use the configured ones or build them in the workdir (``inputs.py``);
-2. mesh, sharded model, optimizer, fresh train state (``indicfm.sharding``, ``optimizer.py``, ``step.py``);
+2. mesh, sharded model, optimizer, fresh train state (``indicfm.sharding``, ``optimizer.py``, ``state.py``);
 3. restore the newest good checkpoint if the workdir has one ("resuming from step N"), falling back
    past damaged ones (``checkpoint.py``);
 4. for each remaining step: the loader's batch for that step (a pure function of seed and step, so a
-   resumed run sees exactly the batches it would have seen), one jitted step, metrics, and a
-   checkpoint every ``checkpoint.every_steps`` and at the end;
+   resumed run sees exactly the batches it would have seen), one jitted step (``step.py``), then the
+   periodic actions: metrics, checkpoint every ``checkpoint.every_steps`` and at the end, evaluation;
+   the device is never left idle waiting for the host between steps (see :class:`StepLoop`);
 5. stop early, cleanly, on SIGTERM/SIGINT (save, return ``stopped="preempted"``) or after
    ``trainer.max_consecutive_nonfinite`` non-finite steps in a row (no save: the last good
    checkpoint stays the latest; ``stopped="nonfinite"``).
@@ -28,13 +29,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
 from indicfm.config import Config, save_config
 from indicfm.train.metrics import expert_load_stats, mfu
+from indicfm.train.state import TrainState
 
 StepCallback = Callable[[int, dict], None]
 
@@ -100,6 +102,188 @@ def _place_replicated_batch(batch: dict[str, np.ndarray], sharding: Any) -> dict
     return {key: jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx]) for key, value in batch.items()}
 
 
+def fetch_metrics(metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """One step's metrics on the host: the only place the loop waits for the device."""
+    return jax.device_get(metrics)
+
+
+@dataclass
+class Run:
+    """Everything a run's steps and periodic actions share once it is set up (see :func:`train`)."""
+
+    cfg: Config
+    mesh: Any
+    state: TrainState  # the state after ``step`` updates (or being computed on the devices)
+    step: int  # updates dispatched so far
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    batches: Iterator[dict[str, jax.Array]]  # the next steps' batches, already placed on the devices
+    loader: Any
+    checkpointer: Any
+    writer: Any
+    bar: Any
+    evaluator: Callable[[TrainState], dict[str, float]] | None
+    result: TrainResult
+    save_meta: Callable[[int], dict]
+    tokenizer: dict
+    tokens_per_step: int
+    flops_per_step: float
+    peak: float
+    say: Callable[..., None]
+
+
+@dataclass
+class Finished:
+    """A step whose metrics reached the host."""
+
+    step: int
+    host: dict[str, np.ndarray]
+    record: dict[str, Any]
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return int(self.host["nonfinite_in_a_row"])
+
+
+class StepLoop:
+    """The steps of a run, with the device kept busy: step n+1 is dispatched before step n's
+    metrics are read, and the batch of step n+1 is put on the devices while step n computes.
+
+    Periodic actions, in this order for each step (as if every step were read at once):
+
+    * **metrics** (:meth:`log_metrics`): the record in ``metrics.jsonl`` / TensorBoard, the progress line;
+    * **non-finite stop** (:meth:`nonfinite_stop`): ``trainer.max_consecutive_nonfinite`` in a row;
+    * **checkpoint** (:meth:`checkpoint_due` / :meth:`save`): every ``checkpoint.every_steps`` (not
+      during a run of non-finite steps), at the end, and on preemption;
+    * **evaluation** (:meth:`eval_due` / :meth:`evaluate`);
+    * ``on_step(step, record)``;
+    * **preemption** (:meth:`preemption`): SIGTERM/SIGINT, a multi-host notice or ``stop_at_step``:
+      the step just finished is saved, then the run stops.
+
+    A checkpoint or evaluation needs the state after step n, which the next (donating) step would
+    overwrite, so on those steps (decided from host-side facts only) step n is read before step n+1
+    is dispatched.  Every other step is read one step late, which changes when a record is written,
+    never what it says.
+    """
+
+    def __init__(self, run: Run, watcher: PreemptionWatcher, on_step: StepCallback | None, stop_at_step: int | None):
+        self.run = run
+        self.watcher = watcher
+        self.on_step = on_step
+        self.stop_at_step = stop_at_step
+        self._since = time.perf_counter()  # the previous read, or the end of the last actions
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run_until(self, last_step: int) -> None:
+        """Run steps ``run.step + 1 .. last_step``; sets ``run.result.stopped`` when stopping early."""
+        run = self.run
+        batch = next(run.batches)
+        self._since = time.perf_counter()
+        unread: tuple[int, dict] | None = None  # a dispatched step whose metrics are still on the devices
+        while run.step < last_step:
+            step = run.step + 1
+            run.state, metrics = run.train_step(run.state, batch)
+            run.step = step
+            for leaf in jax.tree.leaves(metrics):
+                leaf.copy_to_host_async()
+            if step < last_step:
+                batch = next(run.batches)  # its transfer overlaps the step just dispatched
+            if unread is not None:
+                finished = self.log_metrics(*unread)
+                if self.nonfinite_stop(finished):
+                    return
+                self._after_actions(finished)
+            unread = (step, metrics)
+
+            preempted = self.preemption(step)
+            save, evaluate = self.checkpoint_due(step, last_step, preempted), self.eval_due(step, last_step)
+            if not (save or evaluate):
+                continue
+            finished = self.log_metrics(*unread)
+            unread = None
+            if self.nonfinite_stop(finished):
+                return
+            # Periodic saves wait out a run of non-finite steps, so the newest checkpoint is one a
+            # finite step produced; a preemption or the end of the run saves regardless.
+            if save and (preempted or step == last_step or finished.nonfinite_in_a_row == 0):
+                self.save(step)
+            if evaluate:
+                self.evaluate(step)
+            self._after_actions(finished)
+            if preempted:
+                run.result.stopped = "preempted"
+                run.result.message = f"{preempted}: saved a checkpoint at step {step}, stopping"
+                run.say(run.result.message)
+                return
+            self._since = time.perf_counter()  # checkpoint and eval time is not step time
+
+    def _after_actions(self, finished: Finished) -> None:
+        self.run.result.final_step = finished.step
+        if self.on_step is not None:
+            self.on_step(finished.step, finished.record)
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def log_metrics(self, step: int, metrics: dict) -> Finished:
+        """Read step ``step``'s metrics (waiting for it if needed) and log them."""
+        run = self.run
+        host = fetch_metrics(metrics)
+        now = time.perf_counter()
+        step_seconds, self._since = now - self._since, now
+        record = _record(host, step_seconds, run.tokens_per_step, run.flops_per_step, run.peak)
+        run.result.losses[step] = record["loss"]
+        run.result.skipped_steps = record["skipped_steps"]
+        if step % run.cfg.logging.every_steps == 0 or step == run.cfg.trainer.steps:
+            run.writer.write(step, record)
+        run.bar.update(step, record["loss"], record["tokens_per_s"], record["mfu"])
+        return Finished(step, host, record)
+
+    def nonfinite_stop(self, finished: Finished) -> bool:
+        """Stop after ``trainer.max_consecutive_nonfinite`` skipped steps in a row (nothing saved)."""
+        run, limit = self.run, self.run.cfg.trainer.max_consecutive_nonfinite
+        if finished.nonfinite_in_a_row < limit:
+            return False
+        run.result.final_step = finished.step
+        run.result.stopped = "nonfinite"
+        run.result.message = (
+            f"stopping at step {finished.step}: {finished.nonfinite_in_a_row} non-finite steps in a row "
+            f"(trainer.max_consecutive_nonfinite={limit}); their updates were skipped and nothing was saved, "
+            f"the last good checkpoint is step {run.result.last_checkpoint_step}. Lower "
+            "optimizer.learning_rate or check the data."
+        )
+        run.say(f"[bold red]{run.result.message}[/]")
+        return True
+
+    # ---- preemption -------------------------------------------------------------------------
+    def preemption(self, step: int) -> str | None:
+        """Why the run must stop after ``step`` (a signal's name, ...), or None to go on."""
+        if self.watcher.requested:
+            return self.watcher.requested
+        if self.run.checkpointer.reached_preemption(step):
+            return "preemption notice"
+        return "stop_at_step" if step == self.stop_at_step else None
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def checkpoint_due(self, step: int, last_step: int, preempted: str | None) -> bool:
+        """Whether step ``step`` may be saved (``save`` still skips a periodic one in a non-finite run)."""
+        return bool(preempted) or step == last_step or self.run.checkpointer.should_save(step)
+
+    def save(self, step: int) -> None:
+        run = self.run
+        if run.checkpointer.save(step, run.state, run.save_meta(step), run.tokenizer):
+            run.result.last_checkpoint_step = step
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def eval_due(self, step: int, last_step: int) -> bool:
+        every = self.run.cfg.eval.every_steps
+        return self.run.evaluator is not None and (step == last_step or bool(every and step % every == 0))
+
+    def evaluate(self, step: int) -> None:
+        run = self.run
+        bpb = run.evaluator(run.state)
+        run.result.eval_bpb[step] = bpb
+        run.writer.write(step, {f"bpb/{lang}": value for lang, value in bpb.items()})
+        run.say(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
+
+
 def train(
     cfg: Config,
     workdir: str | Path,
@@ -118,26 +302,53 @@ def train(
     """
     from rich.console import Console
 
-    from data_pipeline.loader import TokenLoader
-    from indicfm.model.flops import train_flops_per_token
-    from indicfm.sharding import create_model, make_mesh
-    from indicfm.files import file_sha256
-    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
-    from indicfm.train.inputs import ensure_tokenizer_and_cache
-    from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
-    from indicfm.train.step import build_step_program, init_train_state
-
     workdir = Path(workdir).resolve()
     is_main = jax.process_index() == 0
     console = console or Console(stderr=True)
     say = console.print if is_main else (lambda *a, **k: None)
     show_progress = cfg.logging.progress if progress is None else progress
     workdir.mkdir(parents=True, exist_ok=True)
-
     _enable_compilation_cache(cfg.trainer.compilation_cache_dir, workdir)
 
+    run = _set_up(cfg, workdir, say, show_progress and is_main, console, is_main)
+    if isinstance(run, TrainResult):
+        return run  # nothing left to do
+    try:
+        with PreemptionWatcher() as watcher, jax.set_mesh(run.mesh):
+            loop = StepLoop(run, watcher, on_step, stop_at_step)
+            if run.evaluator and cfg.eval.at_start and run.step == 0:
+                loop.evaluate(0)
+            say(
+                f"training {cfg.trainer.steps - run.step} steps · {run.tokens_per_step:,} tokens/step · "
+                f"{run.flops_per_step / 1e9:,.2f} GFLOP/step · peak {run.peak / 1e12:,.3f} TFLOP/s over "
+                f"{jax.device_count()} device(s)"
+            )
+            loop.run_until(cfg.trainer.steps)
+    finally:
+        run.bar.close()
+        run.checkpointer.close()  # waits for background saves: a returned run is on disk
+        run.writer.close()
+    return run.result
+
+
+def _set_up(
+    cfg: Config, workdir: Path, say: Callable, show_progress: bool, console: Any, is_main: bool
+) -> Run | TrainResult:
+    """Inputs, mesh, state (restored or fresh), the step, metrics, evaluation: a :class:`Run` at the
+    step it starts from, or just the result when the workdir's run already completed ``trainer.steps``."""
+    from data_pipeline.loader import TokenLoader
+    from indicfm.files import file_sha256
+    from indicfm.model.flops import train_flops_per_token
+    from indicfm.sharding import batch_sharding, logical_axis_rules, make_mesh
+    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
+    from indicfm.train.inputs import ensure_tokenizer_and_cache
+    from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
+    from indicfm.train.optimizer import run_optimizer
+    from indicfm.train.state import abstract_train_state, create_model, init_train_state
+    from indicfm.train.step import build_train_step
+
     # 1. tokenizer and token cache
-    cfg = ensure_tokenizer_and_cache(cfg, workdir, progress=show_progress and is_main, console=console if is_main else None)
+    cfg = ensure_tokenizer_and_cache(cfg, workdir, progress=show_progress, console=console if is_main else None)
     tokenizer_sha = file_sha256(cfg.tokenizer.model_file)
     loader = TokenLoader(
         cfg.data.cache_dir,
@@ -148,16 +359,15 @@ def train(
         process_count=jax.process_count(),
     )
     _check_inputs(cfg, loader, tokenizer_sha)
-    seq_len = loader.seq_len
     if is_main:
         save_config(cfg, workdir / "config.yaml")
 
-    # 2. mesh, model, optimizer, fresh state
+    # 2. mesh and the state's layout
     mesh = make_mesh(cfg.mesh)
-    total_steps = cfg.trainer.steps
-    program = build_step_program(cfg, mesh)  # the same program `indicfm plan --compile` compiles
-    tx, graphdef, abstract_state = program.tx, program.graphdef, program.abstract_state
-    shardings, data_sharding = program.shardings, program.data_sharding
+    rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
+    tx, _ = run_optimizer(cfg)
+    seed = cfg.trainer.seed
+    graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, seed, mesh, rules)
 
     # 3. resume, or start fresh
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
@@ -166,118 +376,61 @@ def train(
     if restored is not None:
         saved_sha = restored.meta.get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer_sha:
+            checkpointer.close()
             raise ValueError(
                 f"the checkpoint at step {restored.step} in {checkpointer.directory} was trained with tokenizer "
                 f"sha256 {saved_sha}, but {cfg.tokenizer.model_file} has sha256 {tokenizer_sha}"
             )
         state = restored.state
-        result.start_step = restored.step
-        result.last_checkpoint_step = restored.step
+        result.start_step = result.final_step = result.last_checkpoint_step = restored.step
         result.damaged_checkpoints = restored.skipped_damaged
         loader.load_state_dict({**restored.meta.get("loader", {}), "step": restored.step})
         say(f"resuming from step {restored.step} ({checkpointer.directory / str(restored.step)})")
     else:
-        model = create_model(cfg.model, mesh, cfg.trainer.seed)
-        graphdef, state, _ = init_train_state(model, tx, cfg.trainer.seed, mesh)
-        del model
+        graphdef, state, _ = init_train_state(create_model(cfg.model, mesh, seed, rules), tx, seed, mesh, rules)
         say(f"starting a fresh run in {workdir}")
-    start_step = result.start_step
-    if start_step >= total_steps:
-        say(f"nothing to do: the run already completed {start_step} of trainer.steps={total_steps} steps")
+
+    if result.start_step >= cfg.trainer.steps:
+        say(f"nothing to do: the run already completed {result.start_step} of trainer.steps={cfg.trainer.steps} steps")
         checkpointer.close()
-        result.final_step = start_step
         return result
 
-    # 4. compile, metrics, evaluation
-    train_step = program.step
+    # 4. the step, metrics, evaluation
+    seq_len = loader.seq_len
     tokens_per_step = cfg.trainer.global_batch_size * seq_len
-    flops_per_step = train_flops_per_token(cfg.model, seq_len) * tokens_per_step
-    peak = total_peak_flops(jax.devices(), cfg.trainer.peak_flops)
     writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, enabled=is_main)
-    writer.drop_after(start_step)
-    evaluator = _make_evaluator(cfg, graphdef, shardings, mesh, seq_len, say)
-    tokenizer = tokenizer_item(cfg.tokenizer.model_file)
+    writer.drop_after(result.start_step)
+    data_sharding = batch_sharding(mesh)
+    host_batches = iter(loader)  # loader.step == start step: batch s is a pure function of (seed, s)
 
-    def meta_for_save() -> dict:
+    def save_meta(step: int) -> dict:
         return {
-            "loader": loader.state_dict(),
+            "loader": {**loader.state_dict(), "step": step},  # the loader reads ahead of the last step
             "config": cfg.model_dump(mode="json"),
             "tokenizer_sha256": tokenizer_sha,
-            "seed": cfg.trainer.seed,
+            "seed": seed,
         }
 
-    def save(step: int) -> None:
-        if checkpointer.save(step, state, meta_for_save(), tokenizer):
-            result.last_checkpoint_step = step
-
-    if evaluator and cfg.eval.at_start and start_step == 0:
-        with jax.set_mesh(mesh):
-            result.eval_bpb[0] = evaluator(state)
-        writer.write(0, {f"bpb/{lang}": value for lang, value in result.eval_bpb[0].items()})
-        say(f"step 0 · held-out bits per byte: mean {result.eval_bpb[0]['mean']:.3f}")
-
-    bar = ProgressLine(total_steps, start_step, enabled=show_progress and is_main, console=console)
-    say(
-        f"training {total_steps - start_step} steps · {tokens_per_step:,} tokens/step · "
-        f"{flops_per_step / 1e9:,.2f} GFLOP/step · peak {peak / 1e12:,.3f} TFLOP/s over {jax.device_count()} device(s)"
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        state=state,
+        step=result.start_step,
+        train_step=build_train_step(cfg, mesh, graphdef, shardings),
+        batches=(_place_batch(b, data_sharding, cfg.trainer.global_batch_size) for b in host_batches),
+        loader=loader,
+        checkpointer=checkpointer,
+        writer=writer,
+        bar=ProgressLine(cfg.trainer.steps, result.start_step, enabled=show_progress, console=console),
+        evaluator=_make_evaluator(cfg, graphdef, shardings, mesh, seq_len, say),
+        result=result,
+        save_meta=save_meta,
+        tokenizer=tokenizer_item(cfg.tokenizer.model_file),
+        tokens_per_step=tokens_per_step,
+        flops_per_step=train_flops_per_token(cfg.model, seq_len) * tokens_per_step,
+        peak=total_peak_flops(jax.devices(), cfg.trainer.peak_flops),
+        say=say,
     )
-
-    # 5. the loop
-    step = start_step
-    try:
-        with PreemptionWatcher() as watcher, jax.set_mesh(mesh):
-            batches = iter(loader)  # loader.step == start_step: batch s is a pure function of (seed, s)
-            last_time = time.perf_counter()
-            for step_index in range(start_step, total_steps):
-                batch = _place_batch(next(batches), data_sharding, cfg.trainer.global_batch_size)
-                state, step_metrics = train_step(state, batch)
-                host = jax.device_get(step_metrics)
-                now = time.perf_counter()
-                step_seconds, last_time = now - last_time, now
-                step = step_index + 1
-                record = _record(host, step_seconds, tokens_per_step, flops_per_step, peak)
-                result.losses[step] = record["loss"]
-                result.skipped_steps = record["skipped_steps"]
-                if step % cfg.logging.every_steps == 0 or step == total_steps:
-                    writer.write(step, record)
-                bar.update(step, record["loss"], record["tokens_per_s"], record["mfu"])
-
-                if int(host["nonfinite_in_a_row"]) >= cfg.trainer.max_consecutive_nonfinite:
-                    result.stopped = "nonfinite"
-                    result.message = (
-                        f"stopping at step {step}: {int(host['nonfinite_in_a_row'])} non-finite steps in a row "
-                        f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}); their "
-                        f"updates were skipped and nothing was saved, the last good checkpoint is step "
-                        f"{result.last_checkpoint_step}. Lower optimizer.learning_rate or check the data."
-                    )
-                    say(f"[bold red]{result.message}[/]")
-                    break
-                preempted = watcher.requested or checkpointer.reached_preemption(step) or step == stop_at_step
-                # Periodic saves wait out a run of non-finite steps, so the newest checkpoint is one a
-                # finite step produced; a preemption or the end of the run saves regardless.
-                in_streak = int(host["nonfinite_in_a_row"]) > 0
-                if preempted or step == total_steps or (checkpointer.should_save(step) and not in_streak):
-                    save(step)
-                if evaluator and (step == total_steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
-                    bpb = evaluator(state)
-                    result.eval_bpb[step] = bpb
-                    writer.write(step, {f"bpb/{lang}": value for lang, value in bpb.items()})
-                    say(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
-                if on_step is not None:
-                    on_step(step, record)
-                if preempted:
-                    result.stopped = "preempted"
-                    why = watcher.requested or ("stop_at_step" if step == stop_at_step else "preemption notice")
-                    result.message = f"{why}: saved a checkpoint at step {step}, stopping"
-                    say(result.message)
-                    break
-                last_time = time.perf_counter()  # checkpoint and eval time is not step time
-    finally:
-        bar.close()
-        checkpointer.close()  # waits for background saves: a returned run is on disk
-        writer.close()
-    result.final_step = step
-    return result
 
 
 def _enable_compilation_cache(setting: str | None, workdir: Path) -> None:
@@ -373,14 +526,3 @@ def _make_evaluator(cfg: Config, graphdef: Any, shardings: Any, mesh: Any, seq_l
         return evaluate_bpb(sets, nll_fn, batch_size)
 
     return evaluate
-
-
-def read_losses(workdir: str | Path) -> dict[int, float]:
-    """step → loss from ``<workdir>/metrics.jsonl`` (the last record of a step wins)."""
-    losses: dict[int, float] = {}
-    path = Path(workdir) / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[int(record["step"])] = float(record["loss"])
-    return losses

@@ -12,12 +12,15 @@ non-finite guard, all from optax's own building blocks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
 
 from indicfm.train.config import OptimizerConfig
+
+if TYPE_CHECKING:
+    from indicfm.config import Config
 
 #: Parameter names that start with one of these are token embedding / unembedding tables
 #: (``indicfm.model.transformer`` names them ``embed_VxD`` and ``unembed_DxV``).
@@ -88,6 +91,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, max_consecutive_nonfi
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=max_consecutive_nonfinite)
 
 
-def nonfinite_counts(opt_state: Any) -> tuple[jax.Array, jax.Array]:
-    """(non-finite steps in a row, non-finite steps in total) from the ``apply_if_finite`` state."""
-    return opt_state.notfinite_count, opt_state.total_notfinite
+def run_optimizer(cfg: "Config") -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and learning-rate schedule of a run: ``cfg.optimizer`` over ``trainer.steps``,
+    stopping after ``trainer.max_consecutive_nonfinite`` skipped steps in a row.  The train state,
+    the jitted step and a restored checkpoint must all agree on this one."""
+    steps = cfg.trainer.steps
+    return make_optimizer(cfg.optimizer, steps, cfg.trainer.max_consecutive_nonfinite), learning_rate_schedule(cfg.optimizer, steps)

@@ -1,10 +1,4 @@
-"""The train state and the one jitted train step (and the evaluation forward pass).
-
-The model is an NNX module; the step is a pure function over its split state, so it can be compiled
-once with explicit shardings and donated buffers::
-
-    TrainState = {"params": nnx.State of nnx.Param, "opt_state": optax state,
-                  "model_state": every other nnx.Variable (MoE router bias), "rng": uint32 key data}
+"""The one jitted train step (and the evaluation forward pass), over the train state of ``state.py``.
 
 One step: the global batch is split into ``trainer.micro_batches`` micro-batches (gradient
 accumulation, ``lax.scan``), loss = mean next-token cross-entropy over the whole global batch (each
@@ -12,12 +6,14 @@ micro-batch's CE *sum* is divided by the global batch's token count, so splittin
 the result) + the model's weighted MoE auxiliary losses (``stats.aux_loss``, averaged over
 micro-batches); optax then clips, applies AdamW, and skips the update if anything is non-finite; the
 loss-free router bias is updated from the step's expert counts (also skipped on a non-finite step).
+
+:func:`build_train_step` is the step exactly as ``indicfm train`` compiles it (shardings, donation),
+from the config and the mesh alone; the planner's ahead-of-time compile uses it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,59 +21,13 @@ import optax
 from flax import nnx
 
 from indicfm.train.loss import count_loss_tokens, masked_cross_entropy_sum
+from indicfm.train.state import TrainState
 
-TrainState = dict[str, Any]
+if TYPE_CHECKING:
+    from indicfm.config import Config
+
 Batch = dict[str, jax.Array]
-
-
-def init_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """Split a sharded model (``indicfm.sharding.create_model``) into its graph definition, a fresh
-    train state and the state's sharding tree (for ``jax.jit`` and Orbax restore targets).
-
-    Optimizer moments are built with ``jax.tree.map`` over the ``nnx.Param`` variables, so they keep
-    the parameters' logical-axis metadata and ``state_shardings`` shards them like the parameters.
-    They are created inside ``jax.jit`` with those output shardings: every array is born global and
-    sharded (this is also what makes it work with several processes).
-    """
-    from indicfm.sharding import state_shardings
-
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-
-    def fresh(params_: Any) -> dict[str, Any]:
-        return {"opt_state": tx.init(params_), "rng": jax.random.key_data(jax.random.key(seed))}
-
-    abstract = {"params": params, "model_state": model_state, **jax.eval_shape(fresh, params)}
-    shardings = state_shardings(abstract, mesh)
-    created = jax.jit(fresh, out_shardings={k: shardings[k] for k in ("opt_state", "rng")})(params)
-    state = {"params": params, "model_state": model_state, **created}
-    return graphdef, state, shardings
-
-
-def abstract_train_state(
-    model_cfg: Any, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """Like :func:`init_train_state` but nothing is allocated: ``jax.ShapeDtypeStruct`` leaves that
-    carry their target sharding on ``mesh``.
-
-    This is the restore target: Orbax reads each array straight into its sharding (the mesh may
-    differ from the one the checkpoint was saved from) and no throw-away initialisation runs.
-    """
-    from indicfm.model.transformer import Transformer
-    from indicfm.sharding import state_shardings
-
-    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
-    fresh = jax.eval_shape(
-        lambda p: {"opt_state": tx.init(p), "rng": jax.random.key_data(jax.random.key(seed))}, params
-    )
-    abstract = {"params": params, "model_state": model_state, **fresh}
-    shardings = state_shardings(abstract, mesh)
-    with_shardings = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
-    return graphdef, with_shardings, shardings
+BATCH_FIELDS = ("tokens", "segment_ids", "positions")
 
 
 def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -169,7 +119,7 @@ def make_train_step(
             "nonfinite_total": opt_state.total_notfinite,
         }
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-        return {"params": new_params, "opt_state": opt_state, "model_state": new_model_state, "rng": rng}, metrics
+        return TrainState(params=new_params, opt_state=opt_state, model_state=new_model_state, rng=rng), metrics
 
     return train_step
 
@@ -194,6 +144,39 @@ def jit_train_step(train_step: Callable, state_shardings: Any, batch_sharding: A
     )
 
 
+def build_train_step(
+    cfg: "Config", mesh: jax.sharding.Mesh, graphdef: nnx.GraphDef, shardings: Any
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted train step ``indicfm train`` runs for ``cfg`` on ``mesh``: the optimizer and schedule
+    of :func:`~indicfm.train.optimizer.run_optimizer`, micro-batches, the router-bias update, the
+    state's ``shardings`` (from :func:`~indicfm.train.state.abstract_train_state` or
+    ``init_train_state`` with the same optimizer), rows over the data-like axes, donated state.
+
+    Call it (or ``.lower(state, batch)`` on abstract values from :func:`abstract_batch`) under
+    ``jax.set_mesh(mesh)``: the layers' sharding constraints read the mesh.
+    """
+    from indicfm.sharding import batch_sharding
+    from indicfm.train.optimizer import run_optimizer
+
+    tx, schedule = run_optimizer(cfg)
+    step = make_train_step(
+        graphdef,
+        tx,
+        schedule,
+        micro_batches=cfg.trainer.micro_batches,
+        router_bias_rate=cfg.model.bias_update_rate if cfg.model.loss_free_bias else 0.0,
+    )
+    return jit_train_step(step, shardings, batch_sharding(mesh))
+
+
+def abstract_batch(global_batch_size: int, seq_len: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step receives, as sharded ``jax.ShapeDtypeStruct`` (for ``.lower``)."""
+    from indicfm.sharding import batch_sharding
+
+    rows = batch_sharding(mesh)
+    return {name: jax.ShapeDtypeStruct((global_batch_size, seq_len), jnp.int32, sharding=rows) for name in BATCH_FIELDS}
+
+
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
     """``(params, model_state, batch) -> (CE sum in nats, number of predicted tokens)`` for evaluation."""
 
@@ -203,49 +186,3 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[
         return masked_cross_entropy_sum(logits_BxLxV, batch["tokens"], batch["segment_ids"])
 
     return eval_step
-
-
-@dataclass
-class StepProgram:
-    """Everything needed to run *or only compile* the jitted train step of a config on a mesh.
-
-    ``indicfm train`` runs ``step``; ``indicfm plan --compile`` lowers the very same ``step`` for a
-    TPU slice's topology devices with :meth:`abstract_batch` and ``abstract_state`` (nothing is
-    allocated), so what is compiled ahead of time is what a run executes.
-    """
-
-    graphdef: nnx.GraphDef
-    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with their target shardings
-    shardings: Any
-    data_sharding: jax.sharding.NamedSharding
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-
-    def abstract_batch(self, global_batch_size: int, seq_len: int) -> Batch:
-        """Shapes of one global batch (tokens, segment ids, positions), sharded like a real one."""
-        shape = jax.ShapeDtypeStruct((global_batch_size, seq_len), jnp.int32, sharding=self.data_sharding)
-        return {"tokens": shape, "segment_ids": shape, "positions": shape}
-
-
-def build_step_program(cfg: Any, mesh: jax.sharding.Mesh) -> StepProgram:
-    """The optimizer, schedule, abstract sharded state and jitted step of ``cfg`` (an
-    ``indicfm.config.Config``) on ``mesh``: donation, micro-batches, remat and the router-bias
-    update exactly as training uses them."""
-    from indicfm.sharding import batch_sharding
-    from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
-
-    total_steps = cfg.trainer.steps
-    tx = make_optimizer(cfg.optimizer, total_steps, cfg.trainer.max_consecutive_nonfinite)
-    schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, cfg.trainer.seed, mesh)
-    data_sharding = batch_sharding(mesh)
-    step = jit_train_step(
-        make_train_step(
-            graphdef, tx, schedule,
-            micro_batches=cfg.trainer.micro_batches,
-            router_bias_rate=cfg.model.bias_update_rate if cfg.model.loss_free_bias else 0.0,
-        ),
-        shardings, data_sharding,
-    )
-    return StepProgram(graphdef, abstract_state, shardings, data_sharding, tx, schedule, step)
