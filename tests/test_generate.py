@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from indicfm.inference.decode import forward_with_cache, inference_config, init_cache
+from indicfm.inference.decode import inference_config
 from indicfm.inference.generate import generate_ids, left_pad
 from indicfm.inference.sampling import sample_next, top_p_filter
 from indicfm.model.config import ModelConfig
@@ -97,9 +97,10 @@ def test_cached_logits_match_full_forward(model, full_forward):
 
     @jax.jit
     def step(state_, tokens, segment, positions, cache, start):
-        return forward_with_cache(nnx.merge(graphdef, state_), tokens, segment, positions, cache, start)
+        logits, _, cache = nnx.merge(graphdef, state_)(tokens, segment, positions, cache=cache, start_slot=start)
+        return logits, cache
 
-    cache = init_cache(model, 1, len(sequence))
+    cache = model.init_cache(1, len(sequence))
     prefill = 5
     ones = jnp.ones((1, prefill), jnp.int32)
     logits, cache = step(state, jnp.asarray([sequence[:prefill]]), ones, jnp.arange(prefill)[None], cache, 0)
