@@ -122,7 +122,8 @@ def train(
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, create_model, make_mesh
     from indicfm.files import file_sha256
-    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
+    from indicfm.model.transformer import param_layout
+    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
     from indicfm.train.optimizer import learning_rate_schedule, make_optimizer
@@ -164,7 +165,10 @@ def train(
     # 3. resume, or start fresh
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
     result = TrainResult(workdir=workdir, start_step=0, final_step=0, stopped="completed")
-    restored = checkpointer.restore_latest_good(abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"))
+    layout = param_layout(cfg.model)
+    restored = checkpointer.restore_latest_good(
+        abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"), param_layout=layout
+    )
     if restored is not None:
         saved_sha = restored.meta.get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer_sha:
@@ -213,6 +217,7 @@ def train(
             "config": cfg.model_dump(mode="json"),
             "tokenizer_sha256": tokenizer_sha,
             "seed": cfg.trainer.seed,
+            PARAM_LAYOUT_KEY: layout,
         }
 
     def save(step: int) -> None:
