@@ -53,6 +53,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "experts": "expert",
     "expert_mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked axis of scanned blocks (model.scan_layers): each device holds every layer
 }
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]

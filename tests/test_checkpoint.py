@@ -14,7 +14,14 @@ import pytest
 from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
 from indicfm.sharding import make_mesh
-from indicfm.train.checkpoint import Checkpointer, tokenizer_bytes, tokenizer_item
+from indicfm.model.transformer import param_layout
+from indicfm.train.checkpoint import (
+    PARAM_LAYOUT_KEY,
+    Checkpointer,
+    LayoutMismatch,
+    tokenizer_bytes,
+    tokenizer_item,
+)
 from indicfm.train.config import CheckpointConfig, OptimizerConfig
 from indicfm.train.optimizer import make_optimizer
 from indicfm.train.state import abstract_train_state, create_model, init_train_state
@@ -48,6 +55,43 @@ def test_restore_onto_another_mesh_gives_the_same_parameters(tmp_path):
     expert_weight = restored.state["params"]["blocks"][1]["mlp"]["w_up_ExDxF"]
     assert dict(expert_weight.sharding.mesh.shape)["expert"] == 4
     assert expert_weight.sharding.spec[0] == "expert"  # experts really split over the new axis
+
+
+def test_a_checkpoint_restores_only_into_its_own_parameter_layout(tmp_path):
+    """Scanned and unrolled trees differ: the wrong one is a clear error, not a 'damaged' checkpoint."""
+    scanned = TINY.model_copy(update={"num_layers": 3, "scan_layers": True})
+    unrolled = scanned.model_copy(update={"scan_layers": False})
+    assert (param_layout(scanned), param_layout(unrolled)) == ("scanned", "unrolled")
+    tx = make_optimizer(OptimizerConfig(), 10, 3)
+    mesh = make_mesh(MeshConfig(data=8))
+    _, state, _ = init_train_state(create_model(scanned, mesh, 0), tx, 0, mesh)
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
+    ckpt.save(2, state, {PARAM_LAYOUT_KEY: "scanned"})
+    ckpt.close()
+
+    reader = Checkpointer(tmp_path / "ckpt", CheckpointConfig())
+    _, unrolled_target, _ = abstract_train_state(unrolled, tx, 0, mesh)
+    with pytest.raises(LayoutMismatch, match=r"'scanned' layout.*'unrolled' layout.*model.scan_layers=true"):
+        reader.restore_latest_good(unrolled_target, param_layout="unrolled")
+    assert reader.steps() == [2] and not (tmp_path / "damaged_checkpoints").exists()  # nothing set aside
+
+    _, scanned_target, _ = abstract_train_state(scanned, tx, 0, mesh)
+    restored = reader.restore_latest_good(scanned_target, param_layout="scanned")
+    assert restored.meta[PARAM_LAYOUT_KEY] == "scanned"
+    for got, want in zip(_numpy(restored.state), _numpy(state), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert restored.state["params"]["scanned_blocks"]["mlp"]["w_up_ExDxF"].shape[0] == 2
+
+
+def test_a_checkpoint_without_a_layout_is_unrolled(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1, async_save=False))
+    ckpt.save(1, {"w": jnp.ones((4,))}, {})
+    ckpt.close()
+    reader = Checkpointer(tmp_path / "ckpt", CheckpointConfig())
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    assert reader.restore(1, target, param_layout="unrolled").step == 1
+    with pytest.raises(LayoutMismatch, match="model.scan_layers=false"):
+        reader.restore(1, target, param_layout="scanned")
 
 
 def _arrays(step: int) -> dict:

@@ -7,11 +7,12 @@ exported files (config.json + safetensors); its logits must match indicfm's own 
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from indicfm.export.hf import ExportError, check_exportable, export_model, read_safetensors
+from indicfm.export.hf import ExportError, check_exportable, export_hf, export_model, hf_tensors, read_safetensors
 from indicfm.export.reference import qwen2_moe_logits
 from indicfm.inference.decode import inference_config
 from indicfm.model.config import ModelConfig
@@ -177,6 +178,76 @@ def test_export_refuses_a_non_empty_output(tokenizer_bytes, tmp_path):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
         export_model(_random_model(VARIANTS["tied-all-moe"]), tmp_path, tokenizer_bytes=tokenizer_bytes)
+
+
+def _scanned_and_unrolled(overrides: dict, seed: int = 5) -> tuple[Transformer, Transformer]:
+    """A random model in the scanned layout (model.scan_layers) and its unrolled equivalent, built
+    here from flat paths (independently of ``indicfm.model.layout``): unrolled block
+    ``first_dense_layers + n`` takes row ``n`` of every stacked array."""
+    cfg = inference_config(ModelConfig(**{**BASE, "num_layers": 4, **overrides}))
+    scanned = random_model(cfg.model_copy(update={"scan_layers": True}), seed)
+    assert scanned.scanned_blocks is not None
+    stacked = {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(scanned))}
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    values = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path[0] == "blocks" and path[1] >= cfg.first_dense_layers:
+            value = stacked[("scanned_blocks", *path[2:])][path[1] - cfg.first_dense_layers]
+        else:
+            value = stacked[path]
+        values.append((path, var.replace(value)))
+    return scanned, nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_scanned_model_exports_the_tensors_of_its_unrolled_equivalent(variant):
+    scanned, unrolled = _scanned_and_unrolled(VARIANTS[variant])
+    expected = hf_tensors(unrolled)
+    got = hf_tensors(scanned)
+    assert sorted(got) == sorted(expected)
+    assert "model.layers.3.mlp.experts.3.down_proj.weight" in got
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_an_exported_scanned_model_reproduces_its_logits(tokenizer_bytes, tmp_path):
+    scanned, _ = _scanned_and_unrolled(VARIANTS["shared-untied"])
+    export_model(scanned, tmp_path / "hf", tokenizer_bytes=tokenizer_bytes)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["mlp_only_layers"] == [0]
+    tensors = read_safetensors(tmp_path / "hf")
+    for sequence, expected in zip(SEQUENCES, _indicfm_logits(scanned, SEQUENCES)):
+        np.testing.assert_allclose(qwen2_moe_logits(tensors, config, np.asarray(sequence)), expected, atol=1e-4)
+
+
+def test_export_hf_of_a_scanned_checkpoint(tokenizer_bytes, tmp_path):
+    """``indicfm export hf`` on a run trained with model.scan_layers: the checkpoint holds stacked
+    arrays; the export holds the unrolled equivalent's per-layer tensors."""
+    from indicfm.config import Config
+    from indicfm.model.transformer import param_layout
+    from indicfm.sharding import make_mesh
+    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
+    from indicfm.train.optimizer import make_optimizer
+    from indicfm.train.state import init_train_state
+
+    scanned, unrolled = _scanned_and_unrolled(VARIANTS["tied-all-moe"])
+    cfg = Config(model=scanned.cfg.model_dump(), mesh={"data": 1})
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    tx = make_optimizer(cfg.optimizer, cfg.trainer.steps, cfg.trainer.max_consecutive_nonfinite)
+    _, train_state, _ = init_train_state(scanned, tx, 0, mesh)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_bytes)
+    checkpointer = Checkpointer(tmp_path / "run" / cfg.checkpoint.dir_name, cfg.checkpoint)
+    meta = {"config": cfg.model_dump(mode="json"), PARAM_LAYOUT_KEY: param_layout(cfg.model)}
+    checkpointer.save(3, train_state, meta, tokenizer_item(tmp_path / "tokenizer.model"))
+    checkpointer.close()
+
+    result = export_hf(tmp_path / "run", tmp_path / "hf")
+    assert result.step == 3
+    got = read_safetensors(tmp_path / "hf")
+    expected = hf_tensors(unrolled)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 @pytest.mark.slow

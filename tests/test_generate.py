@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from indicfm.inference.decode import forward_with_cache, inference_config, init_cache
+from indicfm.inference.decode import inference_config
 from indicfm.inference.generate import generate_ids, left_pad
 from indicfm.inference.sampling import sample_next, top_p_filter
 from indicfm.model.config import ModelConfig
+from indicfm.model.layout import with_layout
 from indicfm.model.transformer import Transformer
 
 from helpers import random_model
@@ -37,6 +38,10 @@ def model() -> Transformer:
 
 @pytest.fixture(scope="module")
 def full_forward(model):
+    return full_forward_of(model)
+
+
+def full_forward_of(model: Transformer):
     """Logits of the model's own forward pass on one right-padded row of REF_LEN tokens."""
 
     @nnx.jit
@@ -89,17 +94,36 @@ def test_generation_stops_at_eos(model, full_forward):
     assert results[0].finish_reason == "eos" and len(results[0].token_ids) <= 3
 
 
-def test_cached_logits_match_full_forward(model, full_forward):
+@pytest.fixture(scope="module")
+def scanned_model() -> Transformer:
+    """Three blocks, the two MoE ones stacked and scanned (model.scan_layers)."""
+    cfg = inference_config(ModelConfig(**{**TINY, "num_layers": 3}))
+    return with_layout(random_model(cfg, seed=4), scan_layers=True)
+
+
+def test_greedy_with_a_scanned_model_equals_full_recomputation(scanned_model):
+    assert scanned_model.scanned_blocks is not None
+    results = generate_ids(scanned_model, PROMPTS, max_new_tokens=NEW_TOKENS, eos_id=-1)
+    full_forward = full_forward_of(scanned_model)
+    for prompt, result in zip(PROMPTS, results):
+        assert result.token_ids == greedy_by_recomputation(full_forward, prompt, NEW_TOKENS, eos_id=-1)
+    assert len({tuple(r.token_ids) for r in results}) > 1
+
+
+@pytest.mark.parametrize("layout", ["unrolled", pytest.param("scanned", marks=pytest.mark.slow)])
+def test_cached_logits_match_full_forward(layout, request):
     """Prefill 5 tokens, then feed the rest one at a time: every logit row equals the full pass."""
+    model = request.getfixturevalue("model" if layout == "unrolled" else "scanned_model")
     sequence = [7, 3, 19, 33, 2, 50, 8, 8, 21, 14, 60, 1]
-    expected = full_forward(sequence)
+    expected = full_forward_of(model)(sequence)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(state_, tokens, segment, positions, cache, start):
-        return forward_with_cache(nnx.merge(graphdef, state_), tokens, segment, positions, cache, start)
+        logits, _, cache = nnx.merge(graphdef, state_)(tokens, segment, positions, cache=cache, start_slot=start)
+        return logits, cache
 
-    cache = init_cache(model, 1, len(sequence))
+    cache = model.init_cache(1, len(sequence))
     prefill = 5
     ones = jnp.ones((1, prefill), jnp.int32)
     logits, cache = step(state, jnp.asarray([sequence[:prefill]]), ones, jnp.arange(prefill)[None], cache, 0)

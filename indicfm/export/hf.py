@@ -28,7 +28,9 @@ bias (it changes which experts are chosen).
 Tensor layout: ``nn.Linear.weight`` is ``[out, in]``; indicfm stores ``[in, out]`` (with heads as
 separate axes), so projections are reshaped head-major and transposed.  Experts are written one
 per module (``mlp.experts.{e}.gate_proj.weight`` ...), the layout of published Qwen2-MoE
-checkpoints, which every transformers version loads.  Weights are written with ``safetensors``
+checkpoints, which every transformers version loads.  Layers are written one per
+``model.layers.{i}`` whatever the parameter layout: a model trained with ``model.scan_layers``
+exports exactly the tensors of its unrolled equivalent.  Weights are written with ``safetensors``
 (sharded like ``save_pretrained``: shard plan from ``huggingface_hub``, an index file when there is
 more than one shard).
 """
@@ -136,10 +138,31 @@ def _get(variable: Any) -> np.ndarray:
     return np.asarray(jax.device_get(variable[...]))
 
 
+def unrolled_on_host(model: Any) -> Any:
+    """``model`` in the unrolled layout (one ``blocks[i]`` per layer), its arrays as NumPy on the host.
+
+    Qwen2-MoE names every layer's weights (``model.layers.{i}...``), so a scanned model
+    (``model.scan_layers``: MoE blocks stacked along a leading layer axis) is split per layer first.
+    The split happens after the copy to the host, where a layer is a NumPy view of the stacked
+    array: it costs no second copy of the weights on the device or in host memory.
+    """
+    if getattr(model, "scanned_blocks", None) is None:
+        return model
+    import jax
+    from flax import nnx
+
+    from indicfm.model.layout import with_layout
+
+    graphdef, state = nnx.split(model)
+    return with_layout(nnx.merge(graphdef, jax.device_get(state)), scan_layers=False)
+
+
 def hf_tensors(model: Any, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Every weight of an indicfm ``Transformer`` under its Qwen2-MoE name, in ``nn.Linear`` layout."""
+    """Every weight of an indicfm ``Transformer`` (either parameter layout) under its Qwen2-MoE
+    name, in ``nn.Linear`` layout."""
     import ml_dtypes
 
+    model = unrolled_on_host(model)
     cfg: ModelConfig = model.cfg
     D, H, K, G = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": _get(model.embed_VxD)}

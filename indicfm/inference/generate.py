@@ -7,8 +7,8 @@ documents begin: ``[BOS] tokens [EOS]``, positions from 0).
 One jitted program per (batch bucket, prompt-length bucket, max_new_tokens, temperature, top_p);
 token ids (EOS, padding, vocabulary limit) are traced values:
 
-1. *prefill*: the left-padded prompts go through :func:`~indicfm.inference.decode.forward_with_cache`
-   once, filling the cache; the first new token is chosen from the last column's logits;
+1. *prefill*: the left-padded prompts go through the model's forward pass once with an empty
+   :class:`~indicfm.model.transformer.KVCache`, filling it; the first new token is chosen from the last column's logits;
 2. *decode*: a ``lax.while_loop`` feeds one token per row per iteration (``L = 1``), so each new
    token costs one token's forward pass against the cache, and stops when every row has produced
    EOS or ``max_new_tokens`` tokens.  Rows that finished keep running (their output is padding),
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from indicfm.inference.decode import forward_with_cache, init_cache
 from indicfm.inference.sampling import sample_next
 from indicfm.model.transformer import Transformer
 
@@ -105,12 +104,12 @@ def _generate_program(
     model = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
     N = max_new_tokens
-    cache = init_cache(model, B, P + N)
+    cache = model.init_cache(B, P + N)
 
     def choose(logits_BxV: jax.Array, key_: jax.Array) -> jax.Array:
         return sample_next(mask_logits(logits_BxV, vocab_limit, pad_id), key_, temperature, top_p)
 
-    logits_BxPxV, cache = forward_with_cache(model, tokens_BxP, segment_BxP, positions_BxP, cache, 0)
+    logits_BxPxV, _, cache = model(tokens_BxP, segment_BxP, positions_BxP, cache=cache, start_slot=0)
     key, sub = jax.random.split(key)
     first_B = choose(logits_BxPxV[:, -1], sub)  # left padding: the last column is every prompt's end
     out_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B)
@@ -126,8 +125,8 @@ def _generate_program(
         i, cache_, out_BxN_, done_B_, length_B_, position_B, key_ = carry
         previous_B = out_BxN_[:, i - 1]
         segment_B = jnp.where(done_B_, 0, 1).astype(jnp.int32)  # finished rows feed padding
-        logits_Bx1xV, cache_ = forward_with_cache(
-            model, previous_B[:, None], segment_B[:, None], position_B[:, None], cache_, P + i - 1
+        logits_Bx1xV, _, cache_ = model(
+            previous_B[:, None], segment_B[:, None], position_B[:, None], cache=cache_, start_slot=P + i - 1
         )
         key_, sub_ = jax.random.split(key_)
         token_B = jnp.where(done_B_, pad_id, choose(logits_Bx1xV[:, 0], sub_))

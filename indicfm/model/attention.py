@@ -8,13 +8,17 @@ kernel and the mask is turned into an additive bias by jax.  On TPU the splash-a
 (:mod:`indicfm.model.splash`) takes the segment ids themselves and builds no mask.  Padding tokens
 attend to padding only, so no row is fully masked (no NaNs); their outputs are ignored by the loss.
 
-The module exposes ``project_qkv`` and ``attend`` separately so a KV cache for generation can sit
-between them (issue 9).
+Generation passes a :class:`LayerCache` to the same ``__call__`` that training runs: the new
+tokens' keys and values are written into the cache's slots between ``project_qkv`` and ``attend``,
+and the queries attend to every filled slot under the cache's slot mask (see
+:class:`~indicfm.model.transformer.KVCache` for the layout).
 
 Shape legend: B batch, L query length, S key length, D model, H query heads, K kv heads, G head dim.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +102,26 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q_BxLxHxG, k_BxSxKxG, v_BxSxKxG, mask=mask_Bx1xLxS, implementation="xla")
 
 
+class LayerCache(NamedTuple):
+    """One layer's key/value buffers plus where this call's tokens go (a pytree).
+
+    ``start_slot`` and ``mask_Bx1xLxS`` are the same for every layer of a forward pass; the
+    transformer builds them once (:meth:`~indicfm.model.transformer.Transformer.__call__`).
+    """
+
+    k_BxSxKxG: jax.Array  # RoPE already applied
+    v_BxSxKxG: jax.Array
+    start_slot: jax.Array  # int32 scalar: the slot of this call's first token
+    mask_Bx1xLxS: jax.Array  # bool: which slots each new token may attend to
+
+    def write(self, k_BxLxKxG: jax.Array, v_BxLxKxG: jax.Array) -> "LayerCache":
+        """The cache with the new tokens' keys/values stored at slots ``[start_slot, start_slot + L)``."""
+        at = (0, self.start_slot, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k_BxSxKxG, k_BxLxKxG.astype(self.k_BxSxKxG.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.v_BxSxKxG, v_BxLxKxG.astype(self.v_BxSxKxG.dtype), at)
+        return self._replace(k_BxSxKxG=k, v_BxSxKxG=v)
+
+
 class Attention(nnx.Module):
     """GQA self-attention with RoPE; heads split over the ``tensor`` mesh axis."""
 
@@ -129,8 +153,15 @@ class Attention(nnx.Module):
         out_BxLxHxG = constrain(out_BxLxHxG, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhg,hgd->bld", out_BxLxHxG, self.w_o_HxGxD[...].astype(out_BxLxHxG.dtype))
 
-    def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, cache: LayerCache | None = None
+    ):
+        """Self-attention output ``[B, L, D]``; with a ``cache``, ``(output, cache with this call's
+        keys/values written)``: the queries then attend to the cache's slots, not to ``x`` alone."""
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
+        if cache is not None:
+            cache = cache.write(k, v)
+            return self.attend(q, cache.k_BxSxKxG, cache.v_BxSxKxG, cache.mask_Bx1xLxS), cache
         # splash attention works from the segment ids and needs no [B, 1, L, L] mask
         L = segment_ids_BxL.shape[1]
         needs_mask = backend_for(self.impl, L, L) != "splash"

@@ -61,6 +61,12 @@ class ModelConfig(Section):
     remat: Literal["none", "attention", "full"] = Field(
         "none", description="rematerialisation: recompute nothing, the attention sub-layer, or the whole block"
     )
+    scan_layers: bool = Field(
+        False,
+        description="store the MoE blocks' parameters stacked on a leading 'layers' axis and run them with one "
+        "lax.scan (compile time and program size stop growing with depth); the first_dense_layers stay a "
+        "loop.  Changes the checkpoint layout: a run resumes only with the value it was saved with",
+    )
     attention_impl: Literal["auto", "xla", "cudnn", "splash", "reference"] = Field(
         "auto", description="auto: cudnn on GPU, splash on TPU, xla elsewhere; reference: plain einsum (tests)"
     )

@@ -634,14 +634,18 @@ def update_router_bias(model: nnx.Module, expert_counts: jax.Array, rate: float)
     """DeepSeek-V3 loss-free balancing: ``bias += rate * sign(mean_count - count)`` per MoE layer.
 
     ``expert_counts`` is ``MoEStats.expert_counts`` ``[num_moe_layers, E]`` of the last step; layers
-    are matched in the model's order.  Under-loaded experts get a larger bias, so they are selected
-    more often; the gates (and thus gradients) are unaffected.  Works eagerly or inside ``nnx.jit``.
+    are matched in the model's order (a scanned model's one MoE holds a stacked ``[N, E]`` bias for
+    ``N`` consecutive rows).  Under-loaded experts get a larger bias, so they are selected more
+    often; the gates (and thus gradients) are unaffected.  Works eagerly or inside ``nnx.jit``.
     A no-op for models built without ``loss_free_bias``.
     """
-    moe_layers = model.moe_layers()
-    for i, layer in enumerate(moe_layers):
+    row = 0
+    for layer in model.moe_layers():
         if layer.router_bias is None:
             continue
-        counts_E = expert_counts[i].astype(jnp.float32)
-        delta_E = rate * jnp.sign(jnp.mean(counts_E) - counts_E)
-        layer.router_bias[...] = layer.router_bias[...] + delta_E
+        bias = layer.router_bias[...]
+        rows = 1 if bias.ndim == 1 else bias.shape[0]
+        counts_NxE = expert_counts[row : row + rows].astype(jnp.float32)
+        delta_NxE = rate * jnp.sign(jnp.mean(counts_NxE, axis=-1, keepdims=True) - counts_NxE)
+        layer.router_bias[...] = bias + delta_NxE.reshape(bias.shape)
+        row += rows

@@ -5,7 +5,10 @@ One checkpoint (directory ``<workdir>/checkpoints/<step>/``) holds three items:
 
 * ``state`` — the arrays: parameters, optimizer state, non-parameter model state (the MoE router
   bias) and the RNG key (``ocp.args.PyTreeSave``, uncompressed; each host writes its own shards).
-* ``meta`` — small JSON: step, the data loader's state, the resolved config, the tokenizer's sha256.
+* ``meta`` — small JSON: step, the data loader's state, the resolved config, the tokenizer's sha256
+  and ``param_layout`` (``"unrolled"`` or ``"scanned"``, see ``indicfm.model.transformer.param_layout``):
+  the arrays' tree differs between the two, so a restore first checks the layout it expects
+  (:class:`LayoutMismatch` otherwise; a checkpoint without the key predates scanning: unrolled).
 * ``tokenizer`` — the tokenizer ``.model`` file itself (base64 in JSON), so a checkpoint is
   self-contained even if the workdir's tokenizer is replaced.
 
@@ -60,7 +63,13 @@ from indicfm.train.config import CheckpointConfig
 log = logging.getLogger(__name__)
 
 _ORBAX_DEFAULT_IN_FLIGHT_GB = 96  # StandardCheckpointHandler's own default for save/restore_concurrent_gb
+PARAM_LAYOUT_KEY = "param_layout"
+LAYOUT_BEFORE_THE_KEY = "unrolled"  # checkpoints written before layouts were recorded
 DAMAGED_DIR_NAME = "damaged_checkpoints"
+
+
+class LayoutMismatch(ValueError):
+    """The checkpoint's parameters are stacked differently from the model asking for them."""
 
 
 @dataclass
@@ -258,9 +267,17 @@ class Checkpointer:
         self._join_save_thread()
         return self.manager.latest_step()
 
-    def restore(self, step: int, abstract_state: Any, *, with_tokenizer: bool = False) -> Restored:
-        """Restore one step; arrays land directly in the shardings named by ``abstract_state``."""
+    def restore(
+        self, step: int, abstract_state: Any, *, with_tokenizer: bool = False, param_layout: str | None = None
+    ) -> Restored:
+        """Restore one step; arrays land directly in the shardings named by ``abstract_state``.
+
+        ``param_layout``: the layout ``abstract_state`` has; a checkpoint saved in another one raises
+        :class:`LayoutMismatch` before any array is read.
+        """
         self._join_save_thread()
+        if param_layout is not None:
+            self._check_layout(step, param_layout)
         state_args = ocp.args.PyTreeRestore(
             item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
         )
@@ -273,18 +290,33 @@ class Checkpointer:
             raise ValueError(f"checkpoint {step}: metadata says step {meta.get('step')}")
         return Restored(step, out["state"], meta, out.get("tokenizer") if with_tokenizer else None, [])
 
-    def restore_latest_good(self, abstract_state: Any, *, warn=log.warning) -> Restored | None:
+    def _check_layout(self, step: int, expected: str) -> None:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = meta.get(PARAM_LAYOUT_KEY, LAYOUT_BEFORE_THE_KEY)
+        if saved != expected:
+            raise LayoutMismatch(
+                f"checkpoint {self.directory / str(step)} holds parameters in the {saved!r} layout, but this run's "
+                f"model has the {expected!r} layout; set model.scan_layers={str(saved == 'scanned').lower()} to "
+                "resume it (indicfm.model.layout.convert_state converts a state between the layouts)"
+            )
+
+    def restore_latest_good(
+        self, abstract_state: Any, *, warn=log.warning, param_layout: str | None = None
+    ) -> Restored | None:
         """Restore the newest checkpoint that reads back whole; older ones are tried if it is damaged.
 
         A damaged checkpoint (missing or truncated file, unreadable metadata) is moved to
         ``<workdir>/damaged_checkpoints/`` with a warning, so that the run can save that step again.
+        A checkpoint in another ``param_layout`` is not damaged: :class:`LayoutMismatch` is raised.
         Returns None when there is no checkpoint at all.
         """
         damaged: list[int] = []
         for step in reversed(self.steps()):
             try:
                 with _quiet_library_logs():  # the reason is reported once below, not as pages of tracebacks
-                    restored = self.restore(step, abstract_state)
+                    restored = self.restore(step, abstract_state, param_layout=param_layout)
+            except LayoutMismatch:
+                raise
             except Exception as err:  # any read failure means "damaged": fall back, never crash
                 warn(f"checkpoint at step {step} is damaged ({type(err).__name__}: {_first_line(err)}); "
                      "falling back to the previous one")

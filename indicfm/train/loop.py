@@ -340,7 +340,8 @@ def _set_up(
     from indicfm.files import file_sha256
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, logical_axis_rules, make_mesh
-    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
+    from indicfm.model.transformer import param_layout
+    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
     from indicfm.train.optimizer import run_optimizer
@@ -372,7 +373,10 @@ def _set_up(
     # 3. resume, or start fresh
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
     result = TrainResult(workdir=workdir, start_step=0, final_step=0, stopped="completed")
-    restored = checkpointer.restore_latest_good(abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"))
+    layout = param_layout(cfg.model)
+    restored = checkpointer.restore_latest_good(
+        abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"), param_layout=layout
+    )
     if restored is not None:
         saved_sha = restored.meta.get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer_sha:
@@ -409,6 +413,7 @@ def _set_up(
             "config": cfg.model_dump(mode="json"),
             "tokenizer_sha256": tokenizer_sha,
             "seed": seed,
+            PARAM_LAYOUT_KEY: layout,
         }
 
     return Run(
