@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from indicfm.model.config import ModelConfig
+from indicfm.model.exchange import exchanged_experts, resolve_exchange, vary_over
 from indicfm.model.grouped_matmul import grouped_swiglu, resolve_grouped_matmul
 from indicfm.model.routing import Routing
 from indicfm.sharding import current_mesh, logical_to_spec
@@ -24,9 +25,9 @@ def _axis_size(axis: Any) -> int:
 
 
 def _capacity_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
-                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, mesh_axes):
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, exchange, mesh_axes):
     """Capacity dispatch: scatter into ``[E, B, C, D]`` buffers, all-to-all, batched einsum, back."""
-    del gmm_impl, mesh_axes
+    del gmm_impl, exchange, mesh_axes
     B, L, D = x_BxLxD.shape
     E, C = num_experts, capacity
     b_BxLxk = jnp.broadcast_to(jnp.arange(B)[:, None, None], expert_BxLxk.shape)
@@ -61,34 +62,17 @@ def inverse_permutation(order_M: jax.Array) -> jax.Array:
     return jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
 
 
-def _vary_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """``x`` typed as varying over every shard_map axis in ``axes`` (a type cast, no communication).
-
-    The ``rounds`` kernel is a ``jax.custom_vjp``, whose backward must return cotangents typed
-    exactly like its inputs; weight gradients mix in the token-sharded activations (and input
-    gradients the tensor-split weights), so all inputs are first cast to vary over every axis that
-    tokens or weights are split over (what the kernel's outputs vary over anyway).
-    Autodiff transposes the cast into the ``psum`` each gradient needs (weights over the batch
-    axes, activations over ``tensor``).  ``pcast`` refuses an axis ``x`` already varies over.
-    """
-    for axis in axes:
-        try:
-            x = jax.lax.pcast(x, axis, to="varying")
-        except ValueError:  # already varying over this axis
-            pass
-    return x
-
-
 def _expert_swiglu(x_MxD, w_gate, w_up, w_down, sizes_G, impl: str, mesh_axes: tuple[str, ...]):
     """The grouped SwiGLU of dropless dispatch; ``mesh_axes``: axes tokens or weights are split over."""
     if resolve_grouped_matmul(impl) == "rounds" and mesh_axes:
-        x_MxD, w_gate, w_up, w_down = (_vary_over(a, mesh_axes) for a in (x_MxD, w_gate, w_up, w_down))
+        x_MxD, w_gate, w_up, w_down = (vary_over(a, mesh_axes) for a in (x_MxD, w_gate, w_up, w_down))
     return grouped_swiglu(x_MxD, w_gate, w_up, w_down, sizes_G, impl)
 
 
 def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_up, w_down, *,
-                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, mesh_axes):
-    """Dropless dispatch: sort assignments by expert, grouped matmul (see module docstring)."""
+                      num_experts, capacity, ep_axis, tp_axis, gmm_impl, exchange, mesh_axes):
+    """Dropless dispatch: sort assignments by expert, grouped matmul on the experts' devices (rows
+    travel by :func:`indicfm.model.exchange.exchanged_experts` over an expert axis)."""
     del slot_BxLxk, capacity
     B, L, D = x_BxLxD.shape
     k = expert_BxLxk.shape[-1]
@@ -96,36 +80,19 @@ def _dropless_experts(x_BxLxD, expert_BxLxk, gate_BxLxk, slot_BxLxk, w_gate, w_u
     x_TxD = x_BxLxD.reshape(B * L, D)
     expert_M = expert_BxLxk.reshape(M)
     order_M = jnp.argsort(expert_M, stable=True)
-    expert_sorted_M = expert_M[order_M]
     x_sorted_MxD = x_TxD[order_M // k]
+    sizes_E = jnp.bincount(expert_M, length=E)
     dt = x_BxLxD.dtype
     w_gate, w_up, w_down = w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt)
-    N = _axis_size(ep_axis)
-    if N == 1:
-        sizes_E = jnp.bincount(expert_M, length=E)
-        y_sorted_MxD = _expert_swiglu(x_sorted_MxD, w_gate, w_up, w_down, sizes_E, gmm_impl, mesh_axes)
+
+    def local_experts(rows_xD, sizes_G):
+        return _expert_swiglu(rows_xD, w_gate, w_up, w_down, sizes_G, gmm_impl, mesh_axes)
+
+    if _axis_size(ep_axis) == 1:
+        y_sorted_MxD = local_experts(x_sorted_MxD, sizes_E)
     else:
-        E_loc = E // N
-        per_dest_N = jnp.bincount(expert_M // E_loc, length=N)
-        start_N = jnp.cumsum(per_dest_N) - per_dest_N
-        i_M = jnp.arange(M)
-        # send[d, i] = i-th sorted row bound for peer d (worst-case buffer of M rows per peer)
-        src_NxM = jnp.clip(start_N[:, None] + i_M[None, :], 0, M - 1)
-        ok_NxM = i_M[None, :] < per_dest_N[:, None]
-        send_x_NxMxD = jnp.where(ok_NxM[..., None], x_sorted_MxD[src_NxM], 0)
-        local_NxM = expert_sorted_M[src_NxM] - jnp.arange(N)[:, None] * E_loc
-        send_e_NxM = jnp.where(ok_NxM, local_NxM, E_loc)  # E_loc marks an empty row
-        recv_x_NxMxD = jax.lax.all_to_all(send_x_NxMxD, ep_axis, 0, 0, tiled=True)
-        recv_e_NxM = jax.lax.all_to_all(send_e_NxM, ep_axis, 0, 0, tiled=True)
-        flat_e = recv_e_NxM.reshape(N * M)
-        order2 = jnp.argsort(flat_e, stable=True)
-        xs = recv_x_NxMxD.reshape(N * M, D)[order2]
-        sizes_Eloc = jnp.bincount(flat_e, length=E_loc + 1)[:E_loc]
-        ys = _expert_swiglu(xs, w_gate, w_up, w_down, sizes_Eloc, gmm_impl, mesh_axes)
-        y_flat = ys[inverse_permutation(order2)]
-        back_NxMxD = jax.lax.all_to_all(y_flat.reshape(N, M, D), ep_axis, 0, 0, tiled=True)
-        dest_M = expert_sorted_M // E_loc
-        y_sorted_MxD = back_NxMxD[dest_M, i_M - start_N[dest_M]]
+        y_sorted_MxD = exchanged_experts(x_sorted_MxD, sizes_E, local_experts, ep_axis=ep_axis,
+                                         impl=resolve_exchange(exchange), sync_axes=mesh_axes)
     if tp_axis is not None:
         y_sorted_MxD = jax.lax.psum(y_sorted_MxD, tp_axis)
     y_MxD = y_sorted_MxD[inverse_permutation(order_M)]
@@ -153,7 +120,8 @@ def run_experts(x_BxLxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFx
     (weights are gathered over ``fsdp`` by the compiler on the way in — FSDP).
     """
     body = _capacity_experts if cfg.dispatch == "capacity" else _dropless_experts
-    static = dict(num_experts=cfg.num_experts, capacity=capacity, gmm_impl=cfg.grouped_matmul)
+    static = dict(num_experts=cfg.num_experts, capacity=capacity, gmm_impl=cfg.grouped_matmul,
+                  exchange=cfg.expert_exchange)
     args = (x_BxLxD, routing.expert_BxLxk, routing.gate_BxLxk, routing.slot_BxLxk,
             w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     mesh = current_mesh()
