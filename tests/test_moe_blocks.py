@@ -7,16 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from indicfm.model.moe import (
-    _blocks_swiglu,
-    _rounds_swiglu,
+from indicfm.model.dispatch import inverse_permutation
+from indicfm.model.grouped_matmul import (
     block_layout,
     block_rows,
+    blocks_swiglu,
     grouped_matmul,
-    inverse_permutation,
-    resolve_grouped_matmul,
     overflow_groups,
+    resolve_grouped_matmul,
     round_width,
+    rounds_swiglu,
 )
 
 
@@ -60,7 +60,7 @@ def test_blocks_grouped_matmul_matches_numpy_loop(seed):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_blocks_swiglu_matches_numpy_and_ragged_dot_gradients():
+def testblocks_swiglu_matches_numpy_and_ragged_dot_gradients():
     sizes = [7, 3, 0, 12, 2]
     x, w_gate, sizes_G = _random_problem(2, sizes, extra_rows=4, D=8, F=6)
     rng = np.random.default_rng(3)
@@ -73,7 +73,7 @@ def test_blocks_swiglu_matches_numpy_and_ragged_dot_gradients():
     h = silu(_numpy_grouped(x64, w_gate.astype(np.float64), sizes)) * _numpy_grouped(x64, w_up.astype(np.float64), sizes)
     ref = _numpy_grouped(h, w_down.astype(np.float64), sizes)
     args = tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
-    out = _blocks_swiglu(*args, jnp.asarray(sizes_G), block=4)
+    out = blocks_swiglu(*args, jnp.asarray(sizes_G), block=4)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
 
     # gradients against ragged_dot (XLA:CPU lowers it to a masked dense product: independent code)
@@ -85,7 +85,7 @@ def test_blocks_swiglu_matches_numpy_and_ragged_dot_gradients():
         return jnp.sum(jnp.sin(jnp.where(in_group, jax.lax.ragged_dot(h_, wd, sizes_j), 0)))
 
     def loss_blocks(x_, wg, wu, wd):
-        return jnp.sum(jnp.sin(_blocks_swiglu(x_, wg, wu, wd, sizes_j, block=4)))
+        return jnp.sum(jnp.sin(blocks_swiglu(x_, wg, wu, wd, sizes_j, block=4)))
 
     grads_blocks = jax.grad(loss_blocks, argnums=(0, 1, 2, 3))(*args)
     grads_ragged = jax.grad(loss_ragged, argnums=(0, 1, 2, 3))(*args)
@@ -120,13 +120,13 @@ def _numpy_swiglu(x, w_gate, w_up, w_down, sizes):
 
 # width 2: round 0 + overflow rounds (1 or 2 groups each, busiest first); 5: fewer; 16: round 0 only
 @pytest.mark.parametrize(("width", "num_overflow"), [(2, 1), (2, 2), (5, 1), (5, 5), (16, 1)])
-def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width, num_overflow):
+def testrounds_swiglu_matches_numpy_and_ragged_dot_gradients(width, num_overflow):
     sizes = [7, 3, 0, 12, 2]  # an empty group, groups larger and smaller than a round
     x, w_gate, w_up, w_down, sizes_G = _swiglu_problem(4, sizes, extra_rows=4)
     args = tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
     sizes_j = jnp.asarray(sizes_G)
 
-    out = jax.jit(_rounds_swiglu, static_argnums=(5, 6))(*args, sizes_j, width, num_overflow)
+    out = jax.jit(rounds_swiglu, static_argnums=(5, 6))(*args, sizes_j, width, num_overflow)
     np.testing.assert_allclose(np.asarray(out), _numpy_swiglu(x, w_gate, w_up, w_down, sizes), rtol=1e-4, atol=1e-4)
     assert not np.asarray(out)[sum(sizes):].any()  # rows outside every group stay zero
 
@@ -139,7 +139,7 @@ def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width, num_overflo
         return jnp.sum(jnp.sin(jnp.where(in_group, jax.lax.ragged_dot(h_, wd, sizes_j), 0)) * cotangent)
 
     def loss_rounds(x_, wg, wu, wd):
-        return jnp.sum(jnp.sin(_rounds_swiglu(x_, wg, wu, wd, sizes_j, width, num_overflow)) * cotangent)
+        return jnp.sum(jnp.sin(rounds_swiglu(x_, wg, wu, wd, sizes_j, width, num_overflow)) * cotangent)
 
     grads_rounds = jax.jit(jax.grad(loss_rounds, argnums=(0, 1, 2, 3)))(*args)
     grads_ragged = jax.grad(loss_ragged, argnums=(0, 1, 2, 3))(*args)
@@ -147,12 +147,12 @@ def test_rounds_swiglu_matches_numpy_and_ragged_dot_gradients(width, num_overflo
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_rounds_swiglu_with_all_groups_empty_is_zero_with_zero_gradients():
+def testrounds_swiglu_with_all_groups_empty_is_zero_with_zero_gradients():
     x, w_gate, w_up, w_down, _ = _swiglu_problem(6, [0, 0, 0], extra_rows=5)
     args = tuple(jnp.asarray(a) for a in (x, w_gate, w_up, w_down))
     sizes = jnp.zeros((3,), jnp.int32)
-    assert not np.asarray(_rounds_swiglu(*args, sizes, 4, 1)).any()
-    grads = jax.grad(lambda *a: jnp.sum(_rounds_swiglu(*a, sizes, 4, 1)), argnums=(0, 1, 2, 3))(*args)
+    assert not np.asarray(rounds_swiglu(*args, sizes, 4, 1)).any()
+    grads = jax.grad(lambda *a: jnp.sum(rounds_swiglu(*a, sizes, 4, 1)), argnums=(0, 1, 2, 3))(*args)
     assert all(not np.asarray(g).any() for g in grads)
 
 

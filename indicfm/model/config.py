@@ -44,6 +44,13 @@ class ModelConfig(Section):
         "GPU and rounds on CPU (rounds: capacity-sized per-expert buffers repeated until every token is done; "
         "blocks: groups padded to whole blocks, one batched matmul); ragged_dot/dense cost E x the FLOPs on CPU/GPU",
     )
+    expert_exchange: Literal["auto", "ragged_all_to_all", "all_to_all"] = Field(
+        "auto",
+        description="dropless over an expert mesh axis: how rows travel to their experts' devices and back, in "
+        "rounds of receive buffers of 1.25x a device's own rows (overflow rounds when routing is skewed, nothing "
+        "dropped); auto = ragged_all_to_all (only the useful rows move) on TPU/GPU, else all_to_all (an emulation "
+        "of it with dense buffers, for XLA:CPU which cannot run ragged_all_to_all)",
+    )
     capacity_factor: float = Field(
         1.25, gt=0, description="capacity dispatch: slots per expert = ceil(factor * seq_len * top_k / E) per sequence"
     )
