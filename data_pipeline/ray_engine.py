@@ -55,7 +55,6 @@ Inputs, tokenizer and output must be on a filesystem every node sees at the same
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -67,9 +66,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import METADATA, ROWS_PER_SHARD, STATE_DIR, create_language_arrays, write_rows_block
+from data_pipeline.cache import ROWS_PER_SHARD, STATE_DIR, create_language_arrays, write_rows_block
 from data_pipeline.config import DataConfig, HubSource
-from data_pipeline.dedup import lsh_bands, matches_needed
+from data_pipeline.dedup import matches_needed
 from data_pipeline.pack import PackedRows
 from data_pipeline.report import Report
 from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_documents, iter_hub_dataset, line_ranges
@@ -80,8 +79,9 @@ from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_docum
 SHARD_RANGES = 16
 #: Position of a document: its input's number in the high bits, its line / record number below.
 _LINE_BITS = 40
-#: Test hook: when this environment variable names a path that does not exist yet, the first
-#: process task to see it creates it and kills its own worker process (SIGKILL), as a crash would.
+#: Test hook: when this environment variable (of the driver) names a path that does not exist yet,
+#: the first process task to see it creates it and kills its own worker process (SIGKILL), as a
+#: crash would; Ray must then retry the task.
 KILL_ONCE_ENV = "INDICFM_RAY_KILL_ONCE"
 #: Codes of the deduplication reasons in the arrays ``decide`` returns.
 _DEDUP_REASONS = ("exact_duplicate", "near_duplicate")
@@ -222,8 +222,7 @@ def _processor(config_json: str, tokenizer: str):
     return _PROCESSORS[key]
 
 
-def _maybe_die_for_test() -> None:
-    marker = os.environ.get(KILL_ONCE_ENV)
+def _maybe_die_for_test(marker: str | None) -> None:
     if not marker:
         return
     try:
@@ -237,9 +236,10 @@ def _keys_as_u64(keys: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)
 
 
-def process_shard(shard: Shard, config_json: str, tokenizer: str, partitions: int) -> list:
+def process_shard(shard: Shard, config_json: str, tokenizer: str, partitions: int,
+                  kill_marker: str | None = None) -> list:
     """[ShardDocs, stats, Partition 0 .. partitions-1] of one shard (see the module docstring)."""
-    _maybe_die_for_test()
+    _maybe_die_for_test(kill_marker)
     cpu_start = time.process_time()
     config = DataConfig.model_validate_json(config_json)
     processor = _processor(config_json, tokenizer)
@@ -565,7 +565,7 @@ def prepare_with_ray(
     address: str | None = None,
     workers: int = 0,
     partitions: int | None = None,
-    shard_ranges: int = SHARD_RANGES,
+    shard_ranges: int | None = None,
 ) -> dict:
     """Run the stages (module docstring) into ``out``, which is ready and empty but for
     ``.prepare_state``; returns {"report", "languages", "documents", "tokens", "times", "nodes"}.
@@ -591,14 +591,15 @@ def prepare_with_ray(
         scan = _remote(ray, _scan)
         line_files = [i for i, f in enumerate(files) if f.format in LINE_FORMATS]
         scanned = ray.get([scan.remote(str(files[i].path), BATCH_DOCS, RANGE_BYTES) for i in line_files])
-        shards = _make_shards(files, dict(zip(line_files, scanned)), config.hub, shard_ranges)
+        shards = _make_shards(files, dict(zip(line_files, scanned)), config.hub, shard_ranges or SHARD_RANGES)
         shard_starts = np.array([s.first_position for s in shards], np.int64)
         lap("scan")
 
         # process: per shard, documents + their share of every dedup partition
         process = _remote(ray, process_shard, num_returns=2 + partitions, scheduling_strategy="SPREAD")
         tok = str(tokenizer)
-        outputs = [process.remote(s, config_json, tok, partitions) for s in shards]
+        kill_marker = os.environ.get(KILL_ONCE_ENV)
+        outputs = [process.remote(s, config_json, tok, partitions, kill_marker) for s in shards]
         docs_refs = [o[0] for o in outputs]
         started = time.perf_counter()
 
@@ -617,8 +618,7 @@ def prepare_with_ray(
 
         # buckets + decide
         dedup = config.dedup
-        if dedup.exact or dedup.near:
-            bands, rows = lsh_bands(dedup.threshold, dedup.num_perm)
+        if (dedup.exact or dedup.near) and shards:
             need = matches_needed(dedup.threshold, dedup.num_perm) if dedup.near else float("inf")
             bucket = _remote(ray, dedup_partition)
             partials = [bucket.remote(need, *[o[2 + p] for o in outputs]) for p in range(partitions)]
