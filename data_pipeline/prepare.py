@@ -106,6 +106,8 @@ class PrepareResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
+    #: ``--engine ray`` only: per shard, (source, first line, last line or -1, node id it ran on).
+    placement: list[tuple[str, int, int, str]] = field(default_factory=list)
 
     @property
     def docs_per_s(self) -> float:
@@ -679,7 +681,8 @@ def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: D
     times = done["times"]
     return PrepareResult(out, done["report"], done["languages"], done["documents"], done["tokens"],
                          time.perf_counter() - start, resumed=False, batch_cpu_seconds=times.cpu.get("process", 0.0),
-                         stage_seconds=dict(times.wall), stage_cpu_seconds=dict(times.cpu), nodes=done["nodes"])
+                         stage_seconds=dict(times.wall), stage_cpu_seconds=dict(times.cpu), nodes=done["nodes"],
+                         placement=done["placement"])
 
 
 def _languages_complete_after(files: Sequence[InputFile], has_hub: bool) -> dict[Path, tuple[str, int]]:

@@ -115,6 +115,14 @@ class Shard:
     ranges: tuple[LineRange, ...] = ()
     hub: HubSource | None = None
 
+    def span(self) -> tuple[str, int, int]:
+        """(source, first line, last line; -1: to its end): which documents the shard holds."""
+        source = str(self.file.path) if self.file is not None else self.hub.name
+        if not self.ranges:
+            return source, 1, -1
+        last = self.ranges[-1]
+        return source, self.ranges[0].first_line, last.first_line + last.lines - 1
+
     @property
     def first_position(self) -> int:
         first_line = self.ranges[0].first_line if self.ranges else 1
@@ -499,13 +507,13 @@ def rows_of_block(pieces: Sequence[tuple[np.ndarray, np.ndarray]], first_token: 
 
 
 def write_block(directory: str, lang: str, first_row: int, first_token: int, start: int, stop: int,
-                seq_len: int, pad_id: int, *kept: dict) -> tuple[int, float]:
+                seq_len: int, pad_id: int, *kept: dict) -> tuple[int, float, int]:
     """Pack and write one block of rows of ``lang`` (see :func:`rows_of_block`): (split_documents,
-    CPU seconds).  Writing a fixed block again writes the same bytes, so a retry is harmless."""
+    CPU seconds, tokens).  Writing a fixed block again writes the same bytes, so a retry is harmless."""
     cpu_start = time.process_time()
     rows, split = rows_of_block([k[lang] for k in kept], first_token, start, stop, seq_len, pad_id)
     write_rows_block(Path(directory) / "rows" / lang, first_row, rows)
-    return split, time.process_time() - cpu_start
+    return split, time.process_time() - cpu_start, stop - start
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -535,6 +543,25 @@ def _import_path() -> list[str]:
     root = str(Path(__file__).resolve().parent.parent)
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     return [root, *extra]
+
+
+def _rates(label: str, total: int, unit: str, docs=None, tokens=None):
+    """A progress description of a stage, as the local engine shows it: tasks done, documents,
+    documents/s and tokens/s since the stage began (``docs`` / ``tokens``: counts of a task's
+    result)."""
+    started = time.perf_counter()
+
+    def describe(done: list) -> str:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        parts = [f"{label}: {len(done)}/{total} {unit}"]
+        if docs is not None:
+            n = sum(map(docs, done))
+            parts += [f"{n:,} docs", f"{n / elapsed:,.0f} docs/s"]
+        if tokens is not None:
+            parts.append(f"{sum(map(tokens, done)) / elapsed:,.0f} tokens/s")
+        return " · ".join(parts)
+
+    return describe
 
 
 def _wait_all(ray, refs: list, progress, task, describe) -> list:
@@ -568,7 +595,8 @@ def prepare_with_ray(
     shard_ranges: int | None = None,
 ) -> dict:
     """Run the stages (module docstring) into ``out``, which is ready and empty but for
-    ``.prepare_state``; returns {"report", "languages", "documents", "tokens", "times", "nodes"}.
+    ``.prepare_state``; returns {"report", "languages", "documents", "tokens", "times", "nodes", "placement"}
+    (placement: per shard, (source, first line, last line, node id)).
     The caller writes metadata.json."""
     from data_pipeline.prepare import BATCH_DOCS, DROP_LOG, RANGE_BYTES
 
@@ -601,17 +629,10 @@ def prepare_with_ray(
         kill_marker = os.environ.get(KILL_ONCE_ENV)
         outputs = [process.remote(s, config_json, tok, partitions, kill_marker) for s in shards]
         docs_refs = [o[0] for o in outputs]
-        started = time.perf_counter()
-
-        def describe_process(stats):
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            docs = sum(s["docs"] for s in stats)
-            tokens = sum(s["tokens"] for s in stats)
-            return (f"read · clean · tokenize: {len(stats)}/{len(shards)} shards · {docs:,} docs · "
-                    f"{docs / elapsed:,.0f} docs/s · {tokens / elapsed:,.0f} tokens/s")
-
         task = progress.add_task("read · clean · tokenize") if progress is not None else None
-        stats = _wait_all(ray, [o[1] for o in outputs], progress, task, describe_process)
+        describe = _rates("read · clean · tokenize", len(shards), "shards", docs=lambda s: s["docs"],
+                          tokens=lambda s: s["tokens"])
+        stats = _wait_all(ray, [o[1] for o in outputs], progress, task, describe)
         times.cpu["process"] = sum(s["cpu"] for s in stats)
         documents = sum(s["docs"] for s in stats)
         lap("process")
@@ -624,7 +645,7 @@ def prepare_with_ray(
             partials = [bucket.remote(need, *[o[2 + p] for o in outputs]) for p in range(partitions)]
             task = progress.add_task("dedup buckets") if progress is not None else None
             partial_values = _wait_all(ray, partials, progress, task,
-                                       lambda done: f"dedup: {len(done)}/{partitions} partitions")
+                                       lambda done: f"dedup buckets: {len(done)}/{partitions} partitions")
             times.cpu["buckets"] = sum(v[2] for v in partial_values)
             del partial_values
             lap("buckets")
@@ -647,7 +668,8 @@ def prepare_with_ray(
         del docs_refs, duplicates
         task = progress.add_task("finalize") if progress is not None else None
         summaries = _wait_all(ray, [f[0] for f in finals], progress, task,
-                              lambda done: f"report · drop log: {len(done)}/{len(shards)} shards")
+                              _rates("report · drop log", len(shards), "shards",
+                                     docs=lambda s: sum(c[0] for c in s.counts.values())))
         times.cpu["finalize"] = sum(ray.get([f[2] for f in finals]))
         lap("finalize")
 
@@ -672,15 +694,16 @@ def prepare_with_ray(
                 write_meta.append(lang)
             languages[lang]["rows"] = n_rows
         task = progress.add_task("write") if progress is not None else None
-        written = _wait_all(ray, writes, progress, task, lambda done: f"write rows: {len(done)}/{len(writes)} blocks")
+        written = _wait_all(ray, writes, progress, task,
+                            _rates("write rows", len(writes), "blocks", tokens=lambda w: w[2]))
         times.cpu["write"] = sum(w[1] for w in written)
-        for lang, (split, _) in zip(write_meta, written):
+        for lang, (split, _, _) in zip(write_meta, written):
             languages[lang]["split_documents"] += split
         _fill_example_texts(ray, examples, shards, shard_starts, config_json, report)
         del finals
         lap("write")
         nodes = sorted({s["node"] for s in stats})
-        shard_nodes = [s["node"] for s in stats]
+        placement = [(*shard.span(), s["node"]) for shard, s in zip(shards, stats)]
     finally:
         if owns:
             ray.shutdown()
@@ -692,7 +715,7 @@ def prepare_with_ray(
     lap("finish")
     tokens = sum(v["tokens"] for v in languages.values())
     return {"report": report.to_dict(), "languages": languages, "documents": documents, "tokens": tokens,
-            "times": times, "nodes": nodes, "shard_nodes": shard_nodes, "shards": shards}
+            "times": times, "nodes": nodes, "placement": placement}
 
 
 def _merge_summaries(summaries: Sequence[ShardSummary], config: DataConfig) -> tuple[Report, dict, list]:

@@ -35,9 +35,9 @@ def make_crossing_corpus(sample_dir: Path, out_dir: Path) -> list[tuple[tuple[st
     hin = (sample_dir / "hin_Deva.txt").read_text(encoding="utf-8").splitlines()
     mar = (sample_dir / "mar_Deva.txt").read_text(encoding="utf-8").splitlines()
     lines: list[tuple[str, tuple | None]] = []  # (JSON line, (file, line) of the original of an exact copy)
-    for k, line in enumerate(x for x in hin + mar if len(x) > 120):
-        if k >= 24:
-            break
+    long_lines = [x for x in hin + mar if len(x) > 120]
+    # originals spread over both files' whole length: many shards (and, on a cluster, both nodes)
+    for k, line in enumerate(long_lines[:: max(len(long_lines) // 24, 1)][:24]):
         lang = "hin_Deva" if line in hin else "mar_Deva"
         original = (f"{lang}.txt", (hin if lang == "hin_Deva" else mar).index(line) + 1)
         if k % 3 == 0:

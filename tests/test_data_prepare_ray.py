@@ -188,3 +188,29 @@ def test_ray_engine_refuses_to_take_over_an_interrupted_local_prepare(corpus_and
     with pytest.raises(prepare_mod.PrepareError, match="--engine local"):
         prepare([corpus], tokenizer, out, seq_len=SEQ_LEN, engine="ray", show_progress=False)
     assert (out / ".prepare_state" / "state.json").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_ray_progress_shows_rates_per_stage_as_the_local_engine_does(local_ray, corpus_and_reference, small_shards,
+                                                                     tmp_path):
+    import io
+
+    from rich.console import Console
+
+    corpus, tokenizer, reference, _ = corpus_and_reference
+    shown = {}
+    for engine in ("local", "ray"):
+        console = Console(file=io.StringIO(), force_terminal=True, width=250)
+        prepare([corpus], tokenizer, tmp_path / engine, seq_len=SEQ_LEN, engine=engine, workers=1, console=console)
+        shown[engine] = console.file.getvalue()
+    assert "docs/s" in shown["local"] and "tokens/s" in shown["local"]
+    lines = shown["ray"].splitlines()
+    for stage, rates in (("read · clean · tokenize", ("docs/s", "tokens/s")), ("report · drop log", ("docs/s",)),
+                         ("write rows", ("tokens/s",))):
+        finished = [line for line in lines if stage + ":" in line]
+        assert finished, f"no progress line for {stage}"
+        assert all(rate in finished[-1] for rate in rates), finished[-1]
+    # the per-reason table printed after the run is the same
+    title = "data prepare: documents per language"
+    assert shown["ray"][shown["ray"].index(title):] == shown["local"][shown["local"].index(title):]
+    assert "exact duplicate" in shown["ray"] and "near duplicate" in shown["ray"]

@@ -7,6 +7,7 @@ a killed driver change nothing.  The cluster's processes are this test's own: ea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,8 +61,9 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def _two_node_cluster():
+    """(address, the second node's ``ray start`` process) of a new head + second node."""
     ray = pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="r18", dir="/tmp")  # short: Ray's socket paths live under it
     port = _free_port()
@@ -86,13 +88,19 @@ def cluster():
             assert time.monotonic() < deadline, "the second node did not join"
             time.sleep(0.5)
         ray.shutdown()
-        yield address
+        yield address, processes[1]
     finally:
         if ray.is_initialized():
             ray.shutdown()
         for process in reversed(processes):
             _stop(process)
         subprocess.run(["rm", "-rf", temp], check=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with _two_node_cluster() as (address, _):
+        yield address
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
@@ -154,6 +162,16 @@ def test_two_nodes_build_the_local_engines_cache_and_survive_a_killed_worker(clu
     reasons = drop_reasons(out)
     for copy, original in copies:
         assert reasons[copy] == "exact_duplicate" and original not in reasons
+    across = [(c, o) for c, o in copies if _node_of(result.placement, *c) != _node_of(result.placement, *o)]
+    assert across, "no exact copy ran on another node than its original"
+
+
+def _node_of(placement: list, name: str, line: int) -> str:
+    """The node that processed line ``line`` of the input file called ``name``."""
+    for source, first, last, node in placement:
+        if Path(source).name == name and first <= line and (last == -1 or line <= last):
+            return node
+    raise AssertionError(f"{name}:{line} is in no shard")
 
 
 def test_cli_on_the_cluster_after_a_killed_driver_gives_the_same_cache(cluster, corpus_and_reference, tmp_path):
@@ -176,4 +194,62 @@ def test_cli_on_the_cluster_after_a_killed_driver_gives_the_same_cache(cluster, 
     done = subprocess.run(_cli(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "token cache ready" in done.stderr
+    assert_same_cache(reference, out)
+
+
+def _running_task(group: int, task_name: str) -> bool:
+    """Whether a process of process group ``group`` is a Ray worker running ``task_name`` (Ray
+    sets a busy worker's title to ``ray::<task name>``)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != group:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(f"ray::{task_name}".encode()):
+                    return True
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return False
+
+
+def test_a_node_that_leaves_mid_run_does_not_change_the_cache(sample_train_dir, tmp_path):
+    """The second node (its raylet, object store and workers) is killed while it runs a process
+    task: its tasks are retried and its lost results rebuilt on the head node."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    make_crossing_corpus(sample_train_dir, corpus)
+    # more work, so the process stage is still running when the node goes: every sample line again,
+    # several times (exact duplicates, all decided across shards)
+    bulk = []
+    for path in sorted(sample_train_dir.glob("*.txt")):
+        lang = path.stem
+        bulk += [json.dumps({"text": line, "lang": lang}, ensure_ascii=False)
+                 for line in path.read_text(encoding="utf-8").splitlines()]
+    (corpus / "zx_bulk.jsonl").write_text("".join(x + "\n" for x in bulk * 6), encoding="utf-8")
+    tokenizer = train_tiny_tokenizer(sample_train_dir, tmp_path / "tok")
+    reference = tmp_path / "local"
+    prepare([corpus], tokenizer, reference, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    out = tmp_path / "ray"
+    with _two_node_cluster() as (address, second_node):
+        args = ["-i", str(corpus), "-t", str(tokenizer), "-o", str(out), "--seq-len", str(SEQ_LEN),
+                "--engine", "ray", "--ray-address", address]
+        driver = subprocess.Popen(_cli(*args), env=_env(), cwd=tmp_path, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not _running_task(second_node.pid, "process_shard"):
+                assert driver.poll() is None, driver.stdout.read()
+                assert time.monotonic() < deadline, "the second node never ran a process task"
+                time.sleep(0.05)
+            os.killpg(second_node.pid, signal.SIGKILL)
+            output, _ = driver.communicate(timeout=360)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
+        assert driver.returncode == 0, output
+    assert "token cache ready" in output
     assert_same_cache(reference, out)
