@@ -197,21 +197,28 @@ def test_cli_on_the_cluster_after_a_killed_driver_gives_the_same_cache(cluster, 
     assert_same_cache(reference, out)
 
 
-def _running_task(group: int, task_name: str) -> bool:
-    """Whether a process of process group ``group`` is a Ray worker running ``task_name`` (Ray
-    sets a busy worker's title to ``ray::<task name>``)."""
+def _descendants(root: int) -> dict[int, bytes]:
+    """{pid: command line} of every process below ``root`` (Ray workers run in process groups of
+    their own, under their node's raylet)."""
+    parents, cmdlines = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if os.getpgid(int(entry)) != group:
-                continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().startswith(f"ray::{task_name}".encode()):
-                    return True
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
+                cmdlines[int(entry)] = f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
             continue
-    return False
+    found: dict[int, bytes] = {}
+    for pid in parents:
+        p = pid
+        while p in parents and p != root and p > 1:
+            p = parents[p]
+        if p == root and pid != root:
+            found[pid] = cmdlines.get(pid, b"")
+    return found
 
 
 def test_a_node_that_leaves_mid_run_does_not_change_the_cache(sample_train_dir, tmp_path):
@@ -240,11 +247,16 @@ def test_a_node_that_leaves_mid_run_does_not_change_the_cache(sample_train_dir, 
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 180
-            while not _running_task(second_node.pid, "process_shard"):
+            # Ray names a busy worker's process ray::<task>
+            while not any(c.startswith(b"ray::process_shard") for c in _descendants(second_node.pid).values()):
                 assert driver.poll() is None, driver.stdout.read()
                 assert time.monotonic() < deadline, "the second node never ran a process task"
                 time.sleep(0.05)
-            os.killpg(second_node.pid, signal.SIGKILL)
+            node = _descendants(second_node.pid)
+            os.killpg(second_node.pid, signal.SIGKILL)  # the node: raylet, object store, agents
+            for pid in node:  # and its workers, at once, as when a machine goes
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             output, _ = driver.communicate(timeout=360)
         finally:
             if driver.poll() is None:
