@@ -86,10 +86,16 @@ KILL_ONCE_ENV = "INDICFM_RAY_KILL_ONCE"
 #: Codes of the deduplication reasons in the arrays ``decide`` returns.
 _DEDUP_REASONS = ("exact_duplicate", "near_duplicate")
 INSTALL_HINT = "pip install 'indicfm[ray]'"
+#: Times a task is re-run after its worker or node died (or its lost outputs are rebuilt).
+MAX_RETRIES = 3
 
 
 class RayNotInstalled(ImportError):
     """``--engine ray`` without the ``ray`` package."""
+
+
+class RayRunError(RuntimeError):
+    """A Ray task failed for good (after its retries)."""
 
 
 def import_ray():
@@ -520,7 +526,7 @@ def write_block(directory: str, lang: str, first_row: int, first_token: int, sta
 
 
 def _remote(ray, function, **options):
-    return ray.remote(max_retries=options.pop("max_retries", 3), **options)(function)
+    return ray.remote(max_retries=options.pop("max_retries", MAX_RETRIES), **options)(function)
 
 
 def _connect(ray, address: str | None, workers: int) -> bool:
@@ -704,6 +710,12 @@ def prepare_with_ray(
         lap("write")
         nodes = sorted({s["node"] for s in stats})
         placement = [(*shard.span(), s["node"]) for shard, s in zip(shards, stats)]
+    except ray.exceptions.RayError as err:
+        # A task failed more than MAX_RETRIES times (a bug, or nodes lost faster than retries):
+        # nothing is marked complete, so the same command starts again cleanly.
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise RayRunError(f"a Ray task failed after {MAX_RETRIES} retries ({type(err).__name__}: {detail}); "
+                          f"{out} is not complete: run the same command again to start over") from err
     finally:
         if owns:
             ray.shutdown()

@@ -214,3 +214,18 @@ def test_ray_progress_shows_rates_per_stage_as_the_local_engine_does(local_ray, 
     title = "data prepare: documents per language"
     assert shown["ray"][shown["ray"].index(title):] == shown["local"][shown["local"].index(title):]
     assert "exact duplicate" in shown["ray"] and "near duplicate" in shown["ray"]
+
+
+@pytest.mark.timeout(240)
+def test_a_task_that_keeps_failing_is_a_clear_error_and_no_cache(local_ray, corpus_and_reference, tmp_path,
+                                                                  monkeypatch):
+    corpus, tokenizer, _, _ = corpus_and_reference
+
+    def broken(*args):  # a closure: Ray ships it by value, so the workers run this one
+        raise ValueError("bad shard")
+
+    monkeypatch.setattr(ray_engine, "process_shard", broken)
+    with pytest.raises(ray_engine.RayRunError, match="run the same command again") as failed:
+        prepare([corpus], tokenizer, tmp_path / "ray", seq_len=SEQ_LEN, engine="ray", show_progress=False)
+    assert "bad shard" in str(failed.value)
+    assert not (tmp_path / "ray" / "metadata.json").exists()

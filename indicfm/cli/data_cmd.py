@@ -80,7 +80,7 @@ def prepare_cmd(
 
     from data_pipeline.cache import CacheError
     from data_pipeline.prepare import PrepareError, prepare
-    from data_pipeline.ray_engine import RayNotInstalled
+    from data_pipeline.ray_engine import RayNotInstalled, RayRunError
     from data_pipeline.sources import InputError
 
     try:
@@ -88,7 +88,7 @@ def prepare_cmd(
             inputs, tokenizer, output, seq_len=seq_len or cfg.data.seq_len, config=cfg.data,
             workers=workers, overwrite=overwrite, console=console, engine=engine, ray_address=ray_address,
         )
-    except (InputError, PrepareError, CacheError, RayNotInstalled) as err:
+    except (InputError, PrepareError, CacheError, RayNotInstalled, RayRunError) as err:
         from rich.markup import escape
 
         fail(escape(str(err)))  # not markup: "indicfm[ray]", or a path with brackets, print as they are
