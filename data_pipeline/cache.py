@@ -162,6 +162,31 @@ class LanguageWriter:
         self._inflight = []
 
 
+def create_language_arrays(directory: Path, seq_len: int, rows: int) -> None:
+    """Create one language's three arrays with exactly ``rows`` rows (any old ones are replaced),
+    for writers that each fill whole shards of ROWS_PER_SHARD rows at once and concurrently (the
+    Ray engine's write tasks): no two of them then ever touch the same shard file."""
+    import tensorstore as ts
+
+    opening = [ts.open(_spec(directory / name, seq_len, rows), create=True, delete_existing=True) for name in ARRAYS]
+    for future in opening:
+        future.result()
+
+
+def write_rows_block(directory: Path, first_row: int, packed: PackedRows) -> None:
+    """Write ``packed`` at rows ``first_row ..`` of arrays made by :func:`create_language_arrays`
+    and wait until it is written."""
+    import tensorstore as ts
+
+    arrays = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory / name)}})
+              for name in ARRAYS]
+    arrays = [future.result() for future in arrays]
+    end = first_row + len(packed)
+    writes = [arr[first_row:end].write(getattr(packed, name)) for arr, name in zip(arrays, ARRAYS)]
+    for future in writes:
+        future.result()
+
+
 def flush_writers(writers: list[LanguageWriter]) -> None:
     """:meth:`LanguageWriter.flush` for several writers, their writes all started before any is
     waited for (tensorstore writes the languages concurrently)."""

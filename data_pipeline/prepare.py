@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,12 @@ class PrepareResult:
     #: CPU seconds spent on the documents' per-batch work (reading, filters, dedup keys, tokenizing)
     #: wherever it ran: in worker processes, or in this one with a single worker.
     batch_cpu_seconds: float = 0.0
+    #: ``--engine ray`` only: wall seconds per stage, CPU seconds its tasks spent, Ray node ids.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    #: ``--engine ray`` only: per shard, (source, first line, last line or -1, node id it ran on).
+    placement: list[tuple[str, int, int, str]] = field(default_factory=list)
 
     @property
     def docs_per_s(self) -> float:
@@ -522,14 +528,25 @@ def prepare(
     overwrite: bool = False,
     show_progress: bool = True,
     console=None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> PrepareResult:
     """Build (or finish, or find complete) the token cache in ``output``; see the module docstring.
 
     ``inputs`` (files/dirs) default to ``config.inputs``; ``seq_len`` to ``config.seq_len``;
-    ``workers`` to ``config.workers`` (0 = CPU count; 1 = no worker processes).
+    ``workers`` to ``config.workers`` (0 = CPU count; 1 = no worker processes).  ``engine="ray"``
+    builds the same cache with Ray tasks (data_pipeline.ray_engine), on a local Ray instance or the
+    cluster at ``ray_address`` (``auto`` or HOST:PORT); ``workers`` then sizes a local instance.
     """
     import sentencepiece as spm
     from rich.console import Console
+
+    if engine not in ("local", "ray"):
+        raise PrepareError(f"unknown engine {engine!r}; one of: local, ray")
+    if engine == "ray":
+        from data_pipeline.ray_engine import import_ray
+
+        import_ray()  # before any work: without Ray, say how to install it
 
     console = console or Console(stderr=True)
     config = config or DataConfig()
@@ -556,6 +573,12 @@ def prepare(
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         console.print(f"{out}: token cache already complete; nothing to do")
         return PrepareResult(out, report, meta["languages"], 0, 0, time.perf_counter() - start, resumed=True)
+    if engine == "ray":
+        if state:
+            raise PrepareError(f"{out} holds a prepare interrupted with --engine local; finish it with that "
+                               "engine (it resumes), or pass --overwrite")
+        return _prepare_with_ray(files, tokenizer, out, seq_len, config, sp, tokenizer_sha, fingerprint,
+                                 workers, ray_address, show_progress, console, start)
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(out, config, seq_len, pad_id)
     if state:
@@ -607,26 +630,59 @@ def prepare(
 
     report = run.report.to_dict()
     run.report.save(out)
+    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, sp, config, languages, fingerprint)
+    seconds = time.perf_counter() - start
+    if show_progress:
+        render_table(report, console)
+    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0],
+                         batch_cpu_seconds=batch_cpu)
+
+
+def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str, sp, config: DataConfig,
+                    languages: dict, fingerprint: dict) -> None:
+    """metadata.json, last (from then on the cache is complete), and the resume state goes."""
     metadata = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "tokenizer": str(tokenizer),
         "tokenizer_sha256": tokenizer_sha,
         "vocab_size": sp.get_piece_size(),
-        "bos_id": bos_id,
-        "eos_id": eos_id,
-        "pad_id": pad_id,
+        "bos_id": sp.bos_id(),
+        "eos_id": sp.eos_id(),
+        "pad_id": max(sp.pad_id(), 0),
         "config": config.model_dump(mode="json"),
         "languages": languages,
         "fingerprint": fingerprint,
     }
-    write_json_atomic(out / METADATA, metadata)  # last: from here on the cache is complete
+    write_json_atomic(out / METADATA, metadata)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    seconds = time.perf_counter() - start
+
+
+def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp, tokenizer_sha: str,
+                      fingerprint: dict, workers: int | None, ray_address: str | None, show_progress: bool,
+                      console, start: float) -> PrepareResult:
+    """``engine="ray"``: the stages run as Ray tasks (data_pipeline.ray_engine); an interrupted run
+    left only ``.prepare_state`` (no state.json), which _prepare_output has removed: it starts again."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from data_pipeline.ray_engine import prepare_with_ray
+
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / STATE_DIR / "ray.json", {"engine": "ray", "fingerprint": fingerprint})
+    n_workers = workers if workers is not None else config.workers
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not show_progress, transient=False) as progress:
+        done = prepare_with_ray(files, tokenizer.resolve(), out.resolve(), seq_len=seq_len, config=config,
+                                pad_id=max(sp.pad_id(), 0), progress=progress, address=ray_address,
+                                workers=n_workers)
+    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, sp, config, done["languages"], fingerprint)
     if show_progress:
-        render_table(report, console)
-    return PrepareResult(out, report, languages, documents, tokens, seconds, resumed=bool(state), main_seconds=clock[0],
-                         batch_cpu_seconds=batch_cpu)
+        render_table(done["report"], console)
+    times = done["times"]
+    return PrepareResult(out, done["report"], done["languages"], done["documents"], done["tokens"],
+                         time.perf_counter() - start, resumed=False, batch_cpu_seconds=times.cpu.get("process", 0.0),
+                         stage_seconds=dict(times.wall), stage_cpu_seconds=dict(times.cpu), nodes=done["nodes"],
+                         placement=done["placement"])
 
 
 def _languages_complete_after(files: Sequence[InputFile], has_hub: bool) -> dict[Path, tuple[str, int]]:

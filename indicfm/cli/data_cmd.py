@@ -29,6 +29,22 @@ def prepare_cmd(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed row (default: data.seq_len)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that clean and tokenize, the main one included (default: data.workers; 0 = all CPUs; 1 = no worker processes)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing cache in --output first")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="local: this machine's worker processes. ray: Ray tasks on a local Ray instance or, with "
+            "--ray-address, a running cluster (needs `pip install 'indicfm[ray]'`); same cache either way.",
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray-address",
+            help="With --engine ray: join this cluster (auto, or HOST:PORT of `ray start --head`) instead "
+            "of starting a local Ray instance. Inputs, tokenizer and output must be at the same paths on every node.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -42,6 +58,8 @@ def prepare_cmd(
         indicfm data prepare --input samples/train --tokenizer out/tok.model --output out/cache --seq-len 512
 
         indicfm data prepare -c configs/data/sample.yaml -t out/tok.model --set data.filters.min_words=5
+
+        indicfm data prepare -i corpus/ -t out/tok.model -o out/cache --engine ray --ray-address auto
     """
     cfg = load_config_or_exit(config, set_)
     inputs = [str(p) for p in input] if input else cfg.data.inputs
@@ -55,18 +73,25 @@ def prepare_cmd(
         fail("no output: give --output DIR (or data.cache_dir in the config)")
     if seq_len is not None and seq_len <= 0:
         fail(f"--seq-len must be positive, got {seq_len}")
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
+    if ray_address and engine != "ray":
+        fail("--ray-address needs --engine ray")
 
     from data_pipeline.cache import CacheError
     from data_pipeline.prepare import PrepareError, prepare
+    from data_pipeline.ray_engine import RayNotInstalled, RayRunError
     from data_pipeline.sources import InputError
 
     try:
         result = prepare(
             inputs, tokenizer, output, seq_len=seq_len or cfg.data.seq_len, config=cfg.data,
-            workers=workers, overwrite=overwrite, console=console,
+            workers=workers, overwrite=overwrite, console=console, engine=engine, ray_address=ray_address,
         )
-    except (InputError, PrepareError, CacheError) as err:
-        fail(str(err))
+    except (InputError, PrepareError, CacheError, RayNotInstalled, RayRunError) as err:
+        from rich.markup import escape
+
+        fail(escape(str(err)))  # not markup: "indicfm[ray]", or a path with brackets, print as they are
     rows = sum(v["rows"] for v in result.languages.values())
     console.print(
         f"[green]token cache ready:[/] {result.output} — {rows:,} rows of {seq_len or cfg.data.seq_len} tokens; "
