@@ -184,10 +184,12 @@ class Review:
         if rule.column in _FRACTION_COLUMNS or "ngram" in rule.column:
             lo, hi = 0.0, 1.0
         else:
+            # up to a little past the bulk of the values, or the threshold if it is near them (a
+            # threshold far beyond every value is drawn at the right edge)
             finite = values[has]
-            lo = 0.0
-            hi = float(max(np.quantile(finite, 0.995) if len(finite) else 1.0, threshold * 1.25 if threshold < 1e6 else 0, 1.0))
-            hi = float(np.ceil(hi))
+            top = float(finite.max()) if len(finite) else 1.0
+            bulk = float(np.quantile(finite, 0.995)) if len(finite) else 1.0
+            lo, hi = 0.0, float(np.ceil(max(bulk * 1.2, min(threshold * 1.1, top * 1.2), 1.0)))
         edges = np.linspace(lo, hi, bins + 1)
         codes = self.table.verdicts(config).codes[rows][has]
         clipped = np.clip(values[has], lo, hi)
