@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "attention": "benchmarks.attention",
     "tokenizer": "benchmarks.tokenizer",
     "prepare": "benchmarks.prepare",
+    "features": "benchmarks.features",
     "loader": "benchmarks.loader",
     "lid": "benchmarks.lid_accuracy",
     "checkpoint": "benchmarks.checkpoint",

@@ -133,6 +133,11 @@ class DataConfig(Section):
         200_000, gt=0, description="commit cache rows and resume state after this many documents"
     )
     examples_per_reason: int = Field(5, ge=0, description="dropped documents kept per reason for `data inspect`")
+    features: bool = Field(
+        True,
+        description="also write features.parquet: per document the values the filters judged and the "
+        "verdict, for `indicfm data review` (thresholds re-applied without re-reading the corpus)",
+    )
     language_weights: dict[str, float] | None = Field(
         None, description="loader mixing weights per language (null = proportional to tokens in the cache)"
     )

@@ -198,6 +198,13 @@ def fingerprints(signatures: np.ndarray) -> np.ndarray:
     return (np.asarray(signatures) & np.uint32((1 << FINGERPRINT_BITS) - 1)).astype(np.uint8)
 
 
+def estimated_jaccard(matches: int, num_perm: int) -> float:
+    """The Jaccard similarity ``matches`` agreeing fingerprint positions (of ``num_perm``) estimate
+    (the inverse of :func:`matches_needed`), clipped to [0, 1]."""
+    chance = 2.0**-FINGERPRINT_BITS
+    return min(1.0, max(0.0, (matches / num_perm - chance) / (1 - chance)))
+
+
 def matches_needed(threshold: float, num_perm: int) -> float:
     """Agreeing fingerprint positions (of ``num_perm``) that mean an estimated Jaccard ≥ threshold:
     matches/k = J + (1 - J)·2^-b, solved for J = threshold."""
@@ -244,6 +251,13 @@ class DuplicateIndex:
         self._table = BandTable(1 << 22)
         self._fingerprints = np.zeros((0, config.num_perm), np.uint8)  # grown geometrically
         self._kept = 0  # rows of _fingerprints in use
+        # Per kept document: the caller's id for it (check_batch's ``ids``; -1 when not given), so
+        # a near duplicate can name the document it repeats (data_pipeline.features).
+        self._ids = np.zeros(0, np.int64)
+        #: Of the last check_batch: {position in the batch: (id of the kept document it is a near
+        #: duplicate of, estimated Jaccard similarity)}.
+        self.near_matches: dict[int, tuple[int, float]] = {}
+        self._last_match: tuple[int, float] = (-1, 0.0)
         self._new_keys: list[bytes] = []  # kept since the last save_increment
         self._new_bands: list[np.ndarray] = []  # their band keys, [docs, bands] blocks
         self._saved = 0  # kept documents already in saved increments
@@ -255,14 +269,20 @@ class DuplicateIndex:
         """The kept document ``doc``'s fingerprint."""
         return self._fingerprints[doc]
 
-    def _remember(self, fingerprints_NxK: np.ndarray, bands_NxB: np.ndarray) -> int:
-        """Store kept documents' fingerprints; returns the first one's document number."""
+    def _remember(self, fingerprints_NxK: np.ndarray, bands_NxB: np.ndarray, ids: np.ndarray | int = -1) -> int:
+        """Store kept documents' fingerprints (and the caller's ``ids`` for them); returns the first
+        one's document number."""
         first, n = self._kept, len(fingerprints_NxK)
         if first + n > len(self._fingerprints):
-            grown = np.zeros((max(first + n, 2 * len(self._fingerprints), 1024), self.config.num_perm), np.uint8)
+            size = max(first + n, 2 * len(self._fingerprints), 1024)
+            grown = np.zeros((size, self.config.num_perm), np.uint8)
             grown[:first] = self._fingerprints[:first]
             self._fingerprints = grown
+            grown_ids = np.full(size, -1, np.int64)
+            grown_ids[:first] = self._ids[:first]
+            self._ids = grown_ids
         self._fingerprints[first : first + n] = fingerprints_NxK
+        self._ids[first : first + n] = ids
         self._kept += n
         self._new_bands.append(np.asarray(bands_NxB, np.uint64).reshape(n, self.bands))
         return first
@@ -287,7 +307,8 @@ class DuplicateIndex:
         return None
 
     def check_batch(
-        self, keys: Sequence[bytes], fingerprints_NxK: np.ndarray | None, bands: np.ndarray | None
+        self, keys: Sequence[bytes], fingerprints_NxK: np.ndarray | None, bands: np.ndarray | None,
+        ids: np.ndarray | None = None,
     ) -> list[str | None]:
         """Verdict for each document of a batch, in order, as if they came one by one.
 
@@ -298,7 +319,10 @@ class DuplicateIndex:
         whole-batch operations find the "suspects" that do, and everything else is recorded at
         once.  Suspects share keys only among themselves and with documents kept before the batch,
         so recording the others first changes no verdict; they are then decided one by one.
+
+        ``ids``: the caller's id of each document (see :attr:`near_matches`).
         """
+        self.near_matches = {}
         if not (self.config.near and fingerprints_NxK is not None and bands is not None):
             return [self.check_and_add(key, None) for key in keys]
         if fingerprints_NxK.dtype != np.uint8:  # full signatures: keep their fingerprints
@@ -310,7 +334,7 @@ class DuplicateIndex:
             suspect |= self._exact_suspects(keys)
         clean = np.flatnonzero(~suspect)
         if len(clean):
-            first_doc = self._remember(fingerprints_NxK[clean], bands[clean])
+            first_doc = self._remember(fingerprints_NxK[clean], bands[clean], -1 if ids is None else ids[clean])
             docs = np.repeat(np.arange(first_doc, first_doc + len(clean)), bands.shape[1])
             self._table.insert_new(bands[clean], docs)
             if self.config.exact:
@@ -320,7 +344,10 @@ class DuplicateIndex:
         out: list[str | None] = [None] * len(keys)
         kept_here: dict[int, list[int]] = {}  # band key -> suspects of this batch kept so far
         for i in np.flatnonzero(suspect).tolist():
-            out[i] = self._decide(keys[i], fingerprints_NxK[i], bands[i], first[i].tolist(), kept_here)
+            out[i] = self._decide(keys[i], fingerprints_NxK[i], bands[i], first[i].tolist(), kept_here,
+                                  -1 if ids is None else int(ids[i]))
+            if out[i] == "near_duplicate":
+                self.near_matches[i] = self._last_match
         if kept_here:
             band_keys = list(kept_here)
             counts = [len(v) for v in kept_here.values()]
@@ -329,8 +356,9 @@ class DuplicateIndex:
         return out
 
     def _decide(self, key: bytes, fingerprint: np.ndarray, bands: np.ndarray, first: list[int],
-                kept_here: dict[int, list[int]]) -> str | None:
-        """One suspect: its verdict, and when kept, record it (``kept_here`` until the batch ends)."""
+                kept_here: dict[int, list[int]], doc_id: int = -1) -> str | None:
+        """One suspect: its verdict, and when kept, record it (``kept_here`` until the batch ends).
+        A near duplicate's (kept id, similarity) is left in ``_last_match``."""
         if self.config.exact and key in self._exact:
             return "exact_duplicate"
         band_keys = bands.tolist()
@@ -339,9 +367,12 @@ class DuplicateIndex:
             if doc >= 0:
                 candidates.update(self._table.docs_of(band_key, doc))
             candidates.update(kept_here.get(band_key, ()))
-        if any(np.count_nonzero(self._fingerprints[d] == fingerprint) >= self._need for d in sorted(candidates)):
-            return "near_duplicate"
-        doc = self._remember(fingerprint[None, :], bands[None, :])
+        for d in sorted(candidates):
+            matches = np.count_nonzero(self._fingerprints[d] == fingerprint)
+            if matches >= self._need:
+                self._last_match = (int(self._ids[d]), estimated_jaccard(matches, self.config.num_perm))
+                return "near_duplicate"
+        doc = self._remember(fingerprint[None, :], bands[None, :], doc_id)
         for band_key in band_keys:
             kept_here.setdefault(band_key, []).append(doc)
         if self.config.exact:
@@ -371,6 +402,7 @@ class DuplicateIndex:
         save_array_durably(directory / f"fingerprints.{part:06d}.npy", self._fingerprints[self._saved : self._kept])
         bands = np.concatenate(self._new_bands) if self._new_bands else np.zeros((0, self.bands), np.uint64)
         save_array_durably(directory / f"bands.{part:06d}.npy", bands)
+        save_array_durably(directory / f"ids.{part:06d}.npy", self._ids[self._saved : self._kept])
         self._new_keys, self._new_bands = [], []
         self._saved = self._kept
 
@@ -381,7 +413,9 @@ class DuplicateIndex:
             for row in np.load(directory / f"exact_keys.{part:06d}.npy"):
                 self._exact.add(row.tobytes())
             bands = np.load(directory / f"bands.{part:06d}.npy")
-            first_doc = self._remember(np.load(directory / f"fingerprints.{part:06d}.npy"), bands)
+            ids_file = directory / f"ids.{part:06d}.npy"  # absent in a state written before ids were kept
+            first_doc = self._remember(np.load(directory / f"fingerprints.{part:06d}.npy"), bands,
+                                       np.load(ids_file) if ids_file.is_file() else -1)
             self._table.add(bands, np.repeat(np.arange(first_doc, first_doc + len(bands)), self.bands))
         self._new_bands = []
         self._saved = self._kept

@@ -106,6 +106,13 @@ def lid_reason(
     if len(text) < min_chars or not shares_script(lang) or not identifier.covers(lang):
         return None
     predicted, confidence = identifier.predict(text)
+    return lid_verdict(lang, predicted, confidence, min_confidence)
+
+
+def lid_verdict(lang: str, predicted: str | None, confidence: float, min_confidence: float) -> str | None:
+    """``wrong_language`` when a prediction for a ``lang`` document means dropping it: another
+    language in the same script, at least ``min_confidence`` sure.  (Also what ``data review``
+    re-applies to the predictions stored in the features file.)"""
     if predicted is None or predicted == lang or confidence < min_confidence:
         return None
     if script_of_language(predicted) != script_of_language(lang):

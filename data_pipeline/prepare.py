@@ -46,8 +46,9 @@ from data_pipeline.cache import (
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
+from data_pipeline.features import FeatureCollector, batch_features, fill_keys
 from data_pipeline.filters import batch_check, filters_for
-from data_pipeline.lid import get_identifier, lid_reason, shares_script
+from data_pipeline.lid import get_identifier, lid_verdict, shares_script
 from data_pipeline.pack import Packer
 from data_pipeline.report import Report, render_table
 from data_pipeline.sources import (
@@ -140,6 +141,7 @@ class BatchResult:
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
     cpu_seconds: float = 0.0  # CPU time the worker spent on this batch
+    features: dict[str, np.ndarray] | None = None  # per document: data_pipeline.features columns
 
 
 #: Characters of a dropped document a report example keeps (see Report.dropped).
@@ -209,9 +211,17 @@ class DocumentProcessor:
 
     def column_reasons(self, langs: list[str], texts: list[str]) -> tuple[list[str | None], np.ndarray]:
         """:meth:`reasons` of documents given as two columns."""
+        reasons, stats, _ = self.column_checks(langs, texts)
+        return reasons, stats.uncollapsed
+
+    def column_checks(self, langs: list[str], texts: list[str], lid_all: bool = False):
+        """(reasons, CharStats, LID predictions {index: (language, confidence)}) of documents given
+        as two columns.  ``lid_all``: run LID on every document it can judge, also those an
+        earlier rule drops (the features file records them, so review can re-apply thresholds)."""
         config_of = {lang: self._filters_for(lang) for lang in dict.fromkeys(langs)}
         reasons, stats = batch_check(texts, langs, [config_of[lang] for lang in langs])
         lid = self.config.lid
+        predictions: dict[int, tuple[str | None, float]] = {}
         for lang, f in config_of.items():
             own_limit = f.max_chars < self.max_chars  # a per-language limit below the reader's
             needs_lid = self._needs_lid(lang)
@@ -220,9 +230,11 @@ class DocumentProcessor:
             for i in (i for i, x in enumerate(langs) if x == lang):
                 if own_limit and len(texts[i]) > f.max_chars:  # it comes first: cheap checks first
                     reasons[i] = "too_long"
-                if reasons[i] is None and needs_lid:
-                    reasons[i] = lid_reason(texts[i], lang, self.identifier, lid.min_confidence, lid.min_chars)
-        return reasons, stats.uncollapsed
+                if needs_lid and (reasons[i] is None or lid_all) and len(texts[i]) >= lid.min_chars:
+                    predictions[i] = self.identifier.predict(texts[i])
+                    if reasons[i] is None:
+                        reasons[i] = lid_verdict(lang, *predictions[i], lid.min_confidence)
+        return reasons, stats, predictions
 
     def _needs_lid(self, lang: str) -> bool:
         """Can language ID drop a document of ``lang`` (another covered language shares its script)?"""
@@ -247,7 +259,12 @@ class DocumentProcessor:
             read_langs, read_texts = [docs.langs[i] for i in accepted], [docs.texts[i] for i in accepted]
         else:
             accepted, read_langs, read_texts = range(len(docs.texts)), docs.langs, docs.texts
-        verdicts, uncollapsed = self.column_reasons(read_langs, read_texts)
+        verdicts, stats, predictions = self.column_checks(read_langs, read_texts, lid_all=self.config.features)
+        uncollapsed = stats.uncollapsed
+        features = None
+        if self.config.features:
+            features = batch_features(len(reasons), accepted, read_langs, read_texts, stats, predictions,
+                                      self._filters_for, self.config)
         if verdicts.count(None) < len(verdicts):
             for i, text, reason in zip(accepted, read_texts, verdicts):
                 if reason is not None:
@@ -270,8 +287,10 @@ class DocumentProcessor:
         # [BOS] tokens [EOS]: BOS gives the model a context to predict a document's first token
         # from, exactly as evaluation (bits per byte) and generation present text to it.
         flat, lengths = self.encoder.encode(texts)
+        if features is not None:
+            fill_keys(features, accepted, read_texts, [v is None for v in verdicts], keys)
         return BatchResult(source, lines, docs.langs, reasons, previews, keys, prints, bands, flat, lengths,
-                           time.process_time() - cpu_start)
+                           time.process_time() - cpu_start, features)
 
 
 def _make_processor(config_json: str, tokenizer_file: str) -> DocumentProcessor:
@@ -368,6 +387,7 @@ class _Run:
         self.docs_done = 0
         self.parts = 0
         self.drop_log = open(out / DROP_LOG, "a", encoding="utf-8")
+        self.features = FeatureCollector(out, self.state_dir) if config.features else None
 
     def _lang(self, lang: str, rows: int = 0) -> tuple[Packer, LanguageWriter]:
         if lang not in self.packers:
@@ -380,7 +400,8 @@ class _Run:
         reasons = list(result.reasons)
         everyone_passed = reasons.count(None) == len(reasons)
         passing = range(len(reasons)) if everyone_passed else [i for i, r in enumerate(reasons) if r is None]
-        verdicts = self.dedup.check_batch(result.keys, result.fingerprints, result.bands)
+        ids = None if self.features is None else self.docs_done + np.asarray(passing, np.int64)
+        verdicts = self.dedup.check_batch(result.keys, result.fingerprints, result.bands, ids)
         no_duplicates = verdicts.count(None) == len(verdicts)
         keep = np.ones(len(verdicts), bool)
         if not no_duplicates:
@@ -390,6 +411,8 @@ class _Run:
                     keep[k] = False
         if not (everyone_passed and no_duplicates):
             self._record_drops(batch, result, reasons, passing)
+        if self.features is not None:
+            self.features.add(result, reasons, passing, self.dedup.near_matches)
         langs = result.langs
         if len(set(langs)) <= 1:  # the usual batch: one file, one language
             by_lang = {langs[0]: keep} if langs else {}
@@ -440,6 +463,8 @@ class _Run:
             self.writers[lang].append(packer.pop_full_rows())
         flush_writers(list(self.writers.values()))
         self.dedup.save_increment(self.state_dir, self.parts)
+        if self.features is not None:
+            self.features.save_part(self.parts)
         self.parts += 1
         self.drop_log.flush()
         os.fsync(self.drop_log.fileno())
@@ -460,6 +485,8 @@ class _Run:
         self.docs_done = state["docs_done"]
         self.parts = state["dedup_parts"]
         self.dedup.load(self.state_dir, self.parts)
+        if self.features is not None:
+            self.features.resume(self.parts)
         self.report = Report.from_state(state["report"], self.config.examples_per_reason)
         for lang, rows in state["rows"].items():
             packer, _ = self._lang(lang, rows)
@@ -472,6 +499,8 @@ class _Run:
         for lang, packer in self.packers.items():
             self.writers[lang].append(packer.finish())
         close_writers(list(self.writers.values()))
+        if self.features is not None:
+            self.features.finish()
         for lang, packer in sorted(self.packers.items()):
             writer = self.writers[lang]
             languages[lang] = {

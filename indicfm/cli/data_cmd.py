@@ -1,4 +1,4 @@
-"""`indicfm data prepare|inspect` (issue 4)."""
+"""`indicfm data prepare|inspect|review` (issues 4 and 20)."""
 
 from __future__ import annotations
 
@@ -166,3 +166,46 @@ def _print_rows(cache_dir: Path, n: int) -> None:
             for s in [s for s in dict.fromkeys(seg.tolist()) if s]:
                 ids = packed.tokens[r][seg == s].tolist()
                 console.print(f"[{s}] {sp.decode(ids)}", markup=False, highlight=False)
+
+
+@app.command("review")
+def review_cmd(
+    cache_dir: Annotated[Path, typer.Argument(help="Token cache directory written by `data prepare`")],
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to serve the page on (0: any free port)")] = 8765,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page on this machine")
+    ] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default web browser")] = False,
+) -> None:
+    """Serve a local web page to judge what `data prepare` kept and dropped, and tune its thresholds.
+
+    Per language: documents in/kept/dropped by reason; dropped examples beside kept documents nearest
+    the threshold; a histogram per filter whose threshold you can move, showing at once how many
+    documents would be kept or dropped and which; duplicate clusters. Mark documents "wrongly
+    dropped/kept" (saved to CACHE_DIR/judgements.jsonl) and export your thresholds as a YAML for the
+    next `data prepare -c` (CACHE_DIR/review_overrides.yaml). Stop with Ctrl-C.
+
+    Example:
+
+        indicfm data review out/cache --open
+    """
+    from data_pipeline.review.server import ReviewError, make_server
+
+    try:
+        server = make_server(cache_dir, host, port)
+    except ReviewError as err:
+        fail(str(err))
+    bound_host, bound_port = server.server_address[:2]
+    url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '') else bound_host}:{bound_port}/"
+    console.print(f"[green]data review[/] of {cache_dir} ({server.review.table.n:,} documents) at [bold]{url}[/]  "
+                  "(Ctrl-C stops)", highlight=False)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        server.server_close()
