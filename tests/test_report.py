@@ -14,7 +14,7 @@ import yaml
 
 from indicfm.config import CONFIG_DIR, ConfigError, load_config
 from indicfm.model.flops import train_flops_per_token
-from indicfm.report.compare import budget_steps, check_same_setup, flops_to_reach, plan_run, speedups, summarise
+from indicfm.report.compare import PlannedRun, bpb_table, budget_steps, check_same_setup, flops_to_reach, plan_run, speedups, summarise, write_outputs
 from indicfm.report.runs import RunHistory
 from indicfm.train.metrics import expert_load_shares, read_metrics
 
@@ -71,12 +71,15 @@ def _history(name: str, flops_per_step: float, eval_steps: list[int], bpb: dict[
     )
 
 
-def test_summary_per_language_mean_and_geometric_mean_on_synthetic_curves():
+def test_summary_per_language_mean_and_geometric_mean_on_synthetic_curves(tmp_path):
     dense = _history("dense", 1e10, [0, 100, 200], {"hin": [4.0, 3.0, 2.0], "tam": [5.0, 4.0, 3.0], "mean": [4.5, 3.5, 2.5]})
     # MoE reaches hin 2.0 at step 150 (halfway from 2.5 to 1.5) and tam 3.0 at step 100
     moe = _history("moe", 1e10, [0, 100, 200], {"hin": [4.0, 2.5, 1.5], "tam": [5.0, 3.0, 2.0], "mean": [4.5, 2.75, 1.75]})
     slow = _history("slow", 1e10, [0, 100, 200], {"hin": [4.0, 3.5, 3.0], "tam": [5.0, 4.5, 4.0], "mean": [4.5, 4.0, 3.5]})
-    planned = []
+    planned = [
+        PlannedRun(name, f"{name}.yaml", 200, 1e10, 1e7, 1000, 10**6, 10**6, 4 * 10**6, 12 * 10**6, name == "dense", 100)
+        for name in ("dense", "moe", "slow")
+    ]
     result = summarise(planned, [dense, moe, slow], "dense", 2e12, {})
     assert result.speedup["moe"]["hin"] == pytest.approx(200 / 150)
     assert result.speedup["moe"]["tam"] == pytest.approx(200 / 100)
@@ -86,6 +89,14 @@ def test_summary_per_language_mean_and_geometric_mean_on_synthetic_curves():
     assert result.speedup["slow"]["hin"] is None and result.geomean_speedup["slow"] is None
     assert result.final_bpb["moe"]["tam"] == 2.0
     assert result.train_seconds["dense"] == pytest.approx(100.0)
+    header, rows = bpb_table(result)
+    geomean = dict(zip(header, rows[-1]))
+    assert geomean["speed-up moe"] == f"{math.sqrt((200 / 150) * 2.0):.2f}x"
+    assert geomean["speed-up slow"] == "– (2 of 2 not reached)"
+    hin = dict(zip(header, rows[0]))
+    assert hin["language"] == "hin" and hin["speed-up moe"] == "1.33x" and hin["speed-up slow"].startswith("< 1.00x")
+    write_outputs(result, [dense, moe, slow], tmp_path)
+    assert "speedup.png" in _check_page(tmp_path)
 
 
 # -- equal-FLOP budgeting -------------------------------------------------------------------------
@@ -106,6 +117,46 @@ def test_shipped_compare_configs_stop_within_one_step_of_the_budget(config_file)
     per_step = train_flops_per_token(cfg.model, seq_len) * seq_len * cfg.trainer.global_batch_size
     run = plan_run(config_file.stem, str(config_file), cfg, seq_len, budget, evals=8)
     assert run.steps * per_step <= budget < (run.steps + 1) * per_step
+
+
+@pytest.mark.parametrize("config_file", COMPARE_CONFIGS, ids=lambda p: p.stem)
+def test_compute_stated_in_each_config_comment_matches_the_flop_counter(config_file):
+    """The "Compute:" comment users read (GFLOP per step, MFLOP per token, parameters) is the counter's."""
+    import re
+
+    from indicfm.model.flops import count_active_params, count_params
+
+    comment = " ".join(line.lstrip("# ") for line in config_file.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
+    found = re.search(
+        r"Compute: ([\d.]+) GFLOP per training step \(([\d.]+) MFLOP per token; ([\d.]+)M parameters, ([\d.]+)M active", comment
+    )
+    assert found, f"{config_file.name} states no compute"
+    cfg = load_config(config_file)
+    per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    per_step = per_token * cfg.data.seq_len * cfg.trainer.global_batch_size
+    stated = [float(v) for v in found.groups()]
+    actual = [per_step / 1e9, per_token / 1e6, count_params(cfg.model) / 1e6, count_active_params(cfg.model) / 1e6]
+    assert stated == pytest.approx(actual, abs=0.006)
+
+
+def test_compare_dry_run_prints_each_configs_budgeted_compute():
+    from typer.testing import CliRunner
+
+    from indicfm.cli import app
+
+    args = ["compare", "--budget-flops", "6e12", "--dry-run"]
+    for path in COMPARE_CONFIGS:
+        args += ["--config", str(path)]
+    printed = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert printed.exit_code == 0, printed.output
+    for path in COMPARE_CONFIGS:
+        cfg = load_config(path)
+        per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len * cfg.trainer.global_batch_size
+        steps = math.floor(6e12 / per_step)
+        assert f"{path.stem}: " in printed.output
+        assert f"→ {steps} steps = {steps * per_step:.3e} FLOPs" in printed.output
+    one = CliRunner().invoke(app, ["compare", "--budget-flops", "6e12", "--dry-run", "--config", str(COMPARE_CONFIGS[0])])
+    assert one.exit_code == 2 and "at least two" in one.output
 
 
 def test_shipped_compare_configs_share_the_setup_and_the_active_parameters():
@@ -200,7 +251,7 @@ def test_compare_trains_to_the_budget_and_writes_the_report(tiny_comparison):
     assert shares.shape == (1, 4) and shares.sum() == pytest.approx(1.0, abs=1e-4)
     assert set(result.final_bpb["moe"]) == set(LANGS) | {"mean"}
     pngs = _check_page(out)
-    assert {"bpb_vs_flops.png", "bpb_vs_wall.png", "loss.png", "expert_load_1_moe.png"} <= set(pngs)
+    assert {"bpb_vs_flops.png", "bpb_vs_wall.png", "loss.png", "speedup.png", "expert_load_1_moe.png"} <= set(pngs)
     assert "speed-up moe" in (out / "compare.md").read_text(encoding="utf-8")
 
 

@@ -44,6 +44,9 @@ def compare_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory: shared data, one run per config, report.")] = Path("runs/compare"),
     set_: SetOption = None,
     evals: Annotated[int, typer.Option(help="Held-out evaluations per run (at regular FLOP checkpoints), besides step 0.")] = 8,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print each config's parameters, FLOPs per step and budgeted steps, and stop.")
+    ] = False,
 ) -> None:
     """Train each config to the same training-FLOP budget on the same data, tokenizer, seed and token
     order; print per-language bits per byte at the budget and each MoE config's FLOP speed-up over
@@ -51,18 +54,23 @@ def compare_command(
 
     --set overrides apply to every config.  Re-running the same command resumes unfinished runs.
 
-    Example (the shipped CPU-scale comparison, about 20 minutes on 2 cores):
+    Example (the shipped CPU-scale comparison; --dry-run shows its compute per config):
 
         indicfm compare -c configs/compare/dense.yaml -c configs/compare/moe-8x-top2.yaml
             -c configs/compare/moe-32x-top2.yaml -c configs/compare/moe-32x-top8-shared.yaml
             --budget-flops 6e12 --output runs/compare
     """
     from indicfm.config import ConfigError
-    from indicfm.report.compare import bpb_table, compute_table, markdown_table, run_compare
+    from indicfm.report.compare import bpb_table, compute_table, describe_plan, markdown_table, plan_compare, run_compare
 
     if evals < 1:
         fail("--evals must be at least 1")
     try:
+        if dry_run:
+            plan = plan_compare(config, budget_flops, overrides=set_ or [], evals=evals)
+            for line in plan.notes + describe_plan(plan, budget_flops):
+                console.print(line, highlight=False)
+            return
         result = run_compare(config, budget_flops, output, overrides=set_ or [], evals=evals, console=console)
     except ConfigError as err:
         console.print(f"[bold red]config error:[/] {err}", highlight=False)

@@ -75,6 +75,9 @@ class CompareResult:
     run_seconds: dict[str, float]  # the whole train() call: compile, evaluation and saves included
     median_tokens_per_s: dict[str, float]
     languages: list[str] = field(default_factory=list)
+    # 10th percentile of step times (first step, which compiles, left out): on a shared machine the
+    # least-disturbed steps say more about each model's speed than the total does
+    fast_step_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def budget_steps(flops_per_step: float, budget_flops: float) -> int:
@@ -198,6 +201,57 @@ def _check_workdir(workdir: Path, cfg: Config) -> None:
         )
 
 
+@dataclass
+class ComparePlan:
+    """The configs of a comparison, loaded and checked, and each one's budgeted run."""
+
+    config_files: list[Path]
+    configs: dict[str, Config]
+    runs: list[PlannedRun]
+    notes: list[str]
+
+    @property
+    def reference(self) -> PlannedRun:
+        """The first dense config (the first config when none is dense)."""
+        return next((run for run in self.runs if run.is_dense), self.runs[0])
+
+
+def plan_compare(
+    config_files: Sequence[str | Path],
+    budget_flops: float,
+    *,
+    overrides: Sequence[str] = (),
+    evals: int = 8,
+    seq_len: int | None = None,
+) -> ComparePlan:
+    """Load and check the configs and budget each one (``seq_len`` defaults to ``data.seq_len``; the
+    comparison itself uses the shared token cache's)."""
+    if len(config_files) < 2:
+        raise ConfigError("indicfm compare needs at least two --config files")
+    config_files = [Path(p) for p in config_files]
+    names = _names(config_files)
+    loaded = {name: load_config(path, overrides) for name, path in zip(names, config_files)}
+    notes = check_same_setup(loaded)
+    if not any(cfg.eval.heldout_dir for cfg in loaded.values()):
+        raise ConfigError("eval.heldout_dir is not set: the comparison needs held-out text (e.g. --set eval.heldout_dir=samples/heldout)")
+    runs = [
+        plan_run(name, str(path), loaded[name], seq_len or loaded[name].data.seq_len, budget_flops, evals)
+        for name, path in zip(names, config_files)
+    ]
+    return ComparePlan(config_files, loaded, runs, notes)
+
+
+def describe_plan(plan: ComparePlan, budget_flops: float) -> list[str]:
+    """One line per config: its size and the compute the budget buys it."""
+    return [
+        f"{run.name}: {run.params / 1e6:.2f}M parameters, {run.active_params / 1e6:.2f}M active per token, "
+        f"{run.flops_per_token / 1e6:.2f} MFLOP/token, {run.flops_per_step / 1e9:.2f} GFLOP/step → {run.steps} steps = "
+        f"{run.train_flops:.3e} FLOPs, {run.steps * run.tokens_per_step:,} tokens (budget {budget_flops:.3e}); "
+        f"evaluation every {run.eval_every_steps} steps"
+        for run in plan.runs
+    ]
+
+
 def run_compare(
     config_files: Sequence[str | Path],
     budget_flops: float,
@@ -218,35 +272,21 @@ def run_compare(
     from indicfm.train.loop import train
 
     console = console or Console(stderr=True)
-    if len(config_files) < 2:
-        raise ConfigError("indicfm compare needs at least two --config files")
     output = Path(output).resolve()
-    config_files = [Path(p) for p in config_files]
-    names = _names(config_files)
-    loaded = {name: load_config(path, overrides) for name, path in zip(names, config_files)}
-    notes = check_same_setup(loaded)
-    for note in notes:
+    plan = plan_compare(config_files, budget_flops, overrides=overrides, evals=evals)  # checks before any work
+    for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
-    if not any(cfg.eval.heldout_dir for cfg in loaded.values()):
-        raise ConfigError("eval.heldout_dir is not set: the comparison needs held-out text (e.g. --set eval.heldout_dir=samples/heldout)")
 
-    first = loaded[names[0]]
+    first = next(iter(plan.configs.values()))
     shared = ensure_tokenizer_and_cache(first, output / "shared", progress=progress, console=console)
     seq_len = read_metadata(shared.data.cache_dir).seq_len
     inputs = [f"tokenizer.model_file={shared.tokenizer.model_file}", f"data.cache_dir={shared.data.cache_dir}"]
-
-    planned = [plan_run(name, str(path), loaded[name], seq_len, budget_flops, evals) for name, path in zip(names, config_files)]
-    reference = next((run for run in planned if run.is_dense), planned[0])
-    for run in planned:
-        console.print(
-            f"{run.name}: {run.params / 1e6:.2f}M parameters, {run.active_params / 1e6:.2f}M active per token, "
-            f"{run.flops_per_step / 1e9:.2f} GFLOP/step → {run.steps} steps = {run.train_flops:.3e} FLOPs "
-            f"(budget {budget_flops:.3e}); evaluation every {run.eval_every_steps} steps",
-            highlight=False,
-        )
+    plan = plan_compare(plan.config_files, budget_flops, overrides=overrides, evals=evals, seq_len=seq_len)
+    for line in describe_plan(plan, budget_flops):
+        console.print(line, highlight=False)
 
     run_seconds: dict[str, float] = {}
-    for run, path in zip(planned, config_files):
+    for run, path in zip(plan.runs, plan.config_files):
         cfg = load_config(
             path,
             list(overrides) + inputs + [
@@ -262,8 +302,8 @@ def run_compare(
         if result.stopped != "completed":
             raise RuntimeError(f"{run.name}: training stopped early ({result.stopped}): {result.message}")
 
-    histories = [load_run(output / "runs" / run.name, run.name) for run in planned]
-    result = summarise(planned, histories, reference.name, budget_flops, run_seconds)
+    histories = [load_run(output / "runs" / run.name, run.name) for run in plan.runs]
+    result = summarise(plan.runs, histories, plan.reference.name, budget_flops, run_seconds)
     write_outputs(result, histories, output)
     return result
 
@@ -301,11 +341,27 @@ def summarise(
         run_seconds=run_seconds,
         median_tokens_per_s={h.name: float(np.nanmedian(h.train["tokens_per_s"][1:])) for h in histories},
         languages=languages,
+        fast_step_seconds={h.name: _fast_step_seconds(h) for h in histories},
     )
+
+
+def _fast_step_seconds(history: Any) -> float:
+    seconds = history.train.get("step_seconds")
+    if seconds is None or len(seconds) < 2:
+        return math.nan
+    return float(np.nanpercentile(seconds[1:], 10))
 
 
 def _speedup_text(value: float | None, bound: float) -> str:
     return f"{value:.2f}x" if value is not None else f"< {bound:.2f}x (not reached)"
+
+
+def _geomean_text(result: CompareResult, name: str) -> str:
+    if result.geomean_speedup[name]:
+        return f"{result.geomean_speedup[name]:.2f}x"
+    per_lang = [v for lang, v in result.speedup[name].items() if lang != "mean"]
+    missing = sum(v is None for v in per_lang)
+    return f"– ({missing} of {len(per_lang)} not reached)" if missing else "–"
 
 
 def bpb_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
@@ -318,9 +374,7 @@ def bpb_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
         row = [lang] + [f"{result.final_bpb[n].get(lang, math.nan):.4f}" for n in names]
         row += [_speedup_text(result.speedup[n].get(lang), result.speedup_bound[n]) for n in others]
         rows.append(row)
-    geo = ["geomean of languages"] + [""] * len(names) + [
-        (f"{result.geomean_speedup[n]:.2f}x" if result.geomean_speedup[n] else "–") for n in others
-    ]
+    geo = ["geomean of languages"] + [""] * len(names) + [_geomean_text(result, n) for n in others]
     rows.append(geo)
     return header, rows
 
@@ -329,7 +383,7 @@ def compute_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     """Header and rows: size, FLOPs, memory and time of each config."""
     header = [
         "config", "params", "active/token", "GFLOP/step", "steps", "training FLOPs", "tokens",
-        "param MiB", "params+Adam MiB", "tokens/s", "train s", "run s",
+        "param MiB", "params+Adam MiB", "tokens/s", "p10 step s", "train s", "run s",
     ]
     rows = []
     for run in result.runs:
@@ -344,6 +398,7 @@ def compute_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
             f"{run.param_bytes / 2**20:.1f}",
             f"{run.train_state_bytes / 2**20:.1f}",
             f"{result.median_tokens_per_s[run.name]:,.0f}",
+            f"{result.fast_step_seconds.get(run.name, math.nan):.3f}",
             f"{result.train_seconds[run.name]:.0f}",
             f"{result.run_seconds.get(run.name, math.nan):.0f}",
         ])
@@ -371,7 +426,9 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
     intro = (
         f"Training-FLOP budget {result.budget_flops:.3e} per config; bits per byte on held-out text at each "
         f"config's last step (within one step of the budget). Speed-up = {result.reference}'s FLOPs ÷ the FLOPs "
-        f"a config needs to reach {result.reference}'s final bits per byte (linear interpolation between evaluations)."
+        f"a config needs to reach {result.reference}'s final bits per byte (linear interpolation between evaluations). "
+        "Times are this machine's: tokens/s is the median step, p10 step s the fastest tenth of steps (the least "
+        "disturbed on a shared machine), train s the sum of step times, run s the whole run with compilation and evaluation."
     )
     (output / "compare.md").write_text(
         f"{intro}\n\n{markdown_table(bpb_header, bpb_rows)}\n\n{markdown_table(compute_header, compute_rows)}\n", encoding="utf-8"
@@ -384,6 +441,17 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
         ]
         if p is not None
     ]
+    memory = {run.name: (run.param_bytes / 2**20, run.train_state_bytes / 2**20) for run in result.runs}
+    speedup_png = plots.plot_speedup(
+        result.languages, result.speedup, result.speedup_bound, memory, result.reference, output / "speedup.png"
+    )
+    if speedup_png is not None:
+        figures.append(Figure(
+            speedup_png,
+            f"Left: speed-up over {result.reference} per language and on the mean bits per byte (hatched: the config "
+            f"never reached {result.reference}'s final bpb within the budget; bar at the upper bound). "
+            "Right: parameter memory of each config, alone and with the AdamW moments.",
+        ))
     figures += write_figures(histories, output)
 
     def to_html(header, rows):

@@ -37,7 +37,7 @@ def write_figures(runs: Sequence[RunHistory], output: Path) -> list[Figure]:
     """All report figures of ``runs`` (overlaid) into ``output``; figures without data are skipped."""
     output.mkdir(parents=True, exist_ok=True)
     wanted = [
-        (plots.plot_loss, "loss.png", "Training loss against steps and against training FLOPs (faint: every step; solid: moving average)."),
+        (plots.plot_loss, "loss.png", "Training loss against steps, training FLOPs and training wall-clock on this machine (faint: every step; solid: moving average)."),
         (plots.plot_learning_rate, "lr.png", "Learning rate."),
         (plots.plot_grad_norm, "grad_norm.png", "Global gradient norm before clipping (log scale)."),
         (plots.plot_throughput, "throughput.png", "Training throughput (tokens/s) and model FLOPs utilisation; the first step, which compiles, is left out."),

@@ -107,10 +107,10 @@ def _metric_panels(
 
 
 def plot_loss(runs: Sequence[RunHistory], path: Path) -> Path | None:
-    """Training loss against steps and against training FLOPs (faint: raw; solid: moving average)."""
-    return _metric_panels(
-        runs, path, [("loss", "training loss (nats/token)", "steps", False), ("loss", "training loss (nats/token)", "flops", False)]
-    )
+    """Training loss against steps, training FLOPs and training wall-clock (faint: raw; solid: moving
+    average).  Wall-clock is what a run costs on this machine: a MoE can win per FLOP and lose per hour."""
+    label = "training loss (nats/token)"
+    return _metric_panels(runs, path, [("loss", label, "steps", False), ("loss", label, "flops", False), ("loss", label, "wall", False)])
 
 
 def plot_learning_rate(runs: Sequence[RunHistory], path: Path) -> Path | None:
@@ -246,3 +246,57 @@ def plot_expert_load(run: RunHistory, path: Path, max_columns: int = 400) -> Pat
     fig.savefig(path, dpi=110)  # no tight_layout: it cannot place the shared colour bar
     plt.close(fig)
     return path
+
+
+def plot_speedup(
+    languages: Sequence[str],
+    speedup: dict[str, dict[str, float | None]],
+    bounds: dict[str, float],
+    memory_mib: dict[str, tuple[float, float]],
+    reference: str,
+    path: Path,
+) -> Path | None:
+    """``indicfm compare``'s verdict in one figure.
+
+    Left: per language (and the mean), each config's speed-up over ``reference`` (reference FLOPs ÷
+    FLOPs to reach the reference's final bits per byte); a hatched bar is a config that never got
+    there, drawn at its upper bound.  Right: each config's parameter memory, alone and with the
+    AdamW moments, so the price of the experts is next to what they buy.
+    """
+    others = list(speedup)
+    if not others or not languages:
+        return None
+    plt = pyplot()
+    names = list(memory_mib)
+    colour = {name: run_colour(i) for i, name in enumerate(names)}
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(13, 0.32 * len(languages) * len(others) + 2.0), gridspec_kw={"width_ratios": [3, 1.4]}
+    )
+    height = 0.8 / len(others)
+    positions = np.arange(len(languages))
+    for k, name in enumerate(others):
+        values = [speedup[name].get(lang) for lang in languages]
+        shown = [v if v is not None else bounds.get(name, math.nan) for v in values]
+        bars = left.barh(positions + k * height, shown, height=height, color=colour.get(name), label=name)
+        for bar, value in zip(bars, values):
+            if value is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.45)
+    left.axvline(1.0, color="black", linewidth=1)
+    left.set_yticks(positions + height * (len(others) - 1) / 2, [lang if lang != "mean" else "mean bpb" for lang in languages], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel(f"speed-up over {reference}: FLOPs to reach {reference}'s final bpb (hatched: not reached, bound)")
+    left.grid(axis="x", alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+
+    positions = np.arange(len(names))
+    params = [memory_mib[n][0] for n in names]
+    with_adam = [memory_mib[n][1] for n in names]
+    right.bar(positions - 0.2, params, width=0.4, color=[colour[n] for n in names], label="parameters")
+    right.bar(positions + 0.2, with_adam, width=0.4, color=[colour[n] for n in names], alpha=0.45, label="+ AdamW moments")
+    right.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel("MiB")
+    right.set_title("parameter memory", fontsize=10)
+    right.legend(fontsize=8)
+    right.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
