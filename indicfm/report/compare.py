@@ -436,8 +436,8 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
     figures = [
         Figure(p, c)
         for p, c in [
-            (plots.plot_bpb(histories, output / "bpb_vs_flops.png", "flops"), "Held-out bits per byte against training FLOPs, per language (equal-compute view)."),
-            (plots.plot_bpb(histories, output / "bpb_vs_wall.png", "wall"), "Held-out bits per byte against training wall-clock on this machine (a MoE can win per FLOP and lose per hour)."),
+            (plots.plot_bpb(histories, output / "bpb_vs_flops.png", "flops"), "Held-out bits per byte against training FLOPs, per language (equal-compute view; y axes zoomed on the last three quarters of the evaluations)."),
+            (plots.plot_bpb(histories, output / "bpb_vs_wall.png", "wall"), "Held-out bits per byte against training wall-clock on this machine (a MoE can win per FLOP and lose per hour; on a shared machine other work slows some runs, compare p10 step s in the table)."),
         ]
         if p is not None
     ]

@@ -42,7 +42,7 @@ def write_figures(runs: Sequence[RunHistory], output: Path) -> list[Figure]:
         (plots.plot_grad_norm, "grad_norm.png", "Global gradient norm before clipping (log scale)."),
         (plots.plot_throughput, "throughput.png", "Training throughput (tokens/s) and model FLOPs utilisation; the first step, which compiles, is left out."),
         (plots.plot_moe_balance, "moe_balance.png", "MoE runs: expert load imbalance (max ÷ mean tokens per expert, worst layer; 1 = balanced) and dropped token fraction."),
-        (plots.plot_bpb, "bpb.png", "Held-out bits per byte per language against steps."),
+        (plots.plot_bpb, "bpb.png", "Held-out bits per byte per language against steps (several runs: one panel per language, y axes zoomed on the last three quarters of the evaluations)."),
     ]
     figures = []
     for plot, filename, caption in wanted:

@@ -169,7 +169,8 @@ def plot_bpb(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps") -> P
 
     One run: one axes, one line per language (mean dashed).  Several runs: one small panel per
     language (and the mean) with the runs overlaid, because fifteen languages times several runs
-    on one axes is unreadable.
+    on one axes is unreadable; each panel's y axis is zoomed on the last three quarters of the
+    evaluations, where the runs differ.
     """
     shown = [(i, run) for i, run in enumerate(runs) if run.bpb and len(run.eval_steps)]
     if not shown:
@@ -198,6 +199,7 @@ def plot_bpb(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps") -> P
         for i, run in shown:
             if lang in run.bpb:
                 ax.plot(_x_eval(run, axis), run.bpb[lang], marker=".", color=run_colour(i), label=run.name, linewidth=1.2)
+        _zoom_on_the_end(ax, [run.bpb[lang] for _, run in shown if lang in run.bpb])
         ax.set_title(lang if lang != "mean" else "mean over languages", fontsize=9)
         ax.tick_params(labelsize=7)
         if axis == "flops":
@@ -207,6 +209,20 @@ def plot_bpb(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps") -> P
     fig.supxlabel(X_LABELS[axis], fontsize=9)
     fig.supylabel("held-out bits per byte", fontsize=9)
     return _save(fig, path)
+
+
+def _zoom_on_the_end(ax, curves: Sequence[np.ndarray], skip_fraction: float = 0.25) -> None:
+    """Set the y range to the curves' values after their first ``skip_fraction`` of evaluations.
+
+    The first evaluations (an untrained model) sit far above the rest, and on a full y range runs
+    that differ by a few hundredths of a bit look identical; the early points run off the top."""
+    tails = [np.asarray(c, dtype=np.float64)[int(math.ceil(len(c) * skip_fraction)):] for c in curves if len(c) > 3]
+    values = np.concatenate([c[np.isfinite(c)] for c in tails]) if tails else np.zeros(0)
+    if len(values) < 2 or values.max() <= values.min():
+        return
+    low, high = float(values.min()), float(values.max())
+    margin = 0.05 * (high - low)
+    ax.set_ylim(low - margin, high + margin)
 
 
 def plot_expert_load(run: RunHistory, path: Path, max_columns: int = 400) -> Path | None:
