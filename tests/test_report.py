@@ -117,6 +117,11 @@ def test_shipped_compare_configs_stop_within_one_step_of_the_budget(config_file)
     per_step = train_flops_per_token(cfg.model, seq_len) * seq_len * cfg.trainer.global_batch_size
     run = plan_run(config_file.stem, str(config_file), cfg, seq_len, budget, evals=8)
     assert run.steps * per_step <= budget < (run.steps + 1) * per_step
+    # parameter memory: float32 parameters (4 bytes), plus AdamW's two float32 moments (8 more)
+    from indicfm.model.flops import count_params
+
+    assert cfg.model.param_dtype == "float32"
+    assert (run.param_bytes, run.train_state_bytes) == (4 * count_params(cfg.model), 12 * count_params(cfg.model))
 
 
 @pytest.mark.parametrize("config_file", COMPARE_CONFIGS, ids=lambda p: p.stem)

@@ -153,7 +153,9 @@ def check_same_setup(configs: dict[str, Config]) -> list[str]:
 
 
 def _dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2}[dtype]
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype).itemsize
 
 
 def plan_run(name: str, config_file: str, cfg: Config, seq_len: int, budget_flops: float, evals: int) -> PlannedRun:
