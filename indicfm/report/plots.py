@@ -77,8 +77,11 @@ def _metric_panels(
     *,
     keep: Callable[[RunHistory], bool] = lambda run: True,
     title: str = "",
+    smoothed: bool = True,
 ) -> Path | None:
-    """One row of panels ``(metric, y label, x axis, log y)``; every kept run overlaid in each."""
+    """One row of panels ``(metric, y label, x axis, log y)``; every kept run overlaid in each.
+    ``smoothed``: draw noisy metrics faint as logged and solid as a moving average (not for exact
+    ones like the learning rate, whose warm-up peak a moving average would blunt)."""
     shown = [(i, run) for i, run in enumerate(runs) if keep(run) and any(m in run.train for m, *_ in panels)]
     if not shown:
         return None
@@ -89,7 +92,7 @@ def _metric_panels(
             if metric not in run.train:
                 continue
             x, y = _x_train(run, axis), run.train[metric]
-            window = max(1, len(y) // 50)
+            window = max(1, len(y) // 50) if smoothed else 1
             if window > 1:
                 ax.plot(x, y, color=run_colour(i), alpha=0.2, linewidth=0.8)
             ax.plot(x, smooth(y, window), color=run_colour(i), label=run.name, linewidth=1.5)
@@ -114,7 +117,7 @@ def plot_loss(runs: Sequence[RunHistory], path: Path) -> Path | None:
 
 
 def plot_learning_rate(runs: Sequence[RunHistory], path: Path) -> Path | None:
-    return _metric_panels(runs, path, [("lr", "learning rate", "steps", False)])
+    return _metric_panels(runs, path, [("lr", "learning rate", "steps", False)], smoothed=False)
 
 
 def plot_grad_norm(runs: Sequence[RunHistory], path: Path) -> Path | None:
