@@ -1,7 +1,7 @@
 """The ``indicfm`` command. Thin: each subcommand parses options and calls a library function.
 
 Subcommand groups live in their own modules (``tokenizer_cmd``, ``data_cmd``, ``train_cmd``,
-``launch_cmd``, ``model_cmd``) so the heavy libraries (jax, sentencepiece, datasets) are only
+``launch_cmd``, ``model_cmd``, ``report_cmd``) so the heavy libraries (jax, sentencepiece, datasets) are only
 imported by the command that needs them and ``indicfm --help`` stays fast.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from indicfm.cli import data_cmd, launch_cmd, model_cmd, tokenizer_cmd, train_cmd
+from indicfm.cli import data_cmd, launch_cmd, model_cmd, report_cmd, tokenizer_cmd, train_cmd
 
 app = typer.Typer(
     name="indicfm",
@@ -27,6 +27,7 @@ app.add_typer(model_cmd.export_app, name="export")
 train_cmd.register(app)
 launch_cmd.register(app)
 model_cmd.register(app)
+report_cmd.register(app)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from indicfm.config import Config, save_config
-from indicfm.train.metrics import expert_load_stats, mfu
+from indicfm.train.metrics import expert_load_shares, expert_load_stats, mfu
 from indicfm.train.state import TrainState
 
 StepCallback = Callable[[int, dict], None]
@@ -496,6 +496,8 @@ def _record(host: dict, step_seconds: float, tokens_per_step: int, flops_per_ste
         "expert_load_max_over_mean": imbalance_max,
         "expert_load_max_over_mean_avg": imbalance_mean,
         "dropped_fraction": float(host["dropped_fraction"]),
+        "expert_load": expert_load_shares(host["expert_counts"]),  # [MoE layer][expert] shares, for reports
+        "model_flops_per_step": flops_per_step,  # training FLOPs = step x this (indicfm.model.flops)
         "skipped_steps": int(host["nonfinite_total"]),
         "step_skipped": not bool(host["step_ok"]),
     }

@@ -86,6 +86,22 @@ def expert_load_stats(expert_counts_MxE: np.ndarray) -> tuple[float, float]:
     return float(ratio.max()), float(ratio.mean())
 
 
+def expert_load_shares(expert_counts_MxE: np.ndarray, decimals: int = 5) -> list[list[float]]:
+    """Each MoE layer's share of routed token assignments per expert (rows sum to 1), for the
+    per-expert load heat map of ``indicfm report``; an empty list for a dense model.
+
+    Shares rather than counts, so runs with different batch sizes or ``top_k`` plot on one scale;
+    rounded so a long run's ``metrics.jsonl`` stays small.
+    """
+    counts = np.asarray(expert_counts_MxE, dtype=np.float64)
+    if counts.size == 0:
+        return []
+    counts = counts.reshape(-1, counts.shape[-1])
+    totals = counts.sum(axis=-1, keepdims=True)
+    shares = np.where(totals > 0, counts / np.maximum(totals, 1e-12), 0.0)
+    return np.round(shares, decimals).tolist()
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.generic,)):
         value = value.item()

@@ -1,0 +1,136 @@
+"""One run's history, read back from its workdir (``metrics.jsonl`` + ``config.yaml``) for plotting.
+
+``metrics.jsonl`` holds two kinds of record, both keyed by ``step``: a training record per logged
+step (loss, lr, grad norm, throughput, MoE statistics) and an evaluation record per evaluation
+(``bpb/<lang>`` keys).  :class:`RunHistory` splits them into arrays a plot can use directly.
+
+Training FLOPs at step s are ``s x model_flops_per_step`` (the model FLOPs of
+:mod:`indicfm.model.flops`, logged by the training loop); older logs without that key get it from
+the run's saved ``config.yaml``.  Training wall-clock at step s is the sum of the logged step
+times up to s, with the first step (which includes compilation) counted at the median step time:
+it is the time the machine spent training, not evaluating, checkpointing or compiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indicfm.train.metrics import read_metrics
+
+
+@dataclass
+class RunHistory:
+    """The logged history of one run; arrays are aligned with ``steps`` (training records) or
+    ``eval_steps`` (evaluation records)."""
+
+    name: str
+    workdir: Path
+    steps: np.ndarray
+    train: dict[str, np.ndarray]  # metric name → values at ``steps`` (NaN where a record lacks it)
+    flops_per_step: float
+    eval_steps: np.ndarray
+    bpb: dict[str, np.ndarray]  # language (and "mean") → bits per byte at ``eval_steps``
+    expert_load: np.ndarray | None = None  # [logged steps, MoE layers, experts] shares, None if not logged
+    expert_load_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def train_flops(self) -> np.ndarray:
+        return self.steps * self.flops_per_step
+
+    @property
+    def eval_flops(self) -> np.ndarray:
+        return self.eval_steps * self.flops_per_step
+
+    @property
+    def languages(self) -> list[str]:
+        """Evaluated languages, without the "mean" column."""
+        return [lang for lang in self.bpb if lang != "mean"]
+
+    def wall_seconds_at(self, steps: np.ndarray) -> np.ndarray:
+        """Training wall-clock (see the module docstring) at each of ``steps``."""
+        return np.interp(steps, np.concatenate([[0], self.steps]), np.concatenate([[0.0], self.cumulative_seconds()]))
+
+    def cumulative_seconds(self) -> np.ndarray:
+        """Training wall-clock at each of ``steps``; a step that was not logged counts at the time of
+        the next logged step (``logging.every_steps`` > 1)."""
+        seconds = self.train.get("step_seconds")
+        if seconds is None or not len(seconds):
+            return np.full(len(self.steps), np.nan)
+        seconds = np.array(seconds, dtype=np.float64)
+        if len(seconds) > 1:
+            seconds[0] = np.nanmedian(seconds[1:])  # the first step also compiled the program
+        gaps = np.diff(np.concatenate([[0], self.steps]))
+        return np.cumsum(seconds * gaps)
+
+
+def _float(value) -> float:
+    try:
+        return float(value)  # "nan"/"inf" strings (JSON has no NaN) become floats again
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _flops_from_config(workdir: Path) -> float:
+    """Model FLOPs per step from the run's saved config (for logs written before the loop logged it)."""
+    from indicfm.config import load_config
+    from indicfm.model.flops import train_flops_per_token
+
+    config_file = workdir / "config.yaml"
+    if not config_file.is_file():
+        return math.nan
+    cfg = load_config(config_file)
+    return train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.trainer.global_batch_size * cfg.data.seq_len
+
+
+def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
+    """Read ``<workdir>/metrics.jsonl``; a missing file is a ``FileNotFoundError`` that names it.
+
+    When a step was logged twice (a resumed run that the loop did not trim), the last record wins.
+    """
+    workdir = Path(workdir)
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl here; is {workdir} the workdir of an `indicfm train` run?")
+    train_records: dict[int, dict] = {}
+    eval_records: dict[int, dict] = {}
+    for record in read_metrics(path):
+        step = int(record["step"])
+        if any(key.startswith("bpb/") for key in record):
+            eval_records.setdefault(step, {}).update(record)
+        if "loss" in record:
+            train_records[step] = record
+
+    steps = np.array(sorted(train_records), dtype=np.int64)
+    keys = sorted({k for r in train_records.values() for k, v in r.items() if k != "step" and not isinstance(v, (list, dict))})
+    train = {k: np.array([_float(train_records[s].get(k)) for s in steps]) for k in keys}
+
+    eval_steps = np.array(sorted(eval_records), dtype=np.int64)
+    langs = sorted({k[4:] for r in eval_records.values() for k in r if k.startswith("bpb/")}, key=lambda l: (l == "mean", l))
+    bpb = {lang: np.array([_float(eval_records[s].get(f"bpb/{lang}")) for s in eval_steps]) for lang in langs}
+
+    logged_flops = train.get("model_flops_per_step")
+    flops = float(np.nanmax(logged_flops)) if logged_flops is not None and np.isfinite(logged_flops).any() else _flops_from_config(workdir)
+
+    load_steps = [s for s in steps if train_records[s].get("expert_load")]
+    expert_load = None
+    if load_steps:
+        shapes = {np.shape(train_records[s]["expert_load"]) for s in load_steps}
+        shape = max(shapes)  # a resumed run with another model would differ; keep the common shape
+        load_steps = [s for s in load_steps if np.shape(train_records[s]["expert_load"]) == shape]
+        expert_load = np.array([train_records[s]["expert_load"] for s in load_steps], dtype=np.float64)
+
+    return RunHistory(
+        name=name or workdir.resolve().name,
+        workdir=workdir,
+        steps=steps,
+        train=train,
+        flops_per_step=flops,
+        eval_steps=eval_steps,
+        bpb=bpb,
+        expert_load=expert_load,
+        expert_load_steps=np.array(load_steps, dtype=np.int64),
+    )
