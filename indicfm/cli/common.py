@@ -12,7 +12,11 @@ console = Console(stderr=True)
 
 ConfigOption = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config file (values only; see configs/). Optional."),
+    typer.Option(
+        "--config", "-c",
+        help="YAML config file, or the name of one shipped with indicfm (model/small-moe, quickstart, ...; "
+        "see configs/). Values only. Optional.",
+    ),
 ]
 SetOption = Annotated[
     Optional[list[str]],

@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from indicfm.config import CONFIG_DIR, load_config
+from indicfm.config import load_config
+from indicfm.package_data import CONFIG_DIR
 from indicfm.train.loop import TrainResult, train
 
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
