@@ -61,12 +61,10 @@ def train(
 def _print_training_summary(result) -> None:
     from rich.table import Table
 
-    table = Table(title="documents per language")
-    for column in ("language", "available", "sampled"):
-        table.add_column(column, justify="left" if column == "language" else "right")
-    for lang, available in result.available.items():
-        table.add_row(lang, f"{available:,}", f"{result.sampled[lang]:,}")
-    console.print(table)
+    from indicfm.tables import print_table
+
+    rows = [[lang, f"{available:,}", f"{result.sampled[lang]:,}"] for lang, available in result.available.items()]
+    print_table(console, "documents per language", ["language"], ["available", "sampled"], rows)
     skipped = [(f.path, f.dropped) for f in result.files if f.dropped]
     if skipped:
         skip_table = Table(title="skipped lines per file")
@@ -113,26 +111,24 @@ def evaluate(
 
 def _print_report(report) -> None:
     from rich.console import Console
-    from rich.table import Table
 
+    from indicfm.tables import print_table
     from tokenizer.evaluate import _fmt, _pct
 
     out = Console()
-    table = Table(title=f"tokenizer fairness on {report.parallel_dir}")
-    for column in ("language", "tokenizer", "fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"):
-        table.add_column(column, justify="left" if column in ("language", "tokenizer") else "right")
-    languages = list(report.tokenizers[0].languages)
-    for lang in languages:
+    rows: list = []
+    for lang in report.tokenizers[0].languages:
         for i, t in enumerate(report.tokenizers):
             m = t.languages[lang]
-            table.add_row(
+            rows.append([
                 lang if i == 0 else "", t.name, _fmt(m.fertility), _fmt(m.chars_per_token), _fmt(m.parity),
                 _pct(m.akshara_split_rate), _pct(m.byte_fallback_rate), _pct(m.round_trip_rate),
                 f"{m.zero_width_kept}/{m.zero_width}",
-            )  # fmt: skip
+            ])  # fmt: skip
         if len(report.tokenizers) > 1:
-            table.add_section()
-    out.print(table)
+            rows.append(None)  # a line between languages
+    values = ["fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"]
+    print_table(out, f"tokenizer fairness on {report.parallel_dir}", ["language", "tokenizer"], values, rows)
     for t in report.tokenizers:
         s = t.summary()
         out.print(
