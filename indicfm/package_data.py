@@ -8,7 +8,7 @@ in ``site-packages`` all work, from any current directory.
 
 A relative path such as ``samples/train`` or ``configs/model/moe-8b.yaml`` (what the shipped configs,
 the README and ``--help`` name) means the current directory's file if there is one, else the shipped
-one: :func:`shipped_path`.
+one: :func:`resolve_path`.
 """
 
 from __future__ import annotations
@@ -48,3 +48,12 @@ def shipped_config_names() -> list[str]:
         for p in CONFIG_DIR.rglob("*.yaml")
         if p.name != "hardware.yaml"
     )
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given if it exists (or is absolute), else the shipped ``samples/...`` or ``configs/...`` it names."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    shipped = shipped_path(path)
+    return shipped if shipped is not None else path.resolve()

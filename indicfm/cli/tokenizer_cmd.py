@@ -7,18 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
+from indicfm.cli.common import ConfigOption, InputsArgument, SetOption, console, fail, input_paths, load_config_or_exit
 
 app = typer.Typer(help="Train and evaluate a SentencePiece tokenizer fair to Indic scripts.", no_args_is_help=True)
 
 
 @app.command("train")
 def train(
-    input: Annotated[
-        list[Path],
-        typer.Option("--input", "-i", help="Text/JSONL file or directory (repeatable). hin_Deva.txt = Hindi, one document per line."),
-    ],
     output_prefix: Annotated[Path, typer.Option("--output-prefix", "-o", help="Writes PREFIX.model, PREFIX.vocab, PREFIX.json")],
+    paths: InputsArgument = None,
+    input: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--input", "-i",
+            help="Text/JSONL file or directory; several may follow one --input (--input a b). "
+            "hin_Deva.txt = Hindi, one document per line.",
+        ),
+    ] = None,
     vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="Vocabulary size (default from config: 64000)")] = None,
     model_type: Annotated[Optional[str], typer.Option("--model-type", help="bpe (default) or unigram")] = None,
     allow_unknown: Annotated[
@@ -35,7 +40,12 @@ def train(
     Example:
 
         indicfm tokenizer train --input samples/train --vocab-size 8000 --output-prefix out/tok
+
+        indicfm tokenizer train --input corpus/hin_Deva.txt corpus/tam_Taml.txt -o out/tok
     """
+    inputs = input_paths(input, paths)
+    if not inputs:
+        fail("no input: give the text files or directories to train on, e.g. --input samples/train")
     cfg = load_config_or_exit(config, set_)
     tok_cfg = cfg.tokenizer
     try:
@@ -50,7 +60,7 @@ def train(
     from tokenizer.train import train_tokenizer
 
     try:
-        result = train_tokenizer(input, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
+        result = train_tokenizer(inputs, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
     except (InputError, FileNotFoundError) as err:
         fail(str(err))
     except (ValueError, RuntimeError) as err:  # SentencePiece reports a bad vocab size etc. as RuntimeError

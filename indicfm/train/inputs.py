@@ -19,16 +19,7 @@ from pathlib import Path
 import jax
 
 from indicfm.config import Config
-from indicfm.package_data import shipped_path
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists (or is absolute), else the shipped ``samples/...`` or ``configs/...`` it names."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path.resolve()
-    shipped = shipped_path(path)
-    return shipped if shipped is not None else path.resolve()
+from indicfm.package_data import resolve_path
 
 
 def _sync(name: str) -> None:
