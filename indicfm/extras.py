@@ -54,7 +54,7 @@ def install_command(extra: str) -> str:
 
 
 def extra_names(distribution: str = DISTRIBUTION) -> list[str]:
-    """The extras the installed package declares, in pyproject.toml's order; none when it is not installed.
+    """The extras the installed package declares, in its metadata's order; none when it is not installed.
 
     Cheap (one metadata file, no requirement parsing): ``indicfm --help`` calls it on every start.
     """
@@ -137,7 +137,6 @@ def help_epilog(distribution: str = DISTRIBUTION) -> str | None:
 def version_report(distribution: str = DISTRIBUTION) -> str:
     """What ``indicfm --version`` prints: versions, where indicfm is installed, and each extra's state."""
     import platform
-    import textwrap
     from pathlib import Path
 
     try:
@@ -157,14 +156,33 @@ def version_report(distribution: str = DISTRIBUTION) -> str:
     indent = " " * (width + 4)
     for extra in extras:
         state = "installed" if extra.installed else "not installed"
-        lines.append(f"  {extra.name:<{width}}  {state}: {', '.join(extra.requirements) or '(nothing)'}")
-        notes = [extra.uses or "(see pyproject.toml)"]
+        lines += _wrapped([f"  {extra.name:<{width}}  {state}:", *_listed(extra.requirements or ("(nothing)",))], indent)
+        first, *rest = (extra.uses or "(see pyproject.toml)").split()
+        lines += _wrapped([indent + first, *rest], indent)
         if extra.missing:
-            notes.append(f"missing {', '.join(extra.missing)}: {extra.install_command}")
-        # Wrapped for an 80-column console or log file; requirement names are never split.
-        lines += [textwrap.fill(n, 80, initial_indent=indent, subsequent_indent=indent, break_long_words=False,
-                                break_on_hyphens=False) for n in notes]  # fmt: skip
+            *listed, last = _listed(extra.missing)
+            lines += _wrapped([f"{indent}missing", *listed, f"{last};", "to install:", extra.install_command], indent)
     return "\n".join(lines)
+
+
+def _listed(items) -> list[str]:
+    """``a, b, c`` as units that :func:`_wrapped` never splits."""
+    items = list(items)
+    return [f"{item}," for item in items[:-1]] + items[-1:]
+
+
+def _wrapped(units: list[str], indent: str, width: int = 80) -> list[str]:
+    """The units joined by spaces into lines of at most ``width`` (a unit longer than a line keeps its own),
+    the lines after the first starting with ``indent``.  A unit, such as ``torch (not installed)``, is
+    never split: a log file or an 80-column console shows every requirement whole.
+    """
+    lines = [units[0]]
+    for unit in units[1:]:
+        if len(lines[-1]) + 1 + len(unit) <= width:
+            lines[-1] += " " + unit
+        else:
+            lines.append(indent + unit)
+    return lines
 
 
 def _version_or_dash(distribution: str) -> str:

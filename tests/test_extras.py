@@ -7,6 +7,7 @@ against pyproject.toml read with tomllib (tests/test_wheel.py does the same on a
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import textwrap
 import tomllib
@@ -30,21 +31,22 @@ def _dist(site: Path, name: str, version: str, lines: str) -> None:
 
 @pytest.fixture
 def fake_site(tmp_path, monkeypatch) -> Path:
-    """``fakepkg`` with five extras over ``depa`` 1.5 (itself with an extra), on sys.path."""
+    """``fakepkg`` with six extras over ``depa`` 1.5 (itself with an extra), on sys.path."""
     site = tmp_path / "site"
-    _dist(site, "fakepkg", "3.2", """
+    _dist(site, "fakepkg", "3.2", textwrap.dedent("""
         Provides-Extra: fine
         Provides-Extra: too-old
         Provides-Extra: absent
         Provides-Extra: nested
         Provides-Extra: empty
+        Provides-Extra: many
         Requires-Dist: depa>=1
         Requires-Dist: depa>=1.0; extra == "fine"
         Requires-Dist: neverhere; python_version < "3" and extra == "fine"
         Requires-Dist: depa>=2.0; extra == "too-old"
         Requires-Dist: nodep; extra == "absent"
         Requires-Dist: depa[inner]; extra == "nested"
-    """)  # fmt: skip
+    """) + "".join(f'Requires-Dist: a-long-package-name-{i}>=1.0; extra == "many"\n' for i in range(6)))  # fmt: skip
     _dist(site, "depa", "1.5", """
         Provides-Extra: inner
         Requires-Dist: innerdep>=0.1; extra == "inner"
@@ -55,7 +57,7 @@ def fake_site(tmp_path, monkeypatch) -> Path:
 
 def test_extras_and_what_each_misses_come_from_metadata(fake_site):
     extras = {e.name: e for e in package_extras("fakepkg")}
-    assert list(extras) == ["fine", "too-old", "absent", "nested", "empty"]  # metadata order
+    assert list(extras) == ["fine", "too-old", "absent", "nested", "empty", "many"]  # metadata order
     # Listed whatever this Python is; a requirement for another Python is not missing here.
     assert extras["fine"].requirements == ("depa>=1.0", "neverhere")
     assert extras["fine"].installed and extras["empty"].installed and extras["empty"].requirements == ()
@@ -74,6 +76,13 @@ def test_version_report_says_what_is_installed_and_how_to_get_the_rest(fake_site
     assert lines["fine"].split()[1] == "installed:" and lines["absent"].split()[1:3] == ["not", "installed:"]
     assert "nodep (not installed)" in report and 'pip install "indicfm[absent]"' in report
     assert all(len(line) <= 80 for line in report.splitlines()[3:])  # a log file or an 80-column console
+    extras_part = report.split("Extras (", 1)[1].splitlines()[1:]
+    indent = " " * (2 + len("too-old") + 2)  # under the descriptions, past the longest extra name
+    for line in extras_part:  # an extra's name and state, or one of its lines under the description
+        assert re.match(r"  \S", line) or (line.startswith(indent) and line[len(indent)] != " "), line
+    for i in range(6):  # wrapped, but never inside a requirement
+        assert report.count(f"a-long-package-name-{i}>=1.0") == 1
+        assert report.count(f"a-long-package-name-{i} (not installed)") == 1
 
 
 def test_a_package_that_is_not_installed_has_no_extras():
@@ -99,7 +108,7 @@ def test_help_lists_the_extras_and_version_shows_them(fake_site, monkeypatch):
     runner = CliRunner()
     shown = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
-    for name in ["fine", "too-old", "absent", "nested", "empty"]:
+    for name in ["fine", "too-old", "absent", "nested", "empty", "many"]:
         assert f"• {name}:" in shown.output
     assert "indicfm --version" in shown.output
     version = runner.invoke(app, ["--version"])
