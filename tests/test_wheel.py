@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -142,6 +143,48 @@ def test_installed_wheel_plans_a_shipped_pod_config_from_outside_the_repo(venv, 
     # Reference: the same plan computed here from the checkout's own YAML file and hardware table.
     expected = make_plan(load_config(CONFIG_DIR / "model" / "moe-8b.yaml", POD_SETTINGS[1::2]), "v5p-128")
     assert json.loads(proc.stdout) == json.loads(json.dumps(expected.to_dict()))
+
+
+LIST_EXTRAS = """
+import json
+from indicfm.extras import package_extras
+print(json.dumps({e.name: list(e.requirements) for e in package_extras()}))
+"""
+
+
+def test_installed_wheel_lists_its_extras_from_its_metadata(venv, outside):
+    from packaging.requirements import Requirement
+
+    # Reference: pyproject.toml itself, read with tomllib (the wheel's metadata was written from it).
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    listed = json.loads(_run([str(venv / "python"), "-c", LIST_EXTRAS], cwd=outside).stdout)
+    assert sorted(listed) == sorted(declared)
+    for name, requirements in declared.items():
+        assert sorted(map(str, map(Requirement, listed[name]))) == sorted(map(str, map(Requirement, requirements)))
+    version = _run([str(venv / "indicfm"), "--version"], cwd=outside).stdout
+    assert version.startswith("indicfm 0.1.0\n")
+    assert str(venv.parent.resolve()) in version  # the wheel's copy, not the checkout
+    shown = _run([str(venv / "indicfm"), "--help"], cwd=outside).stdout
+    for name in declared:
+        assert f"\n  {name} " in version and f"• {name}:" in shown, name
+
+
+def test_installed_wheel_launches_tpu_with_itself_as_the_package(venv, outside, wheel_file):
+    """A wheel install has no source tree: `launch tpu` needs --package, and ships that wheel."""
+    launch = [str(venv / "indicfm"), "launch", "tpu", "--config", "model/moe-8b", *POD_SETTINGS, "--tpu-type",
+              "v5p-128", "--zone", "us-east5-a", "--project", "proj", "--bucket", "gs://bkt/runs", "--dry-run"]  # fmt: skip
+    refused = subprocess.run(launch, cwd=outside, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --package" in refused.stderr, refused.stderr
+    printed = _run([*launch, "--package", str(wheel_file)], cwd=outside).stdout.splitlines()
+    assert not any(line.startswith("git ") for line in printed)  # nothing to pack: the wheel is the code
+    assert any(line.startswith("gcloud compute tpus tpu-vm scp") and str(wheel_file) in line for line in printed)
+    (install,) = [line for line in printed if "pip install" in line and wheel_file.name in line]
+    assert f'$HOME/indicfm/{wheel_file.name}[tpu]' in install and "indicfm --version" in install
+    # pip takes that form (a wheel file with an extra), resolving the tpu extra of indicfm.
+    report = _run([str(venv / "python"), "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                   "--ignore-installed", "-q", "--report", "-", f"{wheel_file}[tpu]"], cwd=outside)  # fmt: skip
+    ((name, extras),) = [(i["metadata"]["name"], i.get("requested_extras")) for i in json.loads(report.stdout)["install"]]
+    assert (name, extras) == ("indicfm", ["tpu"])
 
 
 @pytest.mark.slow  # trains a tokenizer, builds the token cache and trains: too long for the fast run
