@@ -111,31 +111,26 @@ class Report:
 
 
 def render_table(report: dict, console) -> None:
-    """Print the per-language table (documents in/kept, tokens, the main drop reasons)."""
-    from rich.table import Table
+    """Print the per-language table (documents in/kept, tokens, the drop reasons that occurred),
+    split into several tables where one would not fit the console (a language code is never cut)."""
+    from indicfm.tables import print_table
 
     langs = report["languages"]
     reasons = [r for r in DROP_REASONS if any(r in v["dropped"] for v in langs.values())]
-    table = Table(title="data prepare: documents per language", show_lines=False)
-    table.add_column("language")
-    table.add_column("in", justify="right")
-    table.add_column("kept", justify="right")
-    table.add_column("kept %", justify="right")
-    table.add_column("tokens", justify="right")
-    for reason in reasons:
-        table.add_column(reason.replace("_", " "), justify="right")
     total = {"docs_in": 0, "docs_kept": 0, "tokens": 0, "dropped": Counter()}
-    for lang, v in langs.items():
-        pct = f"{v['docs_kept'] / v['docs_in']:.1%}" if v["docs_in"] else "-"
-        table.add_row(lang, f"{v['docs_in']:,}", f"{v['docs_kept']:,}", pct, f"{v['tokens']:,}",
-                      *(f"{v['dropped'].get(r, 0):,}" for r in reasons))
+    for v in langs.values():
         for key in ("docs_in", "docs_kept", "tokens"):
             total[key] += v[key]
         total["dropped"].update(v["dropped"])
-    pct = f"{total['docs_kept'] / total['docs_in']:.1%}" if total["docs_in"] else "-"
-    table.add_row("[bold]total", f"{total['docs_in']:,}", f"{total['docs_kept']:,}", pct, f"{total['tokens']:,}",
-                  *(f"{total['dropped'].get(r, 0):,}" for r in reasons))
-    console.print(table)
+
+    def cells(v: dict) -> list[str]:
+        pct = f"{v['docs_kept'] / v['docs_in']:.1%}" if v["docs_in"] else "-"
+        return [f"{v['docs_in']:,}", f"{v['docs_kept']:,}", pct, f"{v['tokens']:,}",
+                *(f"{v['dropped'].get(r, 0):,}" for r in reasons)]  # fmt: skip
+
+    rows = [[lang, *cells(v)] for lang, v in langs.items()] + [["[bold]total", *cells(total)]]
+    headers = ["in", "kept", "kept %", "tokens", *(r.replace("_", " ") for r in reasons)]
+    print_table(console, "data prepare: documents per language", ["language"], headers, rows)
 
 
 def load_examples(directory: str | Path) -> dict[str, list[dict]]:

@@ -8,6 +8,9 @@ dotted key and suggests the nearest valid one.
 
 A YAML file may start with ``include: [other.yaml, ...]`` (paths relative to the file); included
 files are merged first, in order, then the file's own values, then ``--set`` overrides.
+
+A config is named by its path, or by the name of one shipped with indicfm (``model/moe-8b``, see
+:func:`find_config_file`), so the shipped configs work from any directory and from a wheel.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_pipeline.config import DataConfig
 from indicfm.config_base import Section
 from indicfm.model.config import ModelConfig
+from indicfm.package_data import CONFIG_DIR, shipped_config_names, shipped_path  # noqa: F401 - CONFIG_DIR re-exported
 from indicfm.train.config import CheckpointConfig, EvalConfig, LoggingConfig, OptimizerConfig, TrainerConfig
 from tokenizer.config import TokenizerConfig
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -139,9 +141,32 @@ def _explain(err: ValidationError, path: str | Path | None, override_keys: set[s
     return ConfigError("\n".join(lines))
 
 
+def find_config_file(name: str | Path) -> Path:
+    """The YAML file ``name`` means: a path that exists, else a config shipped with indicfm.
+
+    A shipped config may be named ``model/moe-8b``, ``model/moe-8b.yaml`` or
+    ``configs/model/moe-8b.yaml`` (the path in the repository, so README commands work anywhere).
+    """
+    path = Path(name).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    relative = path if path.parts[:1] == ("configs",) else Path("configs", path)
+    for candidate in (relative, relative.with_name(relative.name + ".yaml")):
+        found = shipped_path(candidate)
+        if found is not None and found.is_file():
+            return found
+    raise ConfigError(
+        f"config file not found: {path} (it is neither a file nor the name of a shipped config; "
+        f"shipped: {', '.join(shipped_config_names())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Build the run's :class:`Config` from defaults, an optional YAML file and ``--set`` overrides."""
-    data = _read_yaml(Path(path)) if path else {}
+    """Build the run's :class:`Config` from defaults, an optional YAML file (a path or a shipped
+    config's name, see :func:`find_config_file`) and ``--set`` overrides."""
+    if path:
+        path = find_config_file(path)
+    data = _read_yaml(path) if path else {}
     override_keys: set[str] = set()
     for item in overrides:
         keys, value = _parse_override(item)

@@ -23,7 +23,9 @@ from typing import Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-HARDWARE_YAML = Path(__file__).resolve().parent.parent / "configs" / "hardware.yaml"
+from indicfm.package_data import CONFIG_DIR
+
+HARDWARE_YAML = CONFIG_DIR / "hardware.yaml"
 
 GIB = 1024**3
 

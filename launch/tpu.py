@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shlex
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -43,6 +44,115 @@ class LaunchError(RuntimeError):
     """The launch cannot go on; the message says what failed and what to run to clean up."""
 
 
+# ---------------------------------------------------------------- what the workers install
+
+#: What every worker needs: ``indicfm train`` on TPUs.  Added to a ``--package`` that lacks it.
+WORKER_EXTRA = "tpu"
+#: A file the wheel must ship for ``indicfm train`` to run from it (configs as package data).
+WHEEL_MUST_SHIP = "indicfm/configs/hardware.yaml"
+PACKAGE_EXAMPLES = (
+    "e.g. --package 'indicfm[tpu]==0.1.0', --package 'indicfm[tpu] @ git+https://github.com/ORG/indicfm@TAG', "
+    "or a wheel built here with `pip wheel --no-deps -w dist .`: --package dist/indicfm-0.1.0-py3-none-any.whl"
+)
+
+
+@dataclass(frozen=True)
+class Package:
+    """What the workers ``pip install`` instead of this source tree (``indicfm launch tpu --package``)."""
+
+    pip_argument: str  # already quoted for the worker's shell
+    wheel: Path | None = None  # a wheel file here, copied to every worker before the install
+    added_extra: bool = False  # the spec lacked the tpu extra and got it
+
+    @property
+    def remote_wheel(self) -> str:
+        assert self.wheel is not None
+        return f"~/{REMOTE_DIR}/{self.wheel.name}"
+
+
+def _split_extras(spec: str) -> tuple[str, set[str]]:
+    """``dist/x.whl[tpu,ray]`` -> (``dist/x.whl``, {tpu, ray}): pip's form for a file with extras."""
+    if spec.endswith("]") and "[" in spec:
+        path, extras = spec[:-1].rsplit("[", 1)
+        return path, {e.strip() for e in extras.split(",") if e.strip()}
+    return spec, set()
+
+
+def _local_wheel(spec: str, path: Path, extras: set[str]) -> Package:
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+    if not path.is_file():
+        raise LaunchError(f"--package {spec}: no such wheel file {path.absolute()}; {PACKAGE_EXAMPLES}")
+    try:
+        name = parse_wheel_filename(path.name)[0]
+    except InvalidWheelFilename as err:
+        raise LaunchError(f"--package {spec}: not a wheel file name ({err}); {PACKAGE_EXAMPLES}") from None
+    if name != canonicalize_name("indicfm"):
+        raise LaunchError(f"--package {spec} is a wheel of {name!r}, but the workers run `indicfm train`: give indicfm's wheel")
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            ships = WHEEL_MUST_SHIP in wheel.namelist()
+    except zipfile.BadZipFile:
+        raise LaunchError(f"--package {spec}: {path} is not a zip file (a broken or partly copied wheel?)") from None
+    if not ships:
+        raise LaunchError(
+            f"--package {spec}: the wheel has no {WHEEL_MUST_SHIP}, so `indicfm train` cannot run from it "
+            "(built before configs shipped as package data?); rebuild it: pip wheel --no-deps -w dist ."
+        )
+    added = WORKER_EXTRA not in extras
+    listed = ",".join(sorted(extras | {WORKER_EXTRA}))
+    # $HOME, not ~: the wheel's path is quoted for the shell, and ~ does not expand inside quotes.
+    return Package(f'"$HOME/{REMOTE_DIR}/{path.name}[{listed}]"', wheel=path.resolve(), added_extra=added)
+
+
+def parse_package(spec: str) -> Package:
+    """Check ``--package`` here, before any slice is asked for: a pip requirement naming indicfm, or
+    a local wheel file of indicfm (copied to the workers).  Either way the workers get the tpu extra.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    spec = spec.strip()
+    if not spec:
+        raise LaunchError(f"--package is empty; {PACKAGE_EXAMPLES}")
+    path_text, file_extras = _split_extras(spec)
+    path = Path(path_text).expanduser()
+    # A requirement's name has no "/" and a URL has "://": what is left names a file or folder here.
+    looks_local = "://" not in spec and "@" not in spec and (
+        path_text.endswith(".whl") or "/" in path_text or path_text.startswith((".", "~"))
+    )
+    if looks_local and path_text.endswith(".whl"):
+        return _local_wheel(spec, path, file_extras)
+    if looks_local:
+        if not path.exists():
+            raise LaunchError(f"--package {spec}: no such file or folder {path.absolute()}; {PACKAGE_EXAMPLES}")
+        raise LaunchError(
+            f"--package {spec} is a local {'folder' if path.is_dir() else 'file'}, which the workers do not have. "
+            "Leave --package out to ship this checkout, or build a wheel and pass it: pip wheel --no-deps -w dist ."
+        )
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement as err:
+        raise LaunchError(f"--package {spec!r} is not a pip requirement ({err}); {PACKAGE_EXAMPLES}") from None
+    if canonicalize_name(requirement.name) != canonicalize_name("indicfm"):
+        raise LaunchError(
+            f"--package {spec!r} installs {requirement.name!r}, but the workers run `indicfm train`: "
+            f"name indicfm; {PACKAGE_EXAMPLES}"
+        )
+    added = WORKER_EXTRA not in requirement.extras
+    requirement.extras.add(WORKER_EXTRA)
+    return Package(shlex.quote(str(requirement)), added_extra=added)
+
+
+def check_source_tree(repo: Path) -> None:
+    """Without ``--package`` the workers get ``git archive`` of this checkout; an installed wheel has none."""
+    if not (repo / ".git").exists():
+        raise LaunchError(
+            f"indicfm here is installed as a package ({repo}), not a git checkout, so there is no source tree "
+            f"to ship: pass --package, {PACKAGE_EXAMPLES}"
+        )
+
+
 @dataclass(frozen=True)
 class TpuJob:
     """Everything the gcloud commands of one TPU run need."""
@@ -55,7 +165,7 @@ class TpuJob:
     provisioning: Provisioning = "on-demand"
     bucket: str | None = None
     runtime_version: str | None = None
-    package: str | None = None  # pip requirement to install instead of this source tree
+    package: Package | None = None  # what to pip install instead of this source tree
     train_args: tuple[str, ...] = ()
 
     @property
@@ -142,15 +252,18 @@ def mkdir_script() -> str:
 
 
 def install_script(job: TpuJob) -> str:
-    """Shell run on each worker: unpack the source and ``pip install`` it with the TPU extra.
+    """Shell run on each worker: ``pip install`` the package, or unpack and install the source tree,
+    with the TPU extra.  ``indicfm --version`` then fails the setup if the command did not install,
+    and puts the version and extras each worker got in the log.
 
-    The source tree is installed editable because indicfm reads ``configs/`` next to its code.
+    The source tree is installed editable, so a traceback on a worker names ``~/indicfm/src`` files.
     """
+    check = "export PATH=$HOME/.local/bin:$PATH && indicfm --version"
     if job.package:
-        return f"python3 -m pip install --upgrade pip && python3 -m pip install {shlex.quote(job.package)}"
+        return f"python3 -m pip install --upgrade pip && python3 -m pip install {job.package.pip_argument} && {check}"
     return (
         f"cd ~/{REMOTE_DIR}/src && tar -xzf ../{SOURCE_ARCHIVE} && "
-        "python3 -m pip install --upgrade pip && python3 -m pip install -e '.[tpu]'"
+        f"python3 -m pip install --upgrade pip && python3 -m pip install -e '.[{WORKER_EXTRA}]' && {check}"
     )
 
 
@@ -175,6 +288,8 @@ def setup_commands(job: TpuJob, archive: Path) -> list[list[str]]:
     commands = [ssh_command(job, mkdir_script())]
     if not job.package:
         commands.append(scp_command(job, archive, f"~/{REMOTE_DIR}/{SOURCE_ARCHIVE}"))
+    elif job.package.wheel is not None:
+        commands.append(scp_command(job, job.package.wheel, job.package.remote_wheel))
     commands.append(scp_command(job, job.config_path, f"~/{REMOTE_DIR}/{REMOTE_CONFIG}"))
     commands.append(ssh_command(job, install_script(job)))
     return commands
@@ -263,6 +378,8 @@ def launch(
     Returns the number of restarts. A training failure on a healthy slice is not retried: it would
     fail the same way again.
     """
+    if not job.package:
+        check_source_tree(repo)
     if shell.dry_run:
         for argv in plan_commands(job, repo, archive):
             shell.run(argv)

@@ -7,11 +7,35 @@ imported by the command that needs them and ``indicfm --help`` stays fast.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from typer.core import TyperGroup
 
 from indicfm.cli import data_cmd, launch_cmd, model_cmd, report_cmd, tokenizer_cmd, train_cmd
 
+
+class _TopLevelGroup(TyperGroup):
+    """``indicfm`` whose ``--help`` ends with the optional extras, read from the package metadata.
+
+    Read when the help is shown, not when the command starts: importlib.metadata and the metadata
+    lookup would slow every ``indicfm`` command down for a paragraph only ``--help`` prints.
+    """
+
+    @property
+    def epilog(self) -> str | None:
+        from indicfm.extras import help_epilog
+
+        return help_epilog()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass  # click sets it in __init__; the property above is what counts
+
+
 app = typer.Typer(
+    cls=_TopLevelGroup,
     name="indicfm",
     help="Pretrain Mixture-of-Experts language models for the languages of India, on JAX.\n\n"
     "Typical path: tokenizer train → data prepare → train → generate / export hf. "
@@ -28,6 +52,25 @@ train_cmd.register(app)
 launch_cmd.register(app)
 model_cmd.register(app)
 report_cmd.register(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from indicfm.extras import version_report
+
+        typer.echo(version_report())
+        raise typer.Exit()
+
+
+@app.callback()
+def _top_level(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                     help="Print the versions, where indicfm is installed and which optional extras are, then exit."),
+    ] = False,
+) -> None:  # fmt: skip
+    """Options of `indicfm` itself (before the command)."""
 
 
 def main() -> None:

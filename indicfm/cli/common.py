@@ -12,12 +12,30 @@ console = Console(stderr=True)
 
 ConfigOption = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config file (values only; see configs/). Optional."),
+    typer.Option(
+        "--config", "-c",
+        help="YAML config file, or the name of one shipped with indicfm (model/small-moe, quickstart, ...; "
+        "see configs/). Values only. Optional.",
+    ),
+]
+#: Paths after the options (``indicfm data prepare a b``); with :data:`InputOption` this is also what
+#: makes ``--input a b`` work: click gives ``a`` to the flag and ``b`` to these.
+InputsArgument = Annotated[
+    Optional[list[Path]],
+    typer.Argument(help="Input files or directories (the same as --input; list as many as you like).", show_default=False),
 ]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one config value, e.g. --set trainer.steps=100. Repeatable."),
 ]
+
+
+def input_paths(flagged: list[Path] | None, listed: list[Path] | None) -> list[Path]:
+    """The paths of ``--input`` (repeatable) and of :data:`InputsArgument`, the flag's first, in order;
+    a relative ``samples/...`` path not found here is the sample shipped with indicfm."""
+    from indicfm.package_data import resolve_path
+
+    return [resolve_path(p) for p in [*(flagged or []), *(listed or [])]]
 
 
 def load_config_or_exit(config: Path | None, sets: list[str] | None):

@@ -7,19 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
+from indicfm.cli.common import ConfigOption, InputsArgument, SetOption, console, fail, input_paths, load_config_or_exit
 
 app = typer.Typer(help="Clean, deduplicate, tokenize and pack corpora into a token cache.", no_args_is_help=True)
 
 
 @app.command("prepare")
 def prepare_cmd(
+    paths: InputsArgument = None,
     input: Annotated[
         Optional[list[Path]],
         typer.Option(
             "--input", "-i",
             help="Text (.txt: one document per line, named like hin_Deva.txt), .jsonl (text, lang) or "
-            ".parquet file, or a directory of them (repeatable). Default: data.inputs from the config.",
+            ".parquet file, or a directory of them; several may follow one --input (--input a b). "
+            "Default: data.inputs from the config.",
         ),
     ] = None,
     tokenizer: Annotated[
@@ -57,12 +59,16 @@ def prepare_cmd(
 
         indicfm data prepare --input samples/train --tokenizer out/tok.model --output out/cache --seq-len 512
 
+        indicfm data prepare --input corpus/hin_Deva.txt corpus/web.jsonl -t out/tok.model -o out/cache
+
         indicfm data prepare -c configs/data/sample.yaml -t out/tok.model --set data.filters.min_words=5
 
         indicfm data prepare -i corpus/ -t out/tok.model -o out/cache --engine ray --ray-address auto
     """
     cfg = load_config_or_exit(config, set_)
-    inputs = [str(p) for p in input] if input else cfg.data.inputs
+    from indicfm.package_data import resolve_path
+
+    inputs = [str(p) for p in input_paths(input, paths) or map(resolve_path, cfg.data.inputs)]
     tokenizer = tokenizer or (Path(cfg.tokenizer.model_file) if cfg.tokenizer.model_file else None)
     output = output or (Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     if not inputs and not cfg.data.hub:

@@ -46,7 +46,7 @@ def tpu(
     name: Annotated[Optional[str], typer.Option(help="queued resource / TPU name (default indicfm-TYPE)")] = None,
     bucket: Annotated[Optional[str], typer.Option(help="gs:// prefix for the workdir (checkpoints survive preemption)")] = None,
     runtime_version: Annotated[Optional[str], typer.Option(help="TPU software version (default: from configs/hardware.yaml)")] = None,
-    package: Annotated[Optional[str], typer.Option(help="pip requirement to install on the workers instead of this source tree, e.g. 'indicfm[tpu] @ git+https://...'")] = None,
+    package: Annotated[Optional[str], typer.Option(help="what the workers pip install instead of this source tree: a requirement ('indicfm[tpu]==0.1.0', 'indicfm[tpu] @ git+https://...') or a wheel file here (copied to them); the tpu extra is added if missing. Needed when indicfm is installed from a wheel")] = None,
     max_restarts: Annotated[int, typer.Option(help="give up after this many preemptions")] = 100,
     poll: Annotated[float, typer.Option(help="seconds between state checks while waiting for the slice")] = 30.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print every command instead of running it")] = False,
@@ -64,7 +64,7 @@ def tpu(
     """
     from launch.commands import Shell
     from indicfm.hardware import HardwareError
-    from launch.tpu import LaunchError, TpuJob, delete_command, launch
+    from launch.tpu import LaunchError, TpuJob, check_source_tree, delete_command, launch, parse_package
 
     if spot and reserved:
         fail("--spot and --reserved exclude each other")
@@ -83,6 +83,14 @@ def tpu(
             "[yellow]warning:[/] no --bucket: checkpoints stay on the TPU VMs' disks and a preemption loses them",
             highlight=False,
         )
+    try:  # what the workers install: checked here, before any slice is asked for
+        if package is None:
+            check_source_tree(REPO)
+        to_install = parse_package(package) if package is not None else None
+    except LaunchError as err:
+        fail(str(err))
+    if to_install is not None and to_install.added_extra:
+        console.print("note: --package lacks the tpu extra; the workers install it with [tpu]", markup=False, highlight=False)
     config_file = _resolved_config_file(config, sets, job_name)
     job = TpuJob(
         name=job_name,
@@ -93,7 +101,7 @@ def tpu(
         provisioning="spot" if spot else "reserved" if reserved else "on-demand",
         bucket=bucket,
         runtime_version=runtime_version,
-        package=package,
+        package=to_install,
     )
     try:
         job.accelerator_type  # noqa: B018 - validates the type name before anything runs

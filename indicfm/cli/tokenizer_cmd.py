@@ -7,18 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
+from indicfm.cli.common import ConfigOption, InputsArgument, SetOption, console, fail, input_paths, load_config_or_exit
 
 app = typer.Typer(help="Train and evaluate a SentencePiece tokenizer fair to Indic scripts.", no_args_is_help=True)
 
 
 @app.command("train")
 def train(
-    input: Annotated[
-        list[Path],
-        typer.Option("--input", "-i", help="Text/JSONL file or directory (repeatable). hin_Deva.txt = Hindi, one document per line."),
-    ],
     output_prefix: Annotated[Path, typer.Option("--output-prefix", "-o", help="Writes PREFIX.model, PREFIX.vocab, PREFIX.json")],
+    paths: InputsArgument = None,
+    input: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--input", "-i",
+            help="Text/JSONL file or directory; several may follow one --input (--input a b). "
+            "hin_Deva.txt = Hindi, one document per line.",
+        ),
+    ] = None,
     vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="Vocabulary size (default from config: 64000)")] = None,
     model_type: Annotated[Optional[str], typer.Option("--model-type", help="bpe (default) or unigram")] = None,
     allow_unknown: Annotated[
@@ -35,7 +40,12 @@ def train(
     Example:
 
         indicfm tokenizer train --input samples/train --vocab-size 8000 --output-prefix out/tok
+
+        indicfm tokenizer train --input corpus/hin_Deva.txt corpus/tam_Taml.txt -o out/tok
     """
+    inputs = input_paths(input, paths)
+    if not inputs:
+        fail("no input: give the text files or directories to train on, e.g. --input samples/train")
     cfg = load_config_or_exit(config, set_)
     tok_cfg = cfg.tokenizer
     try:
@@ -50,7 +60,7 @@ def train(
     from tokenizer.train import train_tokenizer
 
     try:
-        result = train_tokenizer(input, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
+        result = train_tokenizer(inputs, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
     except (InputError, FileNotFoundError) as err:
         fail(str(err))
     except (ValueError, RuntimeError) as err:  # SentencePiece reports a bad vocab size etc. as RuntimeError
@@ -61,12 +71,10 @@ def train(
 def _print_training_summary(result) -> None:
     from rich.table import Table
 
-    table = Table(title="documents per language")
-    for column in ("language", "available", "sampled"):
-        table.add_column(column, justify="left" if column == "language" else "right")
-    for lang, available in result.available.items():
-        table.add_row(lang, f"{available:,}", f"{result.sampled[lang]:,}")
-    console.print(table)
+    from indicfm.tables import print_table
+
+    rows = [[lang, f"{available:,}", f"{result.sampled[lang]:,}"] for lang, available in result.available.items()]
+    print_table(console, "documents per language", ["language"], ["available", "sampled"], rows)
     skipped = [(f.path, f.dropped) for f in result.files if f.dropped]
     if skipped:
         skip_table = Table(title="skipped lines per file")
@@ -113,26 +121,24 @@ def evaluate(
 
 def _print_report(report) -> None:
     from rich.console import Console
-    from rich.table import Table
 
+    from indicfm.tables import print_table
     from tokenizer.evaluate import _fmt, _pct
 
     out = Console()
-    table = Table(title=f"tokenizer fairness on {report.parallel_dir}")
-    for column in ("language", "tokenizer", "fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"):
-        table.add_column(column, justify="left" if column in ("language", "tokenizer") else "right")
-    languages = list(report.tokenizers[0].languages)
-    for lang in languages:
+    rows: list = []
+    for lang in report.tokenizers[0].languages:
         for i, t in enumerate(report.tokenizers):
             m = t.languages[lang]
-            table.add_row(
+            rows.append([
                 lang if i == 0 else "", t.name, _fmt(m.fertility), _fmt(m.chars_per_token), _fmt(m.parity),
                 _pct(m.akshara_split_rate), _pct(m.byte_fallback_rate), _pct(m.round_trip_rate),
                 f"{m.zero_width_kept}/{m.zero_width}",
-            )  # fmt: skip
+            ])  # fmt: skip
         if len(report.tokenizers) > 1:
-            table.add_section()
-    out.print(table)
+            rows.append(None)  # a line between languages
+    values = ["fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"]
+    print_table(out, f"tokenizer fairness on {report.parallel_dir}", ["language", "tokenizer"], values, rows)
     for t in report.tokenizers:
         s = t.summary()
         out.print(

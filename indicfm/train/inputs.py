@@ -6,8 +6,9 @@ names none (that is what lets ``configs/quickstart.yaml`` work from a fresh chec
 * ``data.cache_dir`` unset → ``<workdir>/data``.  A complete cache (its ``metadata.json`` exists) is
   used as it is; otherwise ``data_pipeline.prepare`` builds it (or resumes an interrupted build).
 
-Relative input paths are tried from the current directory first, then from the repository root, so
-``samples/train`` works wherever the command is started.  With several processes only process 0
+Relative input paths are tried from the current directory first, then as the files indicfm ships
+(:mod:`indicfm.package_data`), so ``samples/train`` works wherever the command is started, from a
+source checkout or a wheel.  With several processes only process 0
 builds (the workdir must be on a shared file system); the others wait for it.
 """
 
@@ -17,18 +18,8 @@ from pathlib import Path
 
 import jax
 
-from indicfm.config import CONFIG_DIR, Config
-
-REPO_ROOT = CONFIG_DIR.parent
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists (or is absolute), else relative to the repository root."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path.resolve()
-    from_repo = REPO_ROOT / path
-    return from_repo.resolve() if from_repo.exists() else path.resolve()
+from indicfm.config import Config
+from indicfm.package_data import resolve_path
 
 
 def _sync(name: str) -> None:

@@ -509,7 +509,7 @@ def _make_evaluator(cfg: Config, graphdef: Any, shardings: Any, mesh: Any, seq_l
         return None
     from indicfm.sharding import batch_sharding
     from indicfm.train.evaluate import evaluate_bpb, load_heldout
-    from indicfm.train.inputs import resolve_path
+    from indicfm.package_data import resolve_path
     from indicfm.train.step import make_eval_step
 
     heldout_dir = resolve_path(cfg.eval.heldout_dir)

@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from indicfm.config import CONFIG_DIR, load_config
+from indicfm.config import load_config
+from indicfm.package_data import CONFIG_DIR
 from indicfm.train.loop import TrainResult, train
 
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
@@ -29,7 +30,8 @@ class QuickstartResult:
 
 def run_quickstart(workdir: str | Path, overrides: list[str] | None = None, console=None) -> QuickstartResult:
     from rich.console import Console
-    from rich.table import Table
+
+    from indicfm.tables import print_table
 
     console = console or Console(stderr=True)
     workdir = Path(workdir)
@@ -49,13 +51,9 @@ def run_quickstart(workdir: str | Path, overrides: list[str] | None = None, cons
 
     before = first.eval_bpb.get(0, {})
     after = resumed.eval_bpb.get(resumed.final_step, {})
-    table = Table(title="held-out bits per byte (lower is better)")
-    table.add_column("language")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for lang in sorted(after, key=lambda k: (k == "mean", k)):
-        table.add_row(lang, f"{before.get(lang, float('nan')):.3f}", f"{after[lang]:.3f}")
-    console.print(table)
+    rows = [[lang, f"{before.get(lang, float('nan')):.3f}", f"{after[lang]:.3f}"]
+            for lang in sorted(after, key=lambda k: (k == "mean", k))]  # fmt: skip
+    print_table(console, "held-out bits per byte (lower is better)", ["language"], ["before", "after"], rows)
     first_loss = first.losses.get(min(first.losses)) if first.losses else float("nan")
     last_loss = resumed.losses.get(resumed.final_step, float("nan"))
     console.print(
