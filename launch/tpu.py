@@ -2,7 +2,8 @@
 
 A run is one *queued resource* holding one TPU slice (``gcloud compute tpus queued-resources``):
 queued resources wait for capacity instead of failing, and are the documented way to ask for spot
-or reserved TPUs. Every host of the slice gets the same source tree and config and runs the same
+or reserved TPUs. Every host of the slice gets the same source tree (or, with ``--package``, the same
+wheel or pip requirement, checked by :func:`parse_package`) and config and runs the same
 ``indicfm train`` (``tpu-vm ssh --worker=all``); the workdir is on GCS so checkpoints outlive the VMs.
 
 When a spot slice is preempted the queued resource goes to ``SUSPENDED``; it cannot be restarted,
