@@ -277,3 +277,11 @@ def test_report_command_overlays_workdirs(tiny_comparison, tmp_path):
     _check_page(tmp_path / "two")
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "metrics.jsonl" in missing.output
+
+
+def test_quality_benchmark_runs_every_shipped_compare_config_on_existing_data():
+    from benchmarks.quality import CONFIGS, default_inputs
+
+    assert sorted(CONFIGS) == [p.stem for p in COMPARE_CONFIGS]
+    corpus, heldout = default_inputs()
+    assert any(corpus.glob("*.txt")) and any(heldout.glob("*.dev"))
