@@ -164,6 +164,11 @@ def _step_of(line: str) -> int:
         return -1
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` (``indicfm report`` and ``compare`` read runs with it)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 class ProgressLine:
     """A rich progress bar with step, loss, tokens/s, MFU and ETA; plain log lines when not a terminal."""
 
