@@ -123,6 +123,11 @@ def run(subset: int | None = None, rounds: int = 3, tokenizer: str | None = None
         figures[f"ray_stage_wall_s.{stage}"] = seconds
     for stage, seconds in ray_result.stage_cpu_seconds.items():
         figures[f"ray_stage_task_cpu_s.{stage}"] = seconds
+    # Share of the CPUs the process tasks kept busy during their stage: the rest is worker start-up
+    # (imports, loading the tokenizer and LID model) and whatever else runs on the machine.
+    figures["ray_process_stage_cpu_busy"] = ray_result.stage_cpu_seconds.get("process", 0.0) / max(
+        ray_result.stage_seconds.get("process", 0.0) * cpus, 1e-9)
+    figures["load_average_1min_after"] = f"{os.getloadavg()[0]:.1f} on {cpus} CPUs"
     figures.update(_estimate(ray_result, median, tokens_target, nodes, cores, tokens_per_doc, network_gbit,
                              duplicate_fraction))
     return figures
@@ -161,19 +166,20 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     from data_pipeline.config import DataConfig
     from data_pipeline.dedup import lsh_bands
     from data_pipeline.prepare import BATCH_DOCS, RANGE_BYTES
-    from data_pipeline.ray_engine import SHARD_RANGES
+    from data_pipeline.ray_engine import MAX_PARTITIONS, SHARD_RANGES
 
     cpu = result.stage_cpu_seconds
     docs_target = tokens_target / tokens_per_doc
     token_scale = tokens_target / max(result.tokens, 1)
     doc_scale = docs_target / max(result.documents, 1)
     total_cores = nodes * cores
+    partitions = min(total_cores, MAX_PARTITIONS)
     per_pair = _decide_seconds_per_pair()
     est = {
         "read_input": measured["input_bytes"] / max(result.tokens, 1) * tokens_target
         / (nodes * network_gbit * 1e9 / 8),
         "process": cpu.get("process", 0.0) * token_scale / total_cores,
-        "buckets": cpu.get("buckets", 0.0) * doc_scale / total_cores,
+        "buckets": cpu.get("buckets", 0.0) * doc_scale / partitions,
         # one task, over every duplicate pair (links and edges)
         "decide": per_pair * docs_target * duplicate_fraction,
         "finalize": cpu.get("finalize", 0.0) * doc_scale / total_cores,
@@ -198,7 +204,7 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
                                  f"({docs_target:.3g} documents); {nodes} nodes x {cores} cores; per-stage CPU "
                                  f"seconds of the median Ray round scaled by tokens (process, write) or "
                                  f"documents (buckets, finalize), the parallel stages divided by "
-                                 f"{total_cores} cores; decide on one core at {per_pair * 1e9:.0f} ns per "
+                                 f"{total_cores} cores (buckets: {partitions} partition tasks); decide on one core at {per_pair * 1e9:.0f} ns per "
                                  f"duplicate pair (measured on 2M synthetic pairs), {duplicate_fraction:.0%} of "
                                  f"documents duplicates (assumed); input bytes/token as measured here, read and "
                                  f"shuffled at {network_gbit:g} Gbit/s per node; 1 GB/s for the drop log; "
@@ -210,7 +216,9 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     out["estimate_hours_total"] = sum(est.values()) / 3600
     out["estimate.limiting_stage"] = limit
     # Not a time, a scaling risk: every process task returns one object per partition.
-    out["estimate.shuffle_objects"] = f"{shards:.3g} shards x {total_cores + 2} returns = {shards * (total_cores + 2):.3g}"
+    out["estimate.shuffle_objects"] = (f"{shards:.3g} shards x {partitions + 2} returns = "
+                                       f"{shards * (partitions + 2):.3g}")
+    out["estimate.bucket_task_input_gb"] = docs_target * (24 + bands * (16 + 24 + dedup.num_perm)) / partitions / 1e9
     return out
 
 

@@ -77,6 +77,11 @@ from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_docum
 #: task's fixed costs (scheduling, fetching the processor, the shuffle's per-partition objects)
 #: are small against its ≈0.1 s of work per range.
 SHARD_RANGES = 16
+#: Dedup partitions (bucket tasks) at most: one per CPU up to this.  Every process task returns
+#: one object per partition, so the shuffle makes shards x partitions objects; past a few hundred
+#: partitions their count (Ray keeps metadata per object in the driver) costs more than the extra
+#: bucket tasks gain (the buckets stage is a small share of the work).
+MAX_PARTITIONS = 256
 #: Position of a document: its input's number in the high bits, its line / record number below.
 _LINE_BITS = 40
 #: Test hook: when this environment variable (of the driver) names a path that does not exist yet,
@@ -621,7 +626,7 @@ def prepare_with_ray(
         lap("ray_start")
         config_json = config.model_dump_json()
         cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        partitions = partitions or cpus
+        partitions = partitions or min(cpus, MAX_PARTITIONS)
         scan = _remote(ray, _scan)
         line_files = [i for i, f in enumerate(files) if f.format in LINE_FORMATS]
         scanned = ray.get([scan.remote(str(files[i].path), BATCH_DOCS, RANGE_BYTES) for i in line_files])
