@@ -100,7 +100,7 @@ class RayNotInstalled(ImportError):
 
 
 class RayRunError(RuntimeError):
-    """A Ray task failed for good (after its retries)."""
+    """A Ray task failed for good: an error inside it, or its worker or node lost too often."""
 
 
 def import_ray():
@@ -716,11 +716,12 @@ def prepare_with_ray(
         nodes = sorted({s["node"] for s in stats})
         placement = [(*shard.span(), s["node"]) for shard, s in zip(shards, stats)]
     except ray.exceptions.RayError as err:
-        # A task failed more than MAX_RETRIES times (a bug, or nodes lost faster than retries):
-        # nothing is marked complete, so the same command starts again cleanly.
+        # An error raised inside a task (not retried), or a worker / node lost more than
+        # MAX_RETRIES times: nothing is marked complete, so the same command starts again cleanly.
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        raise RayRunError(f"a Ray task failed after {MAX_RETRIES} retries ({type(err).__name__}: {detail}); "
-                          f"{out} is not complete: run the same command again to start over") from err
+        raise RayRunError(f"a Ray task failed ({type(err).__name__}: {detail}; lost workers and nodes are "
+                          f"retried {MAX_RETRIES} times, errors in a task are not); {out} is not complete: "
+                          "run the same command again to start over") from err
     finally:
         if owns:
             ray.shutdown()
