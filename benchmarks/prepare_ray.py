@@ -19,9 +19,11 @@ round), and the median round's is printed (the goal: ≥ 0.8).
 
 Then, from the median Ray round's per-stage CPU seconds, a paper estimate of the wall time of
 ``--tokens`` tokens on ``--nodes`` nodes of ``--cores`` cores each, with its assumptions printed:
-stages whose tasks are independent divide their CPU seconds by the cluster's cores; ``decide`` is
-one task (its CPU seconds grow with the duplicate pairs, which grow with documents); the driver's
-drop-log concatenation and the shuffle's network transfer are sized from the measured bytes.  The
+stages whose tasks are independent divide their CPU seconds by the cluster's cores (buckets: by its
+partition tasks); ``decide`` is one task, whose cost per duplicate pair is measured on synthetic
+pairs (the corpus here has few duplicates) and multiplied by ``--duplicate-fraction`` of the
+documents; reading the input, the shuffle's network transfer and the driver's drop-log
+concatenation are sized from the measured bytes.  The
 stage with the largest share is named as the limit.
 """
 
@@ -36,8 +38,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "corpus"
-#: Stages whose tasks run side by side on every core of a cluster.
-PARALLEL_STAGES = ("process", "buckets", "finalize", "write")
 
 
 def _input_dir(tmp: Path, subset: int | None) -> tuple[Path, str]:
@@ -123,6 +123,11 @@ def run(subset: int | None = None, rounds: int = 3, tokenizer: str | None = None
         figures[f"ray_stage_wall_s.{stage}"] = seconds
     for stage, seconds in ray_result.stage_cpu_seconds.items():
         figures[f"ray_stage_task_cpu_s.{stage}"] = seconds
+    # Share of the CPUs the process tasks kept busy during their stage: the rest is worker start-up
+    # (imports, loading the tokenizer and LID model) and whatever else runs on the machine.
+    figures["ray_process_stage_cpu_busy"] = ray_result.stage_cpu_seconds.get("process", 0.0) / max(
+        ray_result.stage_seconds.get("process", 0.0) * cpus, 1e-9)
+    figures["load_average_1min_after"] = f"{os.getloadavg()[0]:.1f} on {cpus} CPUs"
     figures.update(_estimate(ray_result, median, tokens_target, nodes, cores, tokens_per_doc, network_gbit,
                              duplicate_fraction))
     return figures
@@ -161,19 +166,20 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     from data_pipeline.config import DataConfig
     from data_pipeline.dedup import lsh_bands
     from data_pipeline.prepare import BATCH_DOCS, RANGE_BYTES
-    from data_pipeline.ray_engine import SHARD_RANGES
+    from data_pipeline.ray_engine import MAX_PARTITIONS, SHARD_RANGES
 
     cpu = result.stage_cpu_seconds
     docs_target = tokens_target / tokens_per_doc
     token_scale = tokens_target / max(result.tokens, 1)
     doc_scale = docs_target / max(result.documents, 1)
     total_cores = nodes * cores
+    partitions = min(total_cores, MAX_PARTITIONS)
     per_pair = _decide_seconds_per_pair()
     est = {
         "read_input": measured["input_bytes"] / max(result.tokens, 1) * tokens_target
         / (nodes * network_gbit * 1e9 / 8),
         "process": cpu.get("process", 0.0) * token_scale / total_cores,
-        "buckets": cpu.get("buckets", 0.0) * doc_scale / total_cores,
+        "buckets": cpu.get("buckets", 0.0) * doc_scale / partitions,
         # one task, over every duplicate pair (links and edges)
         "decide": per_pair * docs_target * duplicate_fraction,
         "finalize": cpu.get("finalize", 0.0) * doc_scale / total_cores,
@@ -198,7 +204,8 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
                                  f"({docs_target:.3g} documents); {nodes} nodes x {cores} cores; per-stage CPU "
                                  f"seconds of the median Ray round scaled by tokens (process, write) or "
                                  f"documents (buckets, finalize), the parallel stages divided by "
-                                 f"{total_cores} cores; decide on one core at {per_pair * 1e9:.0f} ns per "
+                                 f"{total_cores} cores (buckets: {partitions} partition tasks); decide on one "
+                                 f"core at {per_pair * 1e9:.0f} ns per "
                                  f"duplicate pair (measured on 2M synthetic pairs), {duplicate_fraction:.0%} of "
                                  f"documents duplicates (assumed); input bytes/token as measured here, read and "
                                  f"shuffled at {network_gbit:g} Gbit/s per node; 1 GB/s for the drop log; "
@@ -210,7 +217,9 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     out["estimate_hours_total"] = sum(est.values()) / 3600
     out["estimate.limiting_stage"] = limit
     # Not a time, a scaling risk: every process task returns one object per partition.
-    out["estimate.shuffle_objects"] = f"{shards:.3g} shards x {total_cores + 2} returns = {shards * (total_cores + 2):.3g}"
+    out["estimate.shuffle_objects"] = (f"{shards:.3g} shards x {partitions + 2} returns = "
+                                       f"{shards * (partitions + 2):.3g}")
+    out["estimate.bucket_task_input_gb"] = docs_target * (24 + bands * (16 + 24 + dedup.num_perm)) / partitions / 1e9
     return out
 
 
@@ -228,11 +237,13 @@ def main() -> None:
     parser.add_argument("--subset", type=int, help="only the first LINES lines of each corpus file")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (local, ray); the median round is printed")
     parser.add_argument("--tokenizer", help="SentencePiece .model to use (default: train the default tokenizer)")
-    parser.add_argument("--vocab-size", type=int, default=32000, help="pieces of the tokenizer trained when no --tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=32000,
+                        help="pieces of the tokenizer trained when no --tokenizer")
     parser.add_argument("--tokens", type=float, default=250e9, help="tokens of the estimated corpus")
     parser.add_argument("--nodes", type=int, default=32, help="nodes of the estimated cluster")
     parser.add_argument("--cores", type=int, default=64, help="cores per node of the estimated cluster")
-    parser.add_argument("--tokens-per-doc", type=float, default=1000.0, help="average document length of the estimated corpus")
+    parser.add_argument("--tokens-per-doc", type=float, default=1000.0,
+                        help="average document length of the estimated corpus")
     parser.add_argument("--network-gbit", type=float, default=25.0, help="network bandwidth per node, Gbit/s")
     parser.add_argument("--duplicate-fraction", type=float, default=0.3,
                         help="share of the estimated corpus's documents that are duplicates")

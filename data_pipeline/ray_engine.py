@@ -77,6 +77,11 @@ from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_docum
 #: task's fixed costs (scheduling, fetching the processor, the shuffle's per-partition objects)
 #: are small against its ≈0.1 s of work per range.
 SHARD_RANGES = 16
+#: Dedup partitions (bucket tasks) at most: one per CPU up to this.  Every process task returns
+#: one object per partition, so the shuffle makes shards x partitions objects; past a few hundred
+#: partitions their count (Ray keeps metadata per object in the driver) costs more than the extra
+#: bucket tasks gain (the buckets stage is a small share of the work).
+MAX_PARTITIONS = 256
 #: Position of a document: its input's number in the high bits, its line / record number below.
 _LINE_BITS = 40
 #: Test hook: when this environment variable (of the driver) names a path that does not exist yet,
@@ -95,7 +100,7 @@ class RayNotInstalled(ImportError):
 
 
 class RayRunError(RuntimeError):
-    """A Ray task failed for good (after its retries)."""
+    """A Ray task failed for good: an error inside it, or its worker or node lost too often."""
 
 
 def import_ray():
@@ -621,7 +626,7 @@ def prepare_with_ray(
         lap("ray_start")
         config_json = config.model_dump_json()
         cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        partitions = partitions or cpus
+        partitions = partitions or min(cpus, MAX_PARTITIONS)
         scan = _remote(ray, _scan)
         line_files = [i for i, f in enumerate(files) if f.format in LINE_FORMATS]
         scanned = ray.get([scan.remote(str(files[i].path), BATCH_DOCS, RANGE_BYTES) for i in line_files])
@@ -711,11 +716,12 @@ def prepare_with_ray(
         nodes = sorted({s["node"] for s in stats})
         placement = [(*shard.span(), s["node"]) for shard, s in zip(shards, stats)]
     except ray.exceptions.RayError as err:
-        # A task failed more than MAX_RETRIES times (a bug, or nodes lost faster than retries):
-        # nothing is marked complete, so the same command starts again cleanly.
+        # An error raised inside a task (not retried), or a worker / node lost more than
+        # MAX_RETRIES times: nothing is marked complete, so the same command starts again cleanly.
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        raise RayRunError(f"a Ray task failed after {MAX_RETRIES} retries ({type(err).__name__}: {detail}); "
-                          f"{out} is not complete: run the same command again to start over") from err
+        raise RayRunError(f"a Ray task failed ({type(err).__name__}: {detail}; lost workers and nodes are "
+                          f"retried {MAX_RETRIES} times, errors in a task are not); {out} is not complete: "
+                          "run the same command again to start over") from err
     finally:
         if owns:
             ray.shutdown()
