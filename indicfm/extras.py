@@ -19,7 +19,9 @@ DISTRIBUTION = "indicfm"
 EXTRA_USES: dict[str, str] = {
     "gpu": "JAX for CUDA 12, for `indicfm train` and `indicfm launch gpu` on NVIDIA GPUs",
     "tpu": "JAX with libtpu, for `indicfm train` on Cloud TPU VMs (`indicfm launch tpu` installs it on "
-    "every worker), `indicfm plan --compile`",
+    "every worker)",
+    "tpu-compile": "libtpu (XLA's TPU compiler only), for `indicfm plan --compile` on any Linux machine, "
+    "no TPU needed",
     "export": "torch and transformers, to load what `indicfm export hf` wrote with AutoModelForCausalLM "
     "(the export itself needs neither)",
     "ray": "Ray, for `indicfm data prepare --engine ray` on a Ray cluster",

@@ -104,8 +104,17 @@ def make_mesh(mesh_cfg: "MeshConfig", devices: Sequence[jax.Device] | None = Non
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_sizes(mesh_cfg, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     # jax.make_mesh orders devices by physical topology (ICI/NVLink neighbours) where it knows it.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose sides do not multiply into the axes (fsdp=8 x expert=8 on a v5p-128's
+        # 4x4x4): an axis then spans parts of two physical axes, still neighbours on the torus.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(

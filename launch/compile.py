@@ -59,11 +59,11 @@ def topology_name(slice_: Slice) -> str:
     chip = slice_.chip
     if chip.kind != "tpu":
         raise CompileError(f"--compile needs a TPU slice (v4-, v5e-, v5p-, v6e-N); {slice_.name} is a {chip.kind}")
-    shape = chip.topologies.get(slice_.num_chips)
+    shape = chip.topologies.get(slice_.chips_per_slice)  # the shape of one slice; slices join over DCN
     if shape is None:
         sizes = ", ".join(f"{n} ({Slice(chip, n).name})" for n in sorted(chip.topologies))
         raise CompileError(
-            f"configs/hardware.yaml: devices.{chip.name}.topologies has no entry for {slice_.num_chips} chips "
+            f"configs/hardware.yaml: devices.{chip.name}.topologies has no entry for {slice_.chips_per_slice} chips "
             f"({slice_.name}); known slice sizes: {sizes}"
         )
     return f"{chip.topology_prefix or chip.name}:{shape}"
@@ -86,7 +86,7 @@ def topology_devices(slice_: Slice) -> list[Any]:
     name = topology_name(slice_)
     dims = [int(d) for d in name.split(":")[1].split("x")]
     # one host drives a 2x2 block of chips on multi-host slices; a single-host slice is one block
-    single_host = slice_.num_hosts == 1
+    single_host = slice_.num_hosts == slice_.num_slices
     bounds = tuple(dims) + (1,) * (3 - len(dims)) if single_host else (2, 2, 1)
     try:
         devices = topologies.get_topology_desc(
@@ -96,7 +96,7 @@ def topology_devices(slice_: Slice) -> list[Any]:
         raise CompileError(f"libtpu could not describe topology {name} x {slice_.num_slices} slice(s): {err}") from None
     # Some generations (v4) list each TensorCore; JAX runs one device per chip (megacore).
     devices = [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
-    expected = slice_.num_chips * slice_.num_slices
+    expected = slice_.num_chips  # all slices together
     if len(devices) != expected:
         raise CompileError(f"topology {name} gave {len(devices)} chips, expected {expected} for {slice_.name}")
     return devices

@@ -32,6 +32,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?P<shape>.+?) (?P<op>[a-z][a-z
 _CALLEE = re.compile(r"\b(?:calls|body|to_apply)=%([^\s,)]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
+_CONSTANT = re.compile(r"^\s*%(?P<name>\S+) = s(?:32|64)\[\]\S* constant\((?P<value>-?\d+)\)")
+_LOOP_TEST = re.compile(r"^\s*ROOT %\S+ = pred\[\]\S* compare\(%\S+, %(?P<bound>[^\s,)]+)\), direction=LT")
 
 
 @dataclass
@@ -78,10 +81,11 @@ def _kind(op: str) -> str | None:
 def collective_stats(hlo_text: str) -> CollectiveStats:
     """Count the collectives one step runs (loop bodies weighted by their trip counts)."""
     local: dict[str, list[tuple[str, float]]] = defaultdict(list)  # computation -> its collectives
-    calls: dict[str, list[tuple[str, int]]] = defaultdict(list)  # computation -> (callee, times)
+    calls: dict[str, list[tuple[str, int | str]]] = defaultdict(list)  # computation -> (callee, times)
+    constants: dict[str, dict[str, int]] = defaultdict(dict)  # computation -> integer scalar constants
+    bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N`
     entry = None
     current = None
-    unknown = 0
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
         if header:
@@ -89,23 +93,41 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
             if header["entry"]:
                 entry = current
             continue
+        if current is None:
+            continue
+        constant = _CONSTANT.match(line)
+        if constant:
+            constants[current][constant["name"]] = int(constant["value"])
+        test = _LOOP_TEST.match(line)
+        if test and test["bound"] in constants[current]:
+            bounds[current] = constants[current][test["bound"]]
         instruction = _INSTRUCTION.match(line)
-        if current is None or not instruction:
+        if not instruction:
             continue
         op = instruction["op"]
         kind = _kind(op)
         if kind:
             local[current].append((kind, _result_bytes(op, instruction["shape"])))
-        times = 1
+        times: int | str = 1
         if op == "while":
             trip = _TRIP_COUNT.search(line)
-            times = int(trip.group(1)) if trip else 1
-            unknown += trip is None
+            condition = _CONDITION.search(line)
+            # without a recorded trip count, the condition's `counter < N` gives it (resolved below)
+            times = int(trip.group(1)) if trip else f"?{condition.group(1) if condition else ''}"
         for callee in _CALLEE.findall(line):
             calls[current].append((callee, times))
         for group in _BRANCHES.findall(line):  # a conditional runs one branch: count each once
             calls[current].extend((name.strip().lstrip("%"), 1) for name in group.split(",") if name.strip())
 
+    # JAX lowers scans and fori_loops with a counter from 0 in steps of 1, so `counter < N` runs N
+    # times; a loop whose condition is not of that form is counted once and reported.
+    unknown = 0
+    for name, edges in calls.items():
+        for i, (callee, times) in enumerate(edges):
+            if isinstance(times, str):
+                bound = bounds.get(times[1:])
+                unknown += bound is None
+                edges[i] = (callee, bound if bound is not None else 1)
     stats = CollectiveStats(unknown_trip_counts=unknown)
     if entry is None:
         return stats

@@ -24,6 +24,7 @@ exceeds the compute time; all-to-all and tensor-parallel all-reduces sit on the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -145,12 +146,18 @@ class Residual:
 
 
 @functools.lru_cache(maxsize=64)
-def saved_residuals(model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[int, ...]) -> tuple[Residual, ...]:
+def saved_residuals(
+    model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[int, ...], platform: str | None = None
+) -> tuple[Residual, ...]:
     """Every tensor the backward pass keeps for one micro-batch of ``batch`` rows (global shapes).
 
     Traced (never compiled) with ``jax.make_jaxpr`` of ``jax.vjp`` over the loss, under an abstract
     mesh of ``mesh_shape`` so expert-parallel dispatch is traced as training runs it. Residuals that
     are just the inputs (weights, tokens) are not new memory and are left out.
+
+    ``platform`` (``"tpu"``) traces the model as it runs there: the backends differ in what they
+    keep (XLA attention saves the ``L x L`` probabilities, splash attention only its output and
+    log-sum-exp), so a TPU slice must not be priced with the local CPU's attention.
     """
     import jax
     import jax.numpy as jnp
@@ -177,7 +184,10 @@ def saved_residuals(model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[
         _, f_vjp = jax.vjp(lambda p: loss(p, rest_, tokens_, segments_, positions_), params_)
         return f_vjp
 
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)):
+    from indicfm.model.platform import compiling_for
+
+    target = compiling_for(platform) if platform else contextlib.nullcontext()
+    with target, jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)):
         jaxpr = jax.make_jaxpr(forward_for_backward)(params, rest, tokens, tokens, tokens).jaxpr
     inputs = set(map(id, jaxpr.invars)) | set(map(id, jaxpr.constvars))
     from_shard_map = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map" for v in eqn.outvars}
@@ -186,18 +196,95 @@ def saved_residuals(model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[
     for eqn in jaxpr.eqns:
         if any(id(v) in batch_vars for v in eqn.invars if type(v).__name__ != "Literal"):
             batch_vars.update(id(v) for v in eqn.outvars)
-    seen: set[int] = set()
+    if platform == "tpu":
+        producer = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+        stored = _stored_buffers(jaxpr.outvars, producer, inputs)
+    else:  # every residual is a buffer of its own (see _stored_buffers for why TPU differs)
+        stored = list({id(v): (v, False) for v in jaxpr.outvars if _is_new_array(v, inputs)}.values())
+    devices = math.prod(mesh_shape)
     residuals = []
-    for var in jaxpr.outvars:
-        aval = getattr(var, "aval", None)
-        if aval is None or not hasattr(aval, "shape") or id(var) in inputs or id(var) in seen:
-            continue
-        if type(var).__name__ == "Literal":
-            continue
-        seen.add(id(var))
-        nbytes = math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
-        residuals.append(Residual(tuple(aval.shape), nbytes, id(var) in from_shard_map, id(var) in batch_vars))
+    for var, in_shard_map in stored:
+        nbytes = math.prod(var.aval.shape) * jnp.dtype(var.aval.dtype).itemsize
+        if in_shard_map:  # one device's block: as the whole array over the mesh, like shard_map's outputs
+            residuals.append(Residual(tuple(var.aval.shape), nbytes * devices, True, True))
+        else:
+            residuals.append(Residual(tuple(var.aval.shape), nbytes, id(var) in from_shard_map, id(var) in batch_vars))
     return tuple(residuals)
+
+
+#: Primitives XLA fuses into whatever consumes them (elementwise maths, dtype casts, broadcasts and
+#: reshapes): their results are recomputed inside the consumer's fusion instead of being written out.
+_FUSIBLE = frozenset(
+    """abs add and broadcast_in_dim clamp convert_element_type copy copy_p cos div eq erf exp exp2 expand_dims
+    ge gt integer_pow is_finite le log log1p logistic lt max min mul ne neg not or pow reshape rsqrt select_n
+    sign sin sqrt square squeeze stop_gradient sub tanh xor""".split()
+)
+
+
+def _is_new_array(var: Any, inputs: set[int]) -> bool:
+    """An array the backward pass keeps that is not already in memory as an input (weights, tokens)."""
+    return type(var).__name__ != "Literal" and hasattr(getattr(var, "aval", None), "shape") and id(var) not in inputs
+
+
+def _stored_buffers(outvars: Any, producer: dict, inputs: set[int]) -> list[tuple[Any, bool]]:
+    """The buffers XLA keeps for the backward pass, given the residuals autodiff asks for, each with
+    whether it lives inside ``shard_map`` (its shape is then one device's block).
+
+    On TPU, a residual that is an elementwise function of other buffers (``silu(gate)``, a bf16 copy
+    of an f32 activation, a broadcast mask) is not written out: the backward fusion that reads it,
+    matmuls included (XLA:TPU generates its matmuls and fuses elementwise producers into their
+    operands), recomputes it from its sources, the outputs of the matmuls, reductions and kernels
+    before it. XLA:CPU and XLA:GPU call library matmuls (Eigen, cuBLAS) whose operands must exist
+    in memory, so there every residual is priced as a buffer of its own.
+    So each residual costs its sources (each counted once), unless storing the residual itself is
+    cheaper. Inputs (weights, tokens) cost nothing: they are in memory anyway. The walk continues
+    into ``shard_map`` and ``jit`` bodies, where the expert dispatch keeps most of its buffers.
+    """
+    memo: dict[int, dict[int, tuple[Any, bool]]] = {}
+
+    def nbytes(var: Any) -> int:
+        return math.prod(var.aval.shape) * var.aval.dtype.itemsize
+
+    def walk(var: Any, scope: dict, local: bool) -> dict[int, tuple[Any, bool]]:
+        """Buffers ``var`` is computed from; ``scope`` maps a body's inputs to the caller's vars."""
+        if type(var).__name__ == "Literal":
+            return {}
+        if id(var) in memo:
+            return memo[id(var)]
+        found: dict[int, tuple[Any, bool]] = {}
+        outer = scope["inputs"].get(id(var))
+        eqn = scope["producer"].get(id(var))
+        if outer is not None:
+            found = walk(outer[0], outer[1], outer[2])
+        elif id(var) in inputs or eqn is None:
+            found = {}
+        elif eqn.primitive.name in _FUSIBLE:
+            for v in eqn.invars:
+                found.update(walk(v, scope, local))
+        elif eqn.primitive.name in ("shard_map", "pjit", "jit") and "jaxpr" in eqn.params:
+            body = getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"])
+            inner = {
+                "producer": {id(v): e for e in body.eqns for v in e.outvars},
+                "inputs": {id(b): (o, scope, local) for b, o in zip(body.invars, eqn.invars)},
+            }
+            inner_local = local or eqn.primitive.name == "shard_map"
+            found = walk(body.outvars[eqn.outvars.index(var)], inner, inner_local)
+        else:
+            found = {id(var): (var, local)}
+        memo[id(var)] = found
+        return found
+
+    top = {"producer": producer, "inputs": {}}
+    stored: dict[int, tuple[Any, bool]] = {}
+    for var in outvars:
+        if not _is_new_array(var, inputs):
+            continue
+        new = {k: v for k, v in walk(var, top, False).items() if k not in stored}
+        if sum(nbytes(v) for v, _ in new.values()) <= nbytes(var):
+            stored.update(new)
+        else:
+            stored[id(var)] = (var, False)
+    return list(stored.values())
 
 
 def _tensor_split(shape: tuple[int, ...], model_cfg: Any, tensor: int) -> int:
@@ -209,14 +296,14 @@ def _tensor_split(shape: tuple[int, ...], model_cfg: Any, tensor: int) -> int:
     return tensor if any(d in split_dims and d % tensor == 0 for d in shape[1:]) else 1
 
 
-def activation_bytes_per_device(cfg: Any, sizes: dict[str, int]) -> tuple[float, float]:
-    """(saved activations, backward working set) bytes on one device for one micro-batch."""
+def activation_bytes_per_device(cfg: Any, sizes: dict[str, int], platform: str | None = None) -> tuple[float, float]:
+    """(saved activations, largest of them) bytes on one device for one micro-batch, traced for ``platform``."""
     micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batches
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     devices = batch_shards * sizes["tensor"]
     mesh_shape = tuple(sizes[a] for a in MESH_AXES)
     per_device = []
-    for r in saved_residuals(cfg.model, micro, cfg.data.seq_len, mesh_shape):
+    for r in saved_residuals(cfg.model, micro, cfg.data.seq_len, mesh_shape, platform):
         if r.per_device_block:
             per_device.append(r.nbytes / devices)
         elif r.from_batch:
@@ -225,6 +312,32 @@ def activation_bytes_per_device(cfg: Any, sizes: dict[str, int]) -> tuple[float,
             expert_split = sizes["expert"] if r.shape and r.shape[0] == cfg.model.num_experts else 1
             per_device.append(r.nbytes / expert_split / _tensor_split((1, *r.shape), cfg.model, sizes["tensor"]))
     return sum(per_device), max(per_device, default=0.0)
+
+
+def recomputed_block_bytes(cfg: Any, sizes: dict[str, int], platform: str | None = None) -> float:
+    """Activations one block recomputes in the backward pass under ``model.remat`` (0 without remat).
+
+    Measured on one-block models of each kind the config has (dense, MoE): what the block saves
+    without remat minus what it saves under the config's policy. Only one block is recomputed at a
+    time, so the largest kind counts.
+    """
+    if cfg.model.remat == "none":
+        return 0.0
+    kinds = []
+    if cfg.model.first_dense_layers:
+        kinds.append(1)
+    if cfg.model.num_moe_layers:
+        kinds.append(0)
+    largest = 0.0
+    for dense in kinds:
+        one = cfg.model.model_copy(update={"num_layers": 1, "first_dense_layers": dense})
+        without = cfg.model_copy(update={"model": one.model_copy(update={"remat": "none"})})
+        policy = cfg.model_copy(update={"model": one})
+        largest = max(
+            largest,
+            activation_bytes_per_device(without, sizes, platform)[0] - activation_bytes_per_device(policy, sizes, platform)[0],
+        )
+    return largest
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -306,17 +419,29 @@ def largest_gathered_weight(cfg: Any, sizes: dict[str, int]) -> float:
     )
 
 
+def trace_platform(chip: Chip) -> str | None:
+    """The platform the model is traced for when pricing ``chip``: TPU backends (splash attention,
+    the Pallas grouped matmul) are traced on any machine; other chips use the local backends."""
+    return "tpu" if chip.kind == "tpu" else None
+
+
 def memory_per_device(cfg: Any, sizes: dict[str, int], chip: Chip) -> Memory:
     """Parameters, gradients, AdamW moments, activations and backward working set of one device.
 
-    Working set: the backward pass holds the gradient of the largest activation next to it, and
-    with FSDP the largest weight is all-gathered in full and its full gradient exists before the
-    reduce-scatter.
+    Working set: the backward pass holds the gradient of the largest activation (typically the
+    logits) next to it; with remat, the block being differentiated has its activations recomputed
+    and held while its backward runs; with FSDP the largest weight is all-gathered in full and its
+    full gradient exists before the reduce-scatter.
     """
     variables, trainable = state_bytes_per_device(cfg, sizes)
     micro_batch = per_device_batch(cfg, sizes)
-    saved, largest_activation = activation_bytes_per_device(cfg, sizes)
-    working = 2 * largest_activation + 2 * largest_gathered_weight(cfg, sizes)
+    platform = trace_platform(chip)
+    saved, largest_activation = activation_bytes_per_device(cfg, sizes, platform)
+    recomputed = recomputed_block_bytes(cfg, sizes, platform)
+    # The gradient of the largest activation exists next to it. XLA:TPU computes it inside the
+    # matmuls that consume it; library matmuls (CPU, GPU) need it, and its f32 softmax, written out.
+    gradient_copies = 1 if platform == "tpu" else 2
+    working = gradient_copies * largest_activation + recomputed + 2 * largest_gathered_weight(cfg, sizes)
     grads = trainable * (2 if cfg.trainer.micro_batches > 1 else 1)  # + the accumulator
     notes = [f"micro-batch per device: {micro_batch} x {cfg.data.seq_len} tokens, remat={cfg.model.remat}"]
     if cfg.trainer.micro_batches > 1:

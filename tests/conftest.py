@@ -9,6 +9,11 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The dev extra installs libtpu (XLA's TPU compiler, for tests/test_tpu_compile.py). With libtpu
+# importable JAX would also try to start a TPU backend, which on a machine without a TPU probes the
+# GCE metadata server and logs pages of warnings. Tests run on CPU devices, so only the CPU backend
+# is started; compiling for a TPU topology (launch.compile) asks libtpu for a slice description and
+# needs no TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
