@@ -1,6 +1,6 @@
 """Scanned vs unrolled layers: compile time and program size of the train step (``model.scan_layers``).
 
-``python -m benchmarks.scan_layers [--layers 32] [--no-tpu] [--tpu-topology v5p:2x2x1]``
+``python -m benchmarks.scan_layers [--layers 32] [--tpu-layers N] [--no-cpu] [--no-tpu] [--tpu-topology v5p:2x2x1]``
 
 For each case the trainer's own step (``indicfm.train.step.make_train_step``: forward, backward,
 AdamW, router-bias update), jitted with the trainer's shardings, is traced, lowered and compiled
@@ -17,7 +17,7 @@ Cases:
 
 * ``cpu`` — ``configs/model/tiny-moe.yaml`` made 32 layers deep (narrow, so it compiles in
   seconds on a laptop), remat ``full`` as in the pod configs, one CPU device, batch 8 x 128;
-* ``tpu`` — a 32-layer MoE with moe-30b's depth and block structure (2 dense first layers, shared
+* ``tpu`` — an MoE (32 layers unless ``--tpu-layers``) with moe-30b's block structure (2 dense first layers, shared
   expert, sigmoid router with loss-free bias, remat ``full``, bfloat16) but narrower so that its
   train state fits four chips, compiled by XLA:TPU (``libtpu``, no TPU needed) for a v5p 2x2x1
   slice with experts and FSDP over 2 chips each.  Skipped with a note when ``libtpu`` is missing.
@@ -67,7 +67,7 @@ class Case:
     seq_len: int
 
 
-def cases(layers: int) -> dict[str, Case]:
+def cases(layers: int, tpu_layers: int) -> dict[str, Case]:
     cpu = Case(
         "cpu", MODEL_CONFIGS / "tiny-moe.yaml",
         (f"model.num_layers={layers}", "model.d_model=64", "model.head_dim=16", "model.d_ff=128",
@@ -76,7 +76,7 @@ def cases(layers: int) -> dict[str, Case]:
     )
     tpu = Case(
         "tpu", MODEL_CONFIGS / "moe-30b.yaml",
-        (f"model.num_layers={layers}", "model.d_model=1024", "model.num_heads=8", "model.num_kv_heads=4",
+        (f"model.num_layers={tpu_layers}", "model.d_model=1024", "model.num_heads=8", "model.num_kv_heads=4",
          "model.d_ff=4096", "model.num_experts=32", "model.top_k=4", "model.d_expert=512",
          "model.vocab_size=32000", "model.attention_impl=xla", "model.grouped_matmul=ragged_dot"),
         {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}, batch=8, seq_len=1024,
@@ -180,7 +180,8 @@ def print_table(results: dict[str, dict[str, Any]], devices_of: dict[str, str]) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=32, help="model depth of both cases (default 32)")
+    parser.add_argument("--layers", type=int, default=32, help="model depth of the CPU case (default 32)")
+    parser.add_argument("--tpu-layers", type=int, help="model depth of the TPU case (default: --layers)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU case")
     parser.add_argument("--no-tpu", action="store_true", help="skip the XLA:TPU case")
     parser.add_argument("--tpu-topology", default="v5p:2x2x1", help="TPU slice to compile for (default v5p:2x2x1)")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
 
-    all_cases = cases(args.layers)
+    all_cases = cases(args.layers, args.tpu_layers or args.layers)
     results, devices_of = {}, {}
     if not args.no_cpu:
         results["cpu"] = compare(all_cases["cpu"], jax.devices("cpu"))
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             results["tpu"] = compare(all_cases["tpu"], devices)
             devices_of["tpu"] = f"{len(devices)} x {devices[0].device_kind} ({args.tpu_topology})"
     print_table(results, devices_of)
-    figures = {"layers": args.layers, "devices": devices_of, **results}
+    figures = {"layers": {"cpu": args.layers, "tpu": args.tpu_layers or args.layers}, "devices": devices_of, **results}
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
