@@ -110,6 +110,18 @@ def test_greedy_with_a_scanned_model_equals_full_recomputation(scanned_model):
     assert len({tuple(r.token_ids) for r in results}) > 1
 
 
+def test_greedy_with_a_scanned_model_equals_the_unrolled_models_recomputation():
+    """Reference = the unrolled model the scanned one was converted from, recomputed in full."""
+    cfg = inference_config(ModelConfig(**{**TINY, "num_layers": 3}))
+    unrolled = random_model(cfg, seed=4)
+    scanned = with_layout(unrolled, scan_layers=True)
+    assert scanned.scanned_blocks is not None and unrolled.scanned_blocks is None
+    results = generate_ids(scanned, PROMPTS, max_new_tokens=NEW_TOKENS, eos_id=-1)
+    full_forward = full_forward_of(unrolled)
+    for prompt, result in zip(PROMPTS, results):
+        assert result.token_ids == greedy_by_recomputation(full_forward, prompt, NEW_TOKENS, eos_id=-1)
+
+
 @pytest.mark.parametrize("layout", ["unrolled", pytest.param("scanned", marks=pytest.mark.slow)])
 def test_cached_logits_match_full_forward(layout, request):
     """Prefill 5 tokens, then feed the rest one at a time: every logit row equals the full pass."""
