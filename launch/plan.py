@@ -428,20 +428,23 @@ def trace_platform(chip: Chip) -> str | None:
 def memory_per_device(cfg: Any, sizes: dict[str, int], chip: Chip) -> Memory:
     """Parameters, gradients, AdamW moments, activations and backward working set of one device.
 
-    Working set: the backward pass holds the gradient of the largest activation (typically the
-    logits) next to it; with remat, the block being differentiated has its activations recomputed
-    and held while its backward runs; with FSDP the largest weight is all-gathered in full and its
-    full gradient exists before the reduce-scatter.
+    Working set, at the worse of the backward pass's two phases: at the head, the gradient of the
+    largest activation (the logits) exists next to it; later, with remat, the block being
+    differentiated holds its recomputed activations while the logits and their gradient are gone.
+    In both, with FSDP the weight in use is all-gathered in full and its full gradient exists
+    before the reduce-scatter.
     """
     variables, trainable = state_bytes_per_device(cfg, sizes)
     micro_batch = per_device_batch(cfg, sizes)
     platform = trace_platform(chip)
     saved, largest_activation = activation_bytes_per_device(cfg, sizes, platform)
     recomputed = recomputed_block_bytes(cfg, sizes, platform)
-    # The gradient of the largest activation exists next to it. XLA:TPU computes it inside the
-    # matmuls that consume it; library matmuls (CPU, GPU) need it, and its f32 softmax, written out.
+    # One buffer for the logits' gradient on TPU; library matmuls (CPU, GPU) also need its f32
+    # softmax written out.
     gradient_copies = 1 if platform == "tpu" else 2
-    working = gradient_copies * largest_activation + recomputed + 2 * largest_gathered_weight(cfg, sizes)
+    head = gradient_copies * largest_activation
+    block = recomputed - largest_activation
+    working = max(head, block) + 2 * largest_gathered_weight(cfg, sizes)
     grads = trainable * (2 if cfg.trainer.micro_batches > 1 else 1)  # + the accumulator
     notes = [f"micro-batch per device: {micro_batch} x {cfg.data.seq_len} tokens, remat={cfg.model.remat}"]
     if cfg.trainer.micro_batches > 1:
