@@ -255,6 +255,12 @@ def test_threshold_effect_equals_an_independent_computation(server, cache):
         assert effect["changes"]["total"] == len(changed)
         assert [d["id"] for d in effect["changes"]["documents"]] == changed[:100]
         assert all(d["new_reason"] == expected[d["id"]] for d in effect["changes"]["documents"])
+        # kept → dropped, dropped → kept, and dropped either way but first by another rule
+        assert effect["newly_dropped"] == sum(rows[i]["reason"] is None and expected[i] is not None for i in mine)
+        assert effect["newly_kept"] == sum(rows[i]["reason"] is not None and expected[i] is None for i in mine)
+        assert effect["other_reason"] == sum(None not in (rows[i]["reason"], expected[i]) for i in changed)
+        listed = get(server, "/api/effect", lang=lang, o=OVERRIDES, size=100, which="dropped")["changes"]
+        assert all(rows[d["id"]]["reason"] is None and d["new_reason"] for d in listed["documents"])
     hin = get(server, "/api/effect", lang="hin_Deva", o=OVERRIDES, size=5)
     assert hin["newly_dropped"] > 0 and hin["changes"]["documents"][0]["text"]
     mar = get(server, "/api/effect", lang="mar_Deva", o=OVERRIDES)
@@ -288,6 +294,11 @@ def test_examples_show_dropped_texts_beside_kept_ones_near_the_threshold(server,
     urdu = get(server, "/api/examples", lang="urd_Arab", reason="near_duplicate", size=3)
     assert all(d["rtl"] for d in urdu["dropped"]["documents"])
     assert get(server, "/api/examples", lang="hin_Deva", reason="too_short", size=1000)["dropped"]["size"] == 100
+    # the kept documents near the threshold page on their own (there are more of them than drops)
+    second = get(server, "/api/examples", lang="hin_Deva", reason="too_short", size=10, near_page=1)
+    assert second["dropped"]["documents"] == x["dropped"]["documents"]
+    assert second["near"]["kept"]["page"] == 1
+    assert [d["id"] for d in second["near"]["kept"]["documents"]] not in ([], [d["id"] for d in near])
 
 
 def test_duplicate_clusters(server, cache):
