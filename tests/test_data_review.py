@@ -25,7 +25,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.features import FEATURES_FILE
 from data_pipeline.filters import duplicate_line_fraction, filters_for, non_letter_ratio
 from data_pipeline.prepare import prepare
-from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server
+from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server, right_to_left
 from data_pipeline.testing import train_tiny_tokenizer
 from indicfm.text import script_of_language, script_share
 
@@ -299,6 +299,12 @@ def test_examples_show_dropped_texts_beside_kept_ones_near_the_threshold(server,
     assert second["dropped"]["documents"] == x["dropped"]["documents"]
     assert second["near"]["kept"]["page"] == 1
     assert [d["id"] for d in second["near"]["kept"]["documents"]] not in ([], [d["id"] for d in near])
+
+
+@pytest.mark.parametrize("lang, rtl", [("urd_Arab", True), ("kas_Arab", True), ("snd_Arab", True),
+                                       ("kas_Deva", False), ("snd_Deva", False), ("hin_Deva", False), ("xyz_Zzzz", False)])
+def test_perso_arabic_languages_are_shown_right_to_left(lang, rtl):
+    assert right_to_left(lang) is rtl
 
 
 def test_duplicate_clusters(server, cache):

@@ -60,6 +60,13 @@ def check_cache(cache_dir: Path) -> None:
             f"re-run its `indicfm data prepare` with --overwrite to write the per-document features")
 
 
+def right_to_left(lang: str) -> bool:
+    """Is ``lang`` written right to left (Urdu, Kashmiri and Sindhi in Perso-Arabic script)?"""
+    from indicfm.text import is_known_language, script_of_language
+
+    return is_known_language(lang) and script_of_language(lang) == "Arab"
+
+
 class Review:
     """What the API answers, for one cache (one instance shared by the server's threads)."""
 
@@ -109,8 +116,6 @@ class Review:
 
     def document(self, doc: int, codes: np.ndarray | None = None) -> dict:
         c = self.table.columns
-        from indicfm.text import is_known_language, script_of_language
-
         lang = c["lang"][doc]
         values = {}
         for rule in self.table.rules:
@@ -123,7 +128,7 @@ class Review:
             "line": int(c["line"][doc]),
             "lang": lang,
             "reason": c["reason"][doc],
-            "rtl": bool(is_known_language(lang) and script_of_language(lang) == "Arab"),
+            "rtl": right_to_left(lang),
             "text": self.texts.text(c["source"][doc], int(c["line"][doc])),
             "values": values,
             "lid_lang": c["lid_lang"][doc],
