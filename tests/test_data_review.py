@@ -157,6 +157,18 @@ def test_duplicates_name_the_kept_document_they_repeat(cache, corpus):
     assert len(cross) == 1 and rows[cross[0]]["lang"] == "mar_Deva" and rows[rows[cross[0]]["duplicate_of"]]["lang"] == "hin_Deva"
 
 
+def test_features_off_writes_no_file_and_changes_no_verdict(tmp_path, corpus, tokenizer, cache):
+    """data.features=false (the way to save its cost) leaves the cache itself as it was."""
+    off = tmp_path / "off"
+    prepare([corpus], tokenizer, off, seq_len=SEQ_LEN, config=DataConfig(features=False), workers=1,
+            show_progress=False)
+    assert not (off / FEATURES_FILE).exists()
+    for name in ("report.json", "dropped.tsv"):
+        assert (off / name).read_text() == (cache / name).read_text()
+    with pytest.raises(ReviewError, match=r"no features\.parquet.*data\.features=false"):
+        make_server(off, port=0)
+
+
 def test_an_interrupted_prepare_resumes_to_the_same_features(tmp_path, corpus, tokenizer, cache, monkeypatch):
     class Interrupted(Exception):
         pass
