@@ -14,6 +14,11 @@ over a round does not always favour one side.  Printed:
 * ``added_cpu_fraction_one_process``: CPU seconds on / off - 1, the median over rounds (goal ≤ 0.10);
 * ``added_wall_fraction_all_workers``: the same for wall-clock seconds with all workers;
 * ``..._each_round``: every round's figure (the first also pays for imports: pyarrow, with features);
+* ``accounted_cpu_fraction_one_process``: in one more features-on prepare (one process), the CPU
+  seconds spent inside the features code itself (:func:`batch_features` and the
+  :class:`FeatureCollector`, timed around each call, plus the language-ID calls made only for the
+  file: documents an earlier rule dropped) / the rest of that prepare's CPU seconds.  Unlike the
+  paired ratios above, no second run's speed enters it, so it hardly moves with the machine's load;
 * ``features_mb_per_million_docs``: the file's size per document × 10⁶;
 * ``review_load_s_per_million_docs`` / ``review_verdicts_s_per_million_docs``: ``data review``
   loading the file and re-applying changed thresholds to every document, per million documents.
@@ -47,6 +52,64 @@ def _prepare(input_dir: Path, model: Path, out: Path, features: bool, workers: i
     result = prepare([input_dir], model, out, seq_len=2048, workers=workers, show_progress=False,
                      config=DataConfig(features=features))
     return result.seconds, time.process_time() - cpu, result.documents
+
+
+class _CpuClock:
+    """CPU seconds spent inside some functions (the outermost call counts, nested ones don't)."""
+
+    def __init__(self):
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+
+    def wrap(self, function):
+        def timed(*args, **kwargs):
+            self._depth += 1
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.process_time() - start
+                    self.calls += 1
+        return timed
+
+
+def _accounted(input_dir: Path, model: Path, out: Path) -> dict[str, float]:
+    """CPU seconds of the features code (per part) / CPU seconds of the rest of one single-process
+    prepare."""
+    from unittest import mock
+
+    import pyarrow.compute as pc
+
+    import data_pipeline.prepare as prepare_mod
+    from data_pipeline.features import FeatureCollector, read_features
+    from data_pipeline.lid import LanguageIdentifier
+
+    batch, collector, lid = _CpuClock(), _CpuClock(), _CpuClock()
+    patches = [mock.patch.object(prepare_mod, "batch_features", batch.wrap(prepare_mod.batch_features)),
+               mock.patch.object(LanguageIdentifier, "predict", lid.wrap(LanguageIdentifier.predict))]
+    patches += [mock.patch.object(FeatureCollector, name, collector.wrap(getattr(FeatureCollector, name)))
+                for name in ("add", "save_part", "finish")]
+    for patch in patches:
+        patch.start()
+    try:
+        _, cpu, _ = _prepare(input_dir, model, out, True, 1)
+    finally:
+        for patch in patches:
+            patch.stop()
+    # language ID the file alone asked for: documents an earlier rule had dropped already
+    table = read_features(out, ["reason", "lid_score"])
+    after_lid = pc.is_in(table.column("reason"), value_set=pc.cast(
+        ["wrong_language", "exact_duplicate", "near_duplicate"], table.schema.field("reason").type.value_type))
+    extra = pc.sum(pc.and_(pc.is_valid(table.column("lid_score")),
+                           pc.and_(pc.is_valid(table.column("reason")), pc.invert(after_lid)))).as_py() or 0
+    extra_lid = lid.seconds * extra / max(lid.calls, 1)
+    shutil.rmtree(out)
+    rest = cpu - batch.seconds - collector.seconds - extra_lid
+    return {"accounted_cpu_fraction_one_process": (batch.seconds + collector.seconds + extra_lid) / rest,
+            "accounted_worker_columns": batch.seconds / rest,
+            "accounted_main_process_and_file": collector.seconds / rest,
+            "accounted_extra_language_id": extra_lid / rest}
 
 
 def _review_figures(cache: Path) -> tuple[float, float]:
@@ -84,6 +147,7 @@ def run(quick: bool = False, tokenizer: str | None = None, rounds: int = ROUNDS)
                     else:
                         shutil.rmtree(out)
             measured.append(this_round)
+        accounted = _accounted(input_dir, model, tmp / "accounted")
         cpu_added = [m[(True, "one")][1] / m[(False, "one")][1] - 1 for m in measured]
         wall_added = [m[(True, "all")][0] / m[(False, "all")][0] - 1 for m in measured]
         documents = measured[0][(True, "one")][2]
@@ -103,6 +167,7 @@ def run(quick: bool = False, tokenizer: str | None = None, rounds: int = ROUNDS)
                                                   for f in (False, True)),
             "wall_seconds_off_on_median": " ".join(f"{statistics.median(m[(f, 'all')][0] for m in measured):.2f}"
                                                    for f in (False, True)),
+            **accounted,
             "goal_added_fraction": 0.10,
             "features_bytes_per_doc": size / max(documents, 1),
             "features_mb_per_million_docs": size * per_million / 1e6,

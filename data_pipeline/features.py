@@ -338,8 +338,10 @@ class FeatureCollector:
                 columns["similarity"][rows[targets >= 0]] = 1.0
                 table = self._table(columns, dictionaries)
                 if writer is None:
+                    # line numbers mostly count up by one: delta encoding makes them nearly free
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd", write_statistics=False,
-                                              use_dictionary=list(TEXT_COLUMNS))
+                                              use_dictionary=list(TEXT_COLUMNS),
+                                              column_encoding={"line": "DELTA_BINARY_PACKED"})
                 writer.write_table(table, row_group_size=1 << 20)
                 start += n
         finally:
