@@ -46,7 +46,7 @@ from data_pipeline.cache import (
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
 from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
-from data_pipeline.features import FeatureCollector, batch_features, fill_keys
+from data_pipeline.features import BatchFeatures, FeatureCollector, batch_features
 from data_pipeline.filters import batch_check, filters_for
 from data_pipeline.lid import get_identifier, lid_verdict, shares_script
 from data_pipeline.pack import Packer
@@ -141,7 +141,7 @@ class BatchResult:
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
     cpu_seconds: float = 0.0  # CPU time the worker spent on this batch
-    features: dict[str, np.ndarray] | None = None  # per document: data_pipeline.features columns
+    features: BatchFeatures | None = None  # per document: data_pipeline.features columns
 
 
 #: Characters of a dropped document a report example keeps (see Report.dropped).
@@ -261,10 +261,6 @@ class DocumentProcessor:
             accepted, read_langs, read_texts = range(len(docs.texts)), docs.langs, docs.texts
         verdicts, stats, predictions = self.column_checks(read_langs, read_texts, lid_all=self.config.features)
         uncollapsed = stats.uncollapsed
-        features = None
-        if self.config.features:
-            features = batch_features(len(reasons), accepted, read_langs, read_texts, stats, predictions,
-                                      self._filters_for, self.config)
         if verdicts.count(None) < len(verdicts):
             for i, text, reason in zip(accepted, read_texts, verdicts):
                 if reason is not None:
@@ -287,8 +283,11 @@ class DocumentProcessor:
         # [BOS] tokens [EOS]: BOS gives the model a context to predict a document's first token
         # from, exactly as evaluation (bits per byte) and generation present text to it.
         flat, lengths = self.encoder.encode(texts)
-        if features is not None:
-            fill_keys(features, accepted, read_texts, [v is None for v in verdicts], keys)
+        features = None
+        if self.config.features:
+            passing = np.fromiter((v is None for v in verdicts), bool, count=len(verdicts))
+            features = batch_features(len(reasons), accepted, read_langs, read_texts, stats, predictions,
+                                      self._filters_for, self.config, passing, keys)
         return BatchResult(source, lines, docs.langs, reasons, previews, keys, prints, bands, flat, lengths,
                            time.process_time() - cpu_start, features)
 

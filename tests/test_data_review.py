@@ -25,7 +25,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.features import FEATURES_FILE
 from data_pipeline.filters import duplicate_line_fraction, filters_for, non_letter_ratio
 from data_pipeline.prepare import prepare
-from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server
+from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server, right_to_left
 from data_pipeline.testing import train_tiny_tokenizer
 from indicfm.text import script_of_language, script_share
 
@@ -157,6 +157,18 @@ def test_duplicates_name_the_kept_document_they_repeat(cache, corpus):
     assert len(cross) == 1 and rows[cross[0]]["lang"] == "mar_Deva" and rows[rows[cross[0]]["duplicate_of"]]["lang"] == "hin_Deva"
 
 
+def test_features_off_writes_no_file_and_changes_no_verdict(tmp_path, corpus, tokenizer, cache):
+    """data.features=false (the way to save its cost) leaves the cache itself as it was."""
+    off = tmp_path / "off"
+    prepare([corpus], tokenizer, off, seq_len=SEQ_LEN, config=DataConfig(features=False), workers=1,
+            show_progress=False)
+    assert not (off / FEATURES_FILE).exists()
+    for name in ("report.json", "dropped.tsv"):
+        assert (off / name).read_text() == (cache / name).read_text()
+    with pytest.raises(ReviewError, match=r"no features\.parquet.*data\.features=false"):
+        make_server(off, port=0)
+
+
 def test_an_interrupted_prepare_resumes_to_the_same_features(tmp_path, corpus, tokenizer, cache, monkeypatch):
     class Interrupted(Exception):
         pass
@@ -255,6 +267,12 @@ def test_threshold_effect_equals_an_independent_computation(server, cache):
         assert effect["changes"]["total"] == len(changed)
         assert [d["id"] for d in effect["changes"]["documents"]] == changed[:100]
         assert all(d["new_reason"] == expected[d["id"]] for d in effect["changes"]["documents"])
+        # kept → dropped, dropped → kept, and dropped either way but first by another rule
+        assert effect["newly_dropped"] == sum(rows[i]["reason"] is None and expected[i] is not None for i in mine)
+        assert effect["newly_kept"] == sum(rows[i]["reason"] is not None and expected[i] is None for i in mine)
+        assert effect["other_reason"] == sum(None not in (rows[i]["reason"], expected[i]) for i in changed)
+        listed = get(server, "/api/effect", lang=lang, o=OVERRIDES, size=100, which="dropped")["changes"]
+        assert all(rows[d["id"]]["reason"] is None and d["new_reason"] for d in listed["documents"])
     hin = get(server, "/api/effect", lang="hin_Deva", o=OVERRIDES, size=5)
     assert hin["newly_dropped"] > 0 and hin["changes"]["documents"][0]["text"]
     mar = get(server, "/api/effect", lang="mar_Deva", o=OVERRIDES)
@@ -288,6 +306,17 @@ def test_examples_show_dropped_texts_beside_kept_ones_near_the_threshold(server,
     urdu = get(server, "/api/examples", lang="urd_Arab", reason="near_duplicate", size=3)
     assert all(d["rtl"] for d in urdu["dropped"]["documents"])
     assert get(server, "/api/examples", lang="hin_Deva", reason="too_short", size=1000)["dropped"]["size"] == 100
+    # the kept documents near the threshold page on their own (there are more of them than drops)
+    second = get(server, "/api/examples", lang="hin_Deva", reason="too_short", size=10, near_page=1)
+    assert second["dropped"]["documents"] == x["dropped"]["documents"]
+    assert second["near"]["kept"]["page"] == 1
+    assert [d["id"] for d in second["near"]["kept"]["documents"]] not in ([], [d["id"] for d in near])
+
+
+@pytest.mark.parametrize("lang, rtl", [("urd_Arab", True), ("kas_Arab", True), ("snd_Arab", True),
+                                       ("kas_Deva", False), ("snd_Deva", False), ("hin_Deva", False), ("xyz_Zzzz", False)])
+def test_perso_arabic_languages_are_shown_right_to_left(lang, rtl):
+    assert right_to_left(lang) is rtl
 
 
 def test_duplicate_clusters(server, cache):

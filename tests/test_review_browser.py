@@ -91,6 +91,8 @@ def test_move_a_threshold_mark_a_document_and_export_in_chromium(tmp_path, sampl
         kept_then = sum(expected[i] is None for i in hin)
         assert kept_then < kept_now
         _wait(lambda: driver.find_element(By.ID, "kept-then").text == f"{kept_then:,}", what="the count to change")
+        newly_dropped = sum(rows[i]["reason"] is None and expected[i] is not None for i in hin)
+        assert driver.find_element(By.ID, "newly-dropped").text == f"{newly_dropped:,} newly dropped"
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#changes .doc"), what="the documents that change")
         changed_ids = [int(e.get_attribute("data-doc")) for e in driver.find_elements(By.CSS_SELECTOR, "#changes .doc")]
         assert changed_ids == [i for i in hin if expected[i] != rows[i]["reason"]][: len(changed_ids)]
@@ -109,6 +111,7 @@ def test_move_a_threshold_mark_a_document_and_export_in_chromium(tmp_path, sampl
         driver.find_element(By.ID, "export-button").click()
         _wait(lambda: "min_words: 7" in driver.find_element(By.ID, "export-yaml").text, what="the exported YAML")
         assert "min_words: 7" in (cache / EXPORT_FILE).read_text(encoding="utf-8")
+        driver.execute_script("document.getElementById('export-yaml').scrollIntoView()")
         driver.save_screenshot(str(tmp_path / "review_export.png"))
 
         # Urdu: right to left.

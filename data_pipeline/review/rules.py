@@ -114,6 +114,18 @@ def apply_overrides(config: DataConfig, overrides: dict) -> DataConfig:
         raise ValueError(str(err)) from None
 
 
+def _decode_dictionary(column) -> np.ndarray:
+    """A dictionary-encoded text column as an object array (None for null), chunk by chunk (each
+    row group read may carry its own dictionary)."""
+    import pyarrow.compute as pc
+
+    parts = []
+    for chunk in column.chunks:
+        names = np.array(chunk.dictionary.to_pylist() + [None], object)  # code -1 (null) → None
+        parts.append(names[pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)])
+    return np.concatenate(parts) if parts else np.zeros(0, object)
+
+
 @dataclass
 class Verdicts:
     codes: np.ndarray  # [docs] KEPT or an index into DROP_REASONS
@@ -130,14 +142,16 @@ class FeatureTable:
         self.config = config
         self.n = table.num_rows
         self.columns: dict[str, np.ndarray] = {}
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         for name in table.column_names:
             col = table.column(name)
-            if name in ("source", "lang", "lid_lang", "reason"):
+            if pa.types.is_dictionary(col.type):  # a text column: look its few names up by code
+                self.columns[name] = _decode_dictionary(col)
+            elif name in ("source", "lang", "lid_lang", "reason"):
                 self.columns[name] = np.array(col.to_pylist(), object)
             else:
-                import pyarrow as pa
-                import pyarrow.compute as pc
-
                 if pa.types.is_integer(col.type):  # null → -1 (every stored integer is ≥ 0)
                     col = pc.fill_null(col, -1)
                 self.columns[name] = col.to_numpy(zero_copy_only=False)

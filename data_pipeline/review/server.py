@@ -60,6 +60,13 @@ def check_cache(cache_dir: Path) -> None:
             f"re-run its `indicfm data prepare` with --overwrite to write the per-document features")
 
 
+def right_to_left(lang: str) -> bool:
+    """Is ``lang`` written right to left (Urdu, Kashmiri and Sindhi in Perso-Arabic script)?"""
+    from indicfm.text import is_known_language, script_of_language
+
+    return is_known_language(lang) and script_of_language(lang) == "Arab"
+
+
 class Review:
     """What the API answers, for one cache (one instance shared by the server's threads)."""
 
@@ -99,18 +106,16 @@ class Review:
             raise BadRequest(str(err.args[0])) from None
 
     @staticmethod
-    def _page(query: dict) -> tuple[int, int]:
+    def _page(query: dict, key: str = "page") -> tuple[int, int]:
         try:
-            page = max(int(query.get("page", ["0"])[0]), 0)
+            page = max(int(query.get(key, query.get("page", ["0"]))[0]), 0)
             size = min(max(int(query.get("size", ["10"])[0]), 1), MAX_PAGE)
         except ValueError:
-            raise BadRequest("page and size must be integers") from None
+            raise BadRequest(f"{key} and size must be integers") from None
         return page, size
 
     def document(self, doc: int, codes: np.ndarray | None = None) -> dict:
         c = self.table.columns
-        from indicfm.text import is_known_language, script_of_language
-
         lang = c["lang"][doc]
         values = {}
         for rule in self.table.rules:
@@ -123,7 +128,7 @@ class Review:
             "line": int(c["line"][doc]),
             "lang": lang,
             "reason": c["reason"][doc],
-            "rtl": bool(is_known_language(lang) and script_of_language(lang) == "Arab"),
+            "rtl": right_to_left(lang),
             "text": self.texts.text(c["source"][doc], int(c["line"][doc])),
             "values": values,
             "lid_lang": c["lid_lang"][doc],
@@ -212,12 +217,15 @@ class Review:
         verdicts = self.table.verdicts(config)
         original = self.table.original
         changed = rows[verdicts.codes[rows] != original[rows]]
-        newly_dropped = changed[verdicts.codes[changed] != KEPT]
-        newly_kept = changed[verdicts.codes[changed] == KEPT]
+        kept_now, kept_then = original[changed] == KEPT, verdicts.codes[changed] == KEPT
+        newly_dropped = changed[kept_now & ~kept_then]
+        newly_kept = changed[~kept_now & kept_then]
+        other_reason = changed[~kept_now & ~kept_then]  # dropped either way, by another rule first
         which = query.get("which", ["all"])[0]
-        listed = {"dropped": newly_dropped, "kept": newly_kept}.get(which, changed)
+        listed = {"dropped": newly_dropped, "kept": newly_kept, "reason": other_reason}.get(which, changed)
         return {"lang": lang, "now": self._counts(original, rows), "then": self._counts(verdicts.codes, rows),
                 "newly_dropped": int(len(newly_dropped)), "newly_kept": int(len(newly_kept)),
+                "other_reason": int(len(other_reason)),
                 "estimated": int(verdicts.estimated[rows].sum()),
                 "changes": self._documents(listed, page, size, verdicts.codes)}
 
@@ -229,6 +237,7 @@ class Review:
             raise BadRequest(f"unknown reason {reason!r}; one of: {', '.join(DROP_REASONS)}")
         config = self._config(query)
         page, size = self._page(query)
+        near_page, _ = self._page(query, "near_page")
         rows = self.table.lang_rows[lang]
         dropped = rows[self.table.original[rows] == DROP_REASONS.index(reason)]
         out = {"lang": lang, "reason": reason, "dropped": self._documents(dropped, page, size), "near": None}
@@ -247,7 +256,7 @@ class Review:
             kept, values = kept[has], values[has]
             order = np.argsort(np.abs(values - threshold), kind="stable")
             out["near"] = {"rule": rule.name, "label": rule.label, "threshold": threshold,
-                           "kept": self._documents(kept[order], page, size)}
+                           "kept": self._documents(kept[order], near_page, size)}
         return out
 
     def duplicates(self, query: dict) -> dict:
