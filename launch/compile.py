@@ -362,5 +362,12 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
             if v["count"]
         ]
         console.print("  collectives per step per chip: " + ("; ".join(parts) if parts else "none"))
+        branch = [
+            f"{kind} {v['count_if_taken']} x, {v['bytes_if_taken'] / GIB:.3f} GiB"
+            for kind, v in r.collectives.items()
+            if v.get("count_if_taken")
+        ]
+        if branch:  # e.g. the expert exchange's overflow rounds
+            console.print("  at most, in conditional branches (taken only when needed, e.g. skewed routing): " + "; ".join(branch))
         if r.unknown_trip_counts:
             console.print(f"  [yellow]{r.unknown_trip_counts} loop(s) without a known trip count were counted once[/]")

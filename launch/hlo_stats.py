@@ -10,6 +10,10 @@ collectives are weighted by how often the program calls it: a ``while`` body by 
 Bytes are the size of the op's result on one device (an all-gather's gathered array, a
 reduce-scatter's scattered shard, an all-reduce's whole operand, an all-to-all's exchanged buffer):
 the data each chip receives from the others, which is what the interconnect moves.
+
+A collective inside a ``conditional``'s branch runs only when that branch is taken (the dropless
+expert exchange's overflow rounds, taken only under skewed routing): those are counted apart
+(``*_if_taken``), so ``count``/``bytes`` are what every step runs and the sum of both is the worst case.
 """
 
 from __future__ import annotations
@@ -43,11 +47,22 @@ class CollectiveStats:
 
     count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: the same for collectives inside conditional branches (they run only when the branch is taken)
+    count_if_taken: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_if_taken: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     #: loops whose trip count XLA did not record (their collectives are counted once)
     unknown_trip_counts: int = 0
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        return {kind: {"count": self.count.get(kind, 0), "bytes": self.bytes.get(kind, 0.0)} for kind in COLLECTIVES}
+        return {
+            kind: {
+                "count": self.count.get(kind, 0),
+                "bytes": self.bytes.get(kind, 0.0),
+                "count_if_taken": self.count_if_taken.get(kind, 0),
+                "bytes_if_taken": self.bytes_if_taken.get(kind, 0.0),
+            }
+            for kind in COLLECTIVES
+        }
 
 
 def array_bytes(shape_text: str) -> list[float]:
@@ -82,6 +97,7 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     """Count the collectives one step runs (loop bodies weighted by their trip counts)."""
     local: dict[str, list[tuple[str, float]]] = defaultdict(list)  # computation -> its collectives
     calls: dict[str, list[tuple[str, int | str]]] = defaultdict(list)  # computation -> (callee, times)
+    branches: set[str] = set()  # computations that are a conditional's branch
     constants: dict[str, dict[str, int]] = defaultdict(dict)  # computation -> integer scalar constants
     bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N`
     entry = None
@@ -117,7 +133,9 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
         for callee in _CALLEE.findall(line):
             calls[current].append((callee, times))
         for group in _BRANCHES.findall(line):  # a conditional runs one branch: count each once
-            calls[current].extend((name.strip().lstrip("%"), 1) for name in group.split(",") if name.strip())
+            names = [name.strip().lstrip("%") for name in group.split(",") if name.strip()]
+            calls[current].extend((name, 1) for name in names)
+            branches.update(names)
 
     # JAX lowers scans and fori_loops with a counter from 0 in steps of 1, so `counter < N` runs N
     # times; a loop whose condition is not of that form is counted once and reported.
@@ -132,14 +150,16 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     if entry is None:
         return stats
 
-    def visit(name: str, times: int, depth: int = 0) -> None:
+    def visit(name: str, times: int, in_branch: bool = False, depth: int = 0) -> None:
         if depth > 64:  # HLO call graphs are acyclic; this only guards against a malformed text
             return
+        in_branch = in_branch or name in branches
+        count, nbytes_of = (stats.count_if_taken, stats.bytes_if_taken) if in_branch else (stats.count, stats.bytes)
         for kind, nbytes in local.get(name, ()):
-            stats.count[kind] += times
-            stats.bytes[kind] += times * nbytes
+            count[kind] += times
+            nbytes_of[kind] += times * nbytes
         for callee, n in calls.get(name, ()):
-            visit(callee, times * n, depth + 1)
+            visit(callee, times * n, in_branch, depth + 1)
 
     visit(entry, 1)
     return stats

@@ -195,7 +195,17 @@ HloModule jit_step, entry_computation_layout={(f32[8,128]{1,0})->f32[8,128]{1,0}
   %t = (s32[], bf16[32,16]{1,0}) parameter(0)
   %x = bf16[32,16]{1,0} get-tuple-element(%t), index=1
   %all-to-all.1 = bf16[32,16]{1,0} all-to-all(%x), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+  %maybe.1 = bf16[32,16]{1,0} conditional(%p, %x, %x), branch_computations={%overflow_round, %skip_round}
   ROOT %r = (s32[], bf16[32,16]{1,0}) tuple(%i, %all-to-all.1)
+}
+
+%overflow_round (x: bf16[32,16]) -> bf16[32,16] {
+  %x = bf16[32,16]{1,0} parameter(0)
+  ROOT %ragged.1 = bf16[40,16]{1,0} ragged-all-to-all(%x, %x, %o, %s, %o, %s), channel_id=5, replica_groups={{0,1,2,3}}
+}
+
+%skip_round (x: bf16[32,16]) -> bf16[32,16] {
+  ROOT %x = bf16[32,16]{1,0} parameter(0)
 }
 
 %cond.2 (t: (s32[], bf16[32,16])) -> pred[] {
@@ -217,15 +227,18 @@ ENTRY %main (a: f32[8,128], b: bf16[32,16]) -> f32[8,128] {
 
 def test_collective_stats_weight_loop_bodies_by_their_trip_counts():
     stats = collective_stats(HLO).to_dict()
+    never = {"count_if_taken": 0, "bytes_if_taken": 0.0}
     # all-reduce of f32[8,128] = 4096 bytes, 3 iterations
-    assert stats["all-reduce"] == {"count": 3, "bytes": 3 * 8 * 128 * 4}
+    assert stats["all-reduce"] == {"count": 3, "bytes": 3 * 8 * 128 * 4, **never}
     # the fusion inside the loop gathers bf16[16,64] = 2048 bytes, 3 times
-    assert stats["all-gather"] == {"count": 3, "bytes": 3 * 16 * 64 * 2}
+    assert stats["all-gather"] == {"count": 3, "bytes": 3 * 16 * 64 * 2, **never}
     # trip count 4 read from the loop condition; bf16[32,16] = 1024 bytes each
-    assert stats["all-to-all"] == {"count": 4, "bytes": 4 * 32 * 16 * 2}
+    assert stats["all-to-all"] == {"count": 4, "bytes": 4 * 32 * 16 * 2, **never}
+    # inside a conditional's branch in that loop: only when taken, up to 4 times bf16[40,16]
+    assert stats["ragged-all-to-all"] == {"count": 0, "bytes": 0.0, "count_if_taken": 4, "bytes_if_taken": 4 * 40 * 16 * 2}
     # outside any loop: once, the f32[2,128] shard it delivers
-    assert stats["reduce-scatter"] == {"count": 1, "bytes": 2 * 128 * 4}
-    assert stats["collective-permute"] == {"count": 0, "bytes": 0.0}
+    assert stats["reduce-scatter"] == {"count": 1, "bytes": 2 * 128 * 4, **never}
+    assert stats["collective-permute"] == {"count": 0, "bytes": 0.0, **never}
     assert collective_stats(HLO).unknown_trip_counts == 0
 
 
