@@ -59,7 +59,8 @@ def test_extras_and_what_each_misses_come_from_metadata(fake_site):
     extras = {e.name: e for e in package_extras("fakepkg")}
     assert list(extras) == ["fine", "too-old", "absent", "nested", "empty", "many"]  # metadata order
     # Listed whatever this Python is; a requirement for another Python is not missing here.
-    assert extras["fine"].requirements == ("depa>=1.0", "neverhere")
+    # as pyproject.toml would write them: the extra's gate dropped, a platform/Python condition kept
+    assert extras["fine"].requirements == ("depa>=1.0", 'neverhere; python_version < "3"')
     assert extras["fine"].installed and extras["empty"].installed and extras["empty"].requirements == ()
     assert extras["too-old"].missing == ("depa>=2.0 (have 1.5)",)
     assert extras["absent"].missing == ("nodep (not installed)",)
