@@ -61,6 +61,8 @@ def measure_pair(config: str, hardware: str, sets: list[str]) -> dict:
         other_collectives_gib=sum(v["bytes"] for k, v in collectives.items() if "all-to-all" not in k) / GIB,
         collectives=collectives,
         mosaic_kernels=report.kernels.get("mosaic", 0),
+        hlo_chars=report.hlo_chars,
+        hlo_instructions=report.hlo_instructions,
         xla=report.to_dict()["memory_gib"],
     )
     return row

@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from launch.hlo_stats import hlo_size
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"
@@ -52,7 +53,6 @@ LIBTPU_ENV = {
 }
 
 #: A line of HLO text that defines a value: ``%name = type op(...)`` or ``ROOT %name = ...``.
-HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*\S", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,6 @@ def tpu_devices(topology: str) -> list[Any]:
     return list(topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chips_per_host_bounds=hosts, num_slices=1
     ).devices)
-
-
-def hlo_size(hlo_text: str) -> tuple[int, int]:
-    """``(characters, instructions)`` of an HLO module's text."""
-    return len(hlo_text), len(HLO_INSTRUCTION.findall(hlo_text))
 
 
 def compile_step(case: Case, scan_layers: bool, devices: list[Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from indicfm.hardware import GIB, Slice
-from launch.hlo_stats import collective_stats
+from launch.hlo_stats import collective_stats, hlo_size
 
 # libtpu is only used as a compiler here.  It normally takes a machine-wide lock (one TPU runtime
 # per host), asks the GCE metadata server what TPU it runs on and logs at length when that fails;
@@ -123,6 +123,8 @@ class CompileReport:
     collectives: dict[str, dict[str, float]] = field(default_factory=dict)
     kernels: dict[str, int] = field(default_factory=dict)
     unknown_trip_counts: int = 0
+    hlo_chars: int = 0  # size of the optimized program (grows with depth unless layers are scanned)
+    hlo_instructions: int = 0
 
     @property
     def total_bytes(self) -> float:
@@ -223,6 +225,8 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
         collectives=stats.to_dict(),
         kernels={"mosaic": hlo.count('custom_call_target="tpu_custom_call"')},
         unknown_trip_counts=stats.unknown_trip_counts,
+        hlo_chars=hlo_size(hlo)[0],
+        hlo_instructions=hlo_size(hlo)[1],
     )
 
 

@@ -41,6 +41,16 @@ _CONSTANT = re.compile(r"^\s*%(?P<name>\S+) = s(?:32|64)\[\]\S* constant\((?P<va
 _LOOP_TEST = re.compile(r"^\s*ROOT %\S+ = pred\[\]\S* compare\(%\S+, %(?P<bound>[^\s,)]+)\), direction=LT")
 
 
+#: a line that defines a value (``%x = ...`` or ``ROOT %x = ...``): one HLO instruction
+HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*\S", re.MULTILINE)
+
+
+def hlo_size(hlo_text: str) -> tuple[int, int]:
+    """``(characters, instructions)`` of an HLO module's text: the program's size, which grows with
+    depth when layers are unrolled and stays one block's with ``model.scan_layers``."""
+    return len(hlo_text), len(HLO_INSTRUCTION.findall(hlo_text))
+
+
 @dataclass
 class CollectiveStats:
     """Per-step count and result bytes on one device, per collective kind."""

@@ -3,6 +3,7 @@
 import pytest
 
 from benchmarks import scan_layers
+from launch.hlo_stats import hlo_size
 
 HLO = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
@@ -19,7 +20,7 @@ ENTRY %main.3 (Arg_0.1: f32[4]) -> f32[4] {
 
 
 def test_hlo_size_counts_the_instructions_of_every_computation():
-    chars, instructions = scan_layers.hlo_size(HLO)
+    chars, instructions = hlo_size(HLO)
     assert chars == len(HLO) and instructions == 4
 
 
