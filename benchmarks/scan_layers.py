@@ -1,8 +1,8 @@
 """Scanned vs unrolled layers: compile time and program size of the train step (``model.scan_layers``).
 
-``python -m benchmarks.scan_layers [--layers 32] [--tpu-layers N] [--no-cpu] [--no-tpu] [--tpu-topology v5p:2x2x1]``
+``python -m benchmarks.scan_layers [--layers 32] [--tpu-layers N] [--no-cpu] [--no-tpu] [--tpu-hardware v5p-8]``
 
-For each case the trainer's own step (``indicfm.train.step.make_train_step``: forward, backward,
+For each case the trainer's own step (``indicfm.train.step.build_train_step``: forward, backward,
 AdamW, router-bias update), jitted with the trainer's shardings, is traced, lowered and compiled
 ahead of time from abstract arrays (nothing is allocated or run), once with the Python loop over
 blocks (``scan_layers=false``) and once with the MoE blocks stacked and scanned.  Figures:
@@ -30,30 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indicfm.hardware import parse_slice
+from launch.compile import CompileError, prepare_libtpu_env, topology_devices, topology_name
 from launch.hlo_stats import hlo_size
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"
-
-# libtpu is used as a compiler only: skip its probe of the GCE metadata server and its
-# one-runtime-per-host lock, which do not apply to compiling for a described topology.
-LIBTPU_ENV = {
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_ACCELERATOR_TYPE": "v5p-8",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
-
-#: A line of HLO text that defines a value: ``%name = type op(...)`` or ``ROOT %name = ...``.
-
 
 @dataclass(frozen=True)
 class Case:
@@ -84,28 +72,6 @@ def cases(layers: int, tpu_layers: int) -> dict[str, Case]:
     return {"cpu": cpu, "tpu": tpu}
 
 
-def prepare_libtpu_env() -> None:
-    """Set :data:`LIBTPU_ENV` (before JAX starts its backends, which loads libtpu when installed);
-    placeholders libtpu's own probe left ("WARNING: could not determine ...") are replaced."""
-    for key, value in LIBTPU_ENV.items():
-        if not os.environ.get(key) or os.environ[key].startswith("WARNING"):
-            os.environ[key] = value
-
-
-def tpu_devices(topology: str) -> list[Any]:
-    """The chips of ``topology`` (e.g. ``v5p:2x2x1``) for ahead-of-time compiles; ImportError
-    without libtpu."""
-    import libtpu  # noqa: F401
-
-    from jax.experimental import topologies
-
-    chips = topology.split(":")[1].split("x")
-    hosts = tuple(min(int(c), 2) if i < 2 else 1 for i, c in enumerate(chips))  # 4 chips per v5p host
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chips_per_host_bounds=hosts, num_slices=1
-    ).devices)
-
-
 def compile_step(case: Case, scan_layers: bool, devices: list[Any]) -> dict[str, Any]:
     """Trace, lower and compile the train step of ``case`` in one layout; its figures."""
     import jax
@@ -113,22 +79,20 @@ def compile_step(case: Case, scan_layers: bool, devices: list[Any]) -> dict[str,
 
     from indicfm.config import MeshConfig, load_config
     from indicfm.model.flops import count_params
-    from indicfm.sharding import batch_sharding, make_mesh
-    from indicfm.train.optimizer import make_optimizer
-    from indicfm.train.step import abstract_train_state, jit_train_step, make_train_step
+    from indicfm.sharding import make_mesh
+    from indicfm.train.optimizer import run_optimizer
+    from indicfm.train.state import abstract_train_state
+    from indicfm.train.step import abstract_batch, build_train_step
 
     cfg = load_config(case.config, [*case.overrides, f"model.scan_layers={str(scan_layers).lower()}"])
     model_cfg = cfg.model
     mesh = make_mesh(MeshConfig(**case.mesh), devices[: int(np.prod(list(case.mesh.values())))])
-    tx = make_optimizer(cfg.optimizer, total_steps=1000, max_consecutive_nonfinite=10)
+    # the trainer's own step (optimizer, schedule, router-bias update, shardings, donation)
+    tx, _ = run_optimizer(cfg)
     graphdef, state, shardings = abstract_train_state(model_cfg, tx, 0, mesh)
-    rows = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((case.batch, case.seq_len), np.int32, sharding=rows)
-             for k in ("tokens", "segment_ids", "positions")}
-    rate = model_cfg.bias_update_rate if model_cfg.loss_free_bias else 0.0
+    batch = abstract_batch(case.batch, case.seq_len, mesh)
     with jax.set_mesh(mesh):
-        step = make_train_step(graphdef, tx, lambda _: cfg.optimizer.learning_rate, router_bias_rate=rate)
-        jitted = jit_train_step(step, shardings, rows)
+        jitted = build_train_step(cfg, mesh, graphdef, shardings)
         start = time.perf_counter()
         lowered = jitted.lower(state, batch)
         trace_lower_s = time.perf_counter() - start
@@ -179,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tpu-layers", type=int, help="model depth of the TPU case (default: --layers)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU case")
     parser.add_argument("--no-tpu", action="store_true", help="skip the XLA:TPU case")
-    parser.add_argument("--tpu-topology", default="v5p:2x2x1", help="TPU slice to compile for (default v5p:2x2x1)")
+    parser.add_argument("--tpu-hardware", default="v5p-8",
+                        help="TPU slice of configs/hardware.yaml to compile for (default v5p-8: topology v5p:2x2x1)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     prepare_libtpu_env()
@@ -192,13 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         results["cpu"] = compare(all_cases["cpu"], jax.devices("cpu"))
         devices_of["cpu"] = "1 CPU"
     if not args.no_tpu:
+        slice_ = parse_slice(args.tpu_hardware)
         try:
-            devices = tpu_devices(args.tpu_topology)
-        except ImportError as err:
-            print(f"tpu case skipped: libtpu is not installed ({err}); pip install 'indicfm[tpu]'", file=sys.stderr)
+            devices = topology_devices(slice_)
+        except CompileError as err:
+            print(f"tpu case skipped: {err}", file=sys.stderr)
         else:
             results["tpu"] = compare(all_cases["tpu"], devices)
-            devices_of["tpu"] = f"{len(devices)} x {devices[0].device_kind} ({args.tpu_topology})"
+            devices_of["tpu"] = f"{len(devices)} x {devices[0].device_kind} ({topology_name(slice_)})"
     print_table(results, devices_of)
     figures = {"layers": {"cpu": args.layers, "tpu": args.tpu_layers or args.layers}, "devices": devices_of, **results}
     print(json.dumps(figures, indent=2))

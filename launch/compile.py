@@ -78,7 +78,7 @@ def topology_devices(slice_: Slice) -> list[Any]:
         import libtpu  # noqa: F401
     except ImportError:
         raise CompileError(
-            "compiling for TPU needs libtpu (XLA's TPU compiler): pip install 'indicfm[tpu]' "
+            "compiling for TPU needs libtpu (XLA's TPU compiler): pip install 'indicfm[tpu-compile]' "
             "(or pip install 'libtpu==0.0.42.*' for jax 0.10.2); no TPU is needed"
         ) from None
     from jax.experimental import topologies
@@ -207,6 +207,7 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     hlo = compiled.as_text()
     stats = collective_stats(hlo)
+    hlo_chars, hlo_instructions = hlo_size(hlo)
     return CompileReport(
         hardware=slice_.name,
         topology=topology_name(slice_),
@@ -225,8 +226,8 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
         collectives=stats.to_dict(),
         kernels={"mosaic": hlo.count('custom_call_target="tpu_custom_call"')},
         unknown_trip_counts=stats.unknown_trip_counts,
-        hlo_chars=hlo_size(hlo)[0],
-        hlo_instructions=hlo_size(hlo)[1],
+        hlo_chars=hlo_chars,
+        hlo_instructions=hlo_instructions,
     )
 
 
