@@ -90,11 +90,21 @@ def _shown(requirement, extra: str | None = None) -> str:
         marker = str(requirement.marker)
         gate = f'extra == "{extra}"'
         if marker != gate and marker.endswith(f" and {gate}"):
-            own = marker[: -len(f" and {gate}")]
-            if own.startswith("(") and own.endswith(")"):
-                own = own[1:-1]  # the metadata writer parenthesises the original marker
-            condition = f"; {own}"
+            condition = f"; {_without_enclosing_parentheses(marker[: -len(f' and {gate}')])}"
     return f"{requirement.name}{extras}{requirement.specifier}{url}{condition}"
+
+
+def _without_enclosing_parentheses(text: str) -> str:
+    """``(a and (b or c))`` -> ``a and (b or c)``; ``(a) or (b)`` stays (its parentheses do not
+    enclose the whole).  The metadata writer wraps the original marker before adding the extra's."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and i < len(text) - 1:
+            return text
+    return text[1:-1]
 
 
 def _unsatisfied(requirement, seen: set[tuple[str, str]]) -> list[str]:

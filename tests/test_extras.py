@@ -115,3 +115,11 @@ def test_help_lists_the_extras_and_version_shows_them(fake_site, monkeypatch):
     version = runner.invoke(app, ["--version"])
     assert version.exit_code == 0, version.output
     assert version.output.startswith("fakepkg 3.2\n") and "innerdep (not installed)" in version.output
+
+
+def test_a_markers_own_parentheses_stay_when_they_do_not_enclose_it():
+    from indicfm.extras import _without_enclosing_parentheses
+
+    assert _without_enclosing_parentheses('(a == "1" and (b == "2" or b == "3"))') == 'a == "1" and (b == "2" or b == "3")'
+    assert _without_enclosing_parentheses('(a == "1") or (b == "2")') == '(a == "1") or (b == "2")'
+    assert _without_enclosing_parentheses('a == "1"') == 'a == "1"'
