@@ -18,14 +18,13 @@ instead of decompressing a whole chunk.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.pack import PackedRows
-from indicfm.files import fsync_directory
+from indicfm.storage import as_path, fresh, kvstore, write_bytes_atomic
 
 #: 2: every document is packed as [BOS] tokens [EOS] (1 had no BOS).
 FORMAT_VERSION = 2
@@ -45,7 +44,7 @@ def _spec(path: Path, seq_len: int, rows: int) -> dict:
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 1}}]
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(path)},
+        "kvstore": kvstore(path),
         "metadata": {
             "shape": [rows, seq_len],
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [ROWS_PER_SHARD, seq_len]}},
@@ -69,15 +68,9 @@ def _spec(path: Path, seq_len: int, rows: int) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file, fsync it, then rename: readers see old or new, never half
-    (and after a power loss too: the directory is fsynced)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(data, out, ensure_ascii=False, indent=1)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)  # the rename itself, and every file created there before it
+    """Write JSON so that readers see the old file or the new, never half, also after a power loss
+    (:func:`indicfm.storage.write_bytes_atomic`; local files or a bucket)."""
+    write_bytes_atomic(path, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
 
 
 class LanguageWriter:
@@ -109,7 +102,7 @@ class LanguageWriter:
         opening = {}
         for name in ARRAYS:
             if (directory / name).exists():
-                opening[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory / name)}})
+                opening[name] = ts.open({"driver": "zarr3", "kvstore": kvstore(directory / name)})
             else:
                 opening[name] = ts.open(_spec(directory / name, seq_len, 0), create=True, delete_existing=True)
         self._arrays = {name: future.result() for name, future in opening.items()}
@@ -178,8 +171,7 @@ def write_rows_block(directory: Path, first_row: int, packed: PackedRows) -> Non
     and wait until it is written."""
     import tensorstore as ts
 
-    arrays = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory / name)}})
-              for name in ARRAYS]
+    arrays = [ts.open({"driver": "zarr3", "kvstore": kvstore(directory / name)}) for name in ARRAYS]
     arrays = [future.result() for future in arrays]
     end = first_row + len(packed)
     writes = [arr[first_row:end].write(getattr(packed, name)) for arr, name in zip(arrays, ARRAYS)]
@@ -218,8 +210,9 @@ class CacheInfo:
 
 
 def read_metadata(directory: str | Path) -> CacheInfo:
-    """Metadata of a complete cache, or :class:`CacheError` saying what is wrong."""
-    directory = Path(directory)
+    """Metadata of a complete cache (a local directory or a ``gs://`` prefix), or
+    :class:`CacheError` saying what is wrong."""
+    directory = fresh(as_path(directory))
     meta_path = directory / METADATA
     if not meta_path.is_file():
         if (directory / STATE_DIR).exists():
@@ -242,7 +235,7 @@ def open_language_arrays(directory: Path, lang: str) -> dict:
     for name in ARRAYS:
         spec = {
             "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": str(directory / "rows" / lang / name)},
+            "kvstore": kvstore(directory / "rows" / lang / name),
             "context": {"cache_pool": {"total_bytes_limit": 64 << 20}},
             "recheck_cached_data": False,
         }
@@ -252,5 +245,5 @@ def open_language_arrays(directory: Path, lang: str) -> dict:
 
 def read_rows(directory: str | Path, lang: str, rows: np.ndarray | slice) -> PackedRows:
     """Rows of one language (for inspection and tests; the loader keeps its handles open)."""
-    arrays = open_language_arrays(Path(directory), lang)
+    arrays = open_language_arrays(as_path(directory), lang)
     return PackedRows(*(np.asarray(arrays[name][rows].read().result()) for name in ARRAYS))

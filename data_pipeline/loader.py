@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.cache import ARRAYS, open_language_arrays, read_metadata
+from indicfm.storage import as_path
 
 _PERMUTATIONS_CACHED = 64
 
@@ -63,7 +64,7 @@ class TokenLoader:
         prefetch: int = 2,
     ):
         info = read_metadata(cache_dir)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = as_path(cache_dir)
         self.seq_len: int = info.seq_len
         self.tokenizer_sha256: str = info.tokenizer_sha256
         if process_index is None or process_count is None:

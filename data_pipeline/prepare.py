@@ -31,11 +31,12 @@ import contextlib
 import functools
 import itertools
 import json
+import hashlib
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,17 @@ from data_pipeline.sources import (
 )
 from data_pipeline.tokenize import BatchEncoder
 from data_pipeline.workers import OrderedMap, WorkerDied
-from indicfm.files import file_sha256
+from indicfm.storage import (
+    as_path,
+    file_identity,
+    file_sha256,
+    fresh,
+    is_empty_or_missing,
+    is_url,
+    make_dirs,
+    remove_tree,
+)
+from tokenizer.load import load_sentencepiece
 
 #: Documents per batch (a worker's task).  Larger batches spread each batch's fixed NumPy and
 #: SentencePiece call overheads over more documents: measured with 2 processes on the 163k-line
@@ -186,10 +197,8 @@ class DocumentProcessor:
     """Reading (of a line range), filters, language ID, dedup keys and tokenization of a batch."""
 
     def __init__(self, config: DataConfig, tokenizer_file: str):
-        import sentencepiece as spm
-
         self.config = config
-        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+        self.sp = load_sentencepiece(tokenizer_file)
         self.encoder = BatchEncoder(self.sp)
         self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
         self.minhasher = minhasher(config.dedup)
@@ -310,7 +319,7 @@ def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) ->
         "seq_len": seq_len,
         "tokenizer_sha256": tokenizer_sha,
         "config": relevant,
-        "inputs": [[str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns] for f in files],
+        "inputs": [file_identity(f.path) for f in files],
     }
 
 
@@ -512,11 +521,12 @@ class _Run:
 
 
 def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
-    """Check the output directory; returns the resume state when a matching run was interrupted."""
-    if overwrite and out.exists():
-        if any(out.iterdir()) and not ((out / METADATA).exists() or (out / STATE_DIR).exists()):
+    """Check the output directory (local or a bucket prefix); returns the resume state when a
+    matching run was interrupted."""
+    if overwrite and not is_empty_or_missing(out):
+        if not ((out / METADATA).exists() or (out / STATE_DIR).exists()):
             raise PrepareError(f"{out} is not a token cache; refusing to delete it for --overwrite")
-        shutil.rmtree(out)
+        remove_tree(out)
     state_file = out / STATE_DIR / "state.json"
     if (out / METADATA).is_file():
         meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
@@ -538,9 +548,9 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | Non
             "re-run that command to finish it, or pass --overwrite"
         )
     if (out / STATE_DIR).is_dir():  # interrupted before its first checkpoint: nothing to keep
-        shutil.rmtree(out)
+        remove_tree(out)
         return None
-    if out.exists() and any(out.iterdir()):
+    if not is_empty_or_missing(out):
         raise PrepareError(f"{out} exists and is not an unfinished token cache; choose an empty directory")
     return None
 
@@ -558,15 +568,20 @@ def prepare(
     console=None,
     engine: str = "local",
     ray_address: str | None = None,
+    staging_dir: str | Path | None = None,
 ) -> PrepareResult:
     """Build (or finish, or find complete) the token cache in ``output``; see the module docstring.
+
+    ``inputs``, ``tokenizer`` and ``output`` may be local paths or ``gs://`` URLs.  The Ray engine
+    writes a bucket cache in place from its tasks; the local engine (one machine) builds it in
+    ``staging_dir`` on local disk, where an interrupted run resumes, and uploads it when complete
+    (:func:`_prepare_staged`).
 
     ``inputs`` (files/dirs) default to ``config.inputs``; ``seq_len`` to ``config.seq_len``;
     ``workers`` to ``config.workers`` (0 = CPU count; 1 = no worker processes).  ``engine="ray"``
     builds the same cache with Ray tasks (data_pipeline.ray_engine), on a local Ray instance or the
     cluster at ``ray_address`` (``auto`` or HOST:PORT); ``workers`` then sizes a local instance.
     """
-    import sentencepiece as spm
     from rich.console import Console
 
     if engine not in ("local", "ray"):
@@ -579,14 +594,14 @@ def prepare(
     console = console or Console(stderr=True)
     config = config or DataConfig()
     seq_len = seq_len or config.seq_len
-    out = Path(output)
-    tokenizer = Path(tokenizer)
+    out = as_path(output)
+    tokenizer = as_path(tokenizer)
     if not tokenizer.is_file():
         raise InputError(f"{tokenizer}: tokenizer model not found (train one with `indicfm tokenizer train`)")
     files = find_input_files(list(inputs) or config.inputs, allow_unknown=config.allow_unknown_languages)
     if not files and not config.hub:
         raise InputError("no input files found (give --input PATH or data.inputs in the config)")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    sp = load_sentencepiece(tokenizer)
     bos_id, eos_id, pad_id = sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0)
     if eos_id < 0 or bos_id < 0:
         raise PrepareError(f"{tokenizer}: the tokenizer needs BOS and EOS tokens (train it with "
@@ -607,6 +622,10 @@ def prepare(
                                "engine (it resumes), or pass --overwrite")
         return _prepare_with_ray(files, tokenizer, out, seq_len, config, sp, tokenizer_sha, fingerprint,
                                  workers, ray_address, show_progress, console, start)
+    if is_url(out):
+        return _prepare_staged(inputs, tokenizer, out, seq_len=seq_len, config=config, workers=workers,
+                               overwrite=overwrite, show_progress=show_progress, console=console,
+                               staging_dir=staging_dir, start=start)
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(out, config, seq_len, pad_id)
     if state:
@@ -683,7 +702,7 @@ def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str
         "fingerprint": fingerprint,
     }
     write_json_atomic(out / METADATA, metadata)
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    remove_tree(out / STATE_DIR)
 
 
 def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp, tokenizer_sha: str,
@@ -695,12 +714,12 @@ def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: D
 
     from data_pipeline.ray_engine import prepare_with_ray
 
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    make_dirs(out / STATE_DIR)
     write_json_atomic(out / STATE_DIR / "ray.json", {"engine": "ray", "fingerprint": fingerprint})
     n_workers = workers if workers is not None else config.workers
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   disable=not show_progress, transient=False) as progress:
-        done = prepare_with_ray(files, tokenizer.resolve(), out.resolve(), seq_len=seq_len, config=config,
+        done = prepare_with_ray(files, _absolute(tokenizer), _absolute(out), seq_len=seq_len, config=config,
                                 pad_id=max(sp.pad_id(), 0), progress=progress, address=ray_address,
                                 workers=n_workers)
     _write_metadata(out, seq_len, tokenizer, tokenizer_sha, sp, config, done["languages"], fingerprint)
@@ -711,6 +730,45 @@ def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: D
                          time.perf_counter() - start, resumed=False, batch_cpu_seconds=times.cpu.get("process", 0.0),
                          stage_seconds=dict(times.wall), stage_cpu_seconds=dict(times.cpu), nodes=done["nodes"],
                          placement=done["placement"])
+
+
+def _absolute(path: Path) -> Path:
+    """An absolute local path (Ray tasks may run in another working directory); URLs as they are."""
+    return path if is_url(path) else path.resolve()
+
+
+def default_staging_dir(output: Path) -> Path:
+    """Where the local engine builds a bucket cache before uploading it: one directory per output
+    URL under the temporary directory, so re-running the same command finds and resumes it."""
+    digest = hashlib.sha256(str(output).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "indicfm-staging" / digest
+
+
+def _prepare_staged(inputs, tokenizer: Path, out: Path, *, seq_len: int, config: DataConfig, workers: int | None,
+                    overwrite: bool, show_progress: bool, console, staging_dir: str | Path | None,
+                    start: float) -> PrepareResult:
+    """The local engine with a bucket ``out``: its append-only drop log and resume checkpoints
+    need a local filesystem, so the cache is built (or resumed) in a local staging directory, then
+    uploaded file by file with ``metadata.json`` last (until then the bucket copy is incomplete,
+    and a re-run uploads again), and the staging directory is removed."""
+    stage = Path(staging_dir) if staging_dir is not None else default_staging_dir(out)
+    console.print(f"{out}: building in {stage} (local engine), then uploading")
+    built = prepare(inputs, tokenizer, stage, seq_len=seq_len, config=config, workers=workers, overwrite=overwrite,
+                    show_progress=show_progress, console=console)
+    upload_cache(stage, out, console)
+    remove_tree(stage)
+    return replace(built, output=out, seconds=time.perf_counter() - start)
+
+
+def upload_cache(local: Path, out: Path, console) -> None:
+    """Copy a complete local cache to ``out`` (a URL), ``metadata.json`` last."""
+    files = sorted(p for p in local.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(local).parts)
+    files = [p for p in files if p.name != METADATA] + [local / METADATA]
+    size = sum(p.stat().st_size for p in files)
+    console.print(f"uploading {len(files)} files ({size / 1e6:,.1f} MB) to {out}")
+    for path in files:  # streamed: a shard file is never held whole
+        out.fs.put_file(str(path), (out / path.relative_to(local).as_posix()).path)
+    fresh(out)
 
 
 def _languages_complete_after(files: Sequence[InputFile], has_hub: bool) -> dict[Path, tuple[str, int]]:

@@ -72,6 +72,7 @@ from data_pipeline.dedup import matches_needed
 from data_pipeline.pack import PackedRows
 from data_pipeline.report import Report
 from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_documents, iter_hub_dataset, line_ranges
+from indicfm.storage import as_path, make_dirs, open_for_reading
 
 #: Line ranges (of at most prepare.BATCH_DOCS lines each) per process task: large enough that a
 #: task's fixed costs (scheduling, fetching the processor, the shuffle's per-partition objects)
@@ -457,7 +458,7 @@ def finalize_shard(docs: ShardDocs, duplicates: tuple[np.ndarray, np.ndarray], d
             per_reason[reason] += 1
             text = None if reason in _DEDUP_REASONS else docs.previews[i]
             examples.append((int(docs.positions[i]), reason, lang, source, line, text))
-    Path(drop_dir, f"{docs.index:08d}.tsv").write_text("".join(drop_lines), encoding="utf-8")
+    (as_path(drop_dir) / f"{docs.index:08d}.tsv").write_text("".join(drop_lines), encoding="utf-8")
     kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     pass_langs = np.array([docs.langs[i] for i in docs.passing.tolist()])
     token_keep = np.repeat(kept_mask, docs.lengths)
@@ -523,7 +524,7 @@ def write_block(directory: str, lang: str, first_row: int, first_token: int, sta
     CPU seconds, tokens).  Writing a fixed block again writes the same bytes, so a retry is harmless."""
     cpu_start = time.process_time()
     rows, split = rows_of_block([k[lang] for k in kept], first_token, start, stop, seq_len, pad_id)
-    write_rows_block(Path(directory) / "rows" / lang, first_row, rows)
+    write_rows_block(as_path(directory) / "rows" / lang, first_row, rows)
     return split, time.process_time() - cpu_start, stop - start
 
 
@@ -673,7 +674,7 @@ def prepare_with_ray(
 
         # finalize
         drop_dir = out / STATE_DIR / "dropped"
-        drop_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(drop_dir)
         fin = _remote(ray, finalize_shard, num_returns=3)
         finals = [fin.remote(d, dup, str(drop_dir), config.examples_per_reason) for d, dup in zip(docs_refs, duplicates)]
         del docs_refs, duplicates
@@ -725,9 +726,9 @@ def prepare_with_ray(
     finally:
         if owns:
             ray.shutdown()
-    with open(out / DROP_LOG, "wb") as log:
+    with (out / DROP_LOG).open("wb") as log:
         for k in range(len(shards)):
-            with open(drop_dir / f"{k:08d}.tsv", "rb") as part:
+            with open_for_reading(drop_dir / f"{k:08d}.tsv") as part:
                 shutil.copyfileobj(part, log)
     report.save(out)
     lap("finish")

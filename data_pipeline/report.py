@@ -134,7 +134,9 @@ def render_table(report: dict, console) -> None:
 
 
 def load_examples(directory: str | Path) -> dict[str, list[dict]]:
-    path = Path(directory) / EXAMPLES_FILE
+    from indicfm.storage import as_path
+
+    path = as_path(directory) / EXAMPLES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no examples file (is {directory} a token cache made by `data prepare`?)")
     return json.loads(path.read_text(encoding="utf-8"))

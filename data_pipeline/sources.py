@@ -4,6 +4,7 @@ This is the one reader of raw text in indicfm: the tokenizer trainer and ``data 
 it, so they see the same documents, normalised the same way (NFC, :func:`indicfm.text.normalize`)
 and skip the same broken lines.
 
+Inputs are local paths or ``gs://`` URLs (:mod:`indicfm.storage`); both are read the same way.
 Local ``.txt``/``.dev`` (one document per line) and ``.jsonl`` (one JSON object per line) files are
 read by our own byte-level reader instead of ``datasets``' ``text``/``json`` builders: those decode
 with ``errors="replace"`` or raise on the first bad byte or bad JSON record (a crash hours into a
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from indicfm.storage import as_path, fresh, open_for_reading
 from indicfm.text import is_known_language, language_of_path, normalize
 
 #: Read-time drop reasons, in the order they are checked.
@@ -109,7 +111,8 @@ def _input_file(path: Path, allow_unknown: bool) -> InputFile:
 
 
 def find_input_files(paths: Sequence[str | Path], *, allow_unknown: bool = False) -> list[InputFile]:
-    """Expand files and directories into input files, in a deterministic order.
+    """Expand files and directories (local, or ``gs://`` prefixes) into input files, in a
+    deterministic order.
 
     Directories are scanned recursively for ``.txt``/``.dev``/``.jsonl``/``.parquet`` files (hidden
     files and other types are skipped), sorted by path; files named explicitly keep the order given.
@@ -119,7 +122,7 @@ def find_input_files(paths: Sequence[str | Path], *, allow_unknown: bool = False
     found: list[InputFile] = []
     seen: set[Path] = set()
     for raw in paths:
-        path = Path(raw)
+        path = fresh(as_path(raw))
         if path.is_dir():
             candidates = sorted(
                 p
@@ -257,7 +260,7 @@ def _raw_lines(path: Path, limit: int, start: int = 0, first_line: int = 1,
     iterates over the remainder in chunks (``rest`` is None for a line that fits); whatever of
     ``rest`` the caller leaves unread is skipped.  A leading BOM is not part of the first line.
     """
-    with open(path, "rb") as stream:
+    with open_for_reading(path) as stream:
         stream.seek(start)
         line_no = first_line - 1
         while count is None or line_no < first_line - 1 + count:
@@ -434,7 +437,7 @@ def line_ranges(path: str | Path, *, max_lines: int, max_bytes: int) -> Iterator
 
     start, first_line, pending, offset = 0, 1, 0, 0  # pending: whole lines since ``start``
     last_byte = b"\n"
-    with open(path, "rb") as stream:
+    with open_for_reading(path) as stream:
         while block := stream.read(1 << 20):
             ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (offset + 1)  # line ends
             i = 0
@@ -482,7 +485,7 @@ def read_line_range(
     if f.format != "text":
         raise InputError(f"{f.path}: {f.format} files are not read in line ranges")
     if r.end - r.start <= _BULK_BYTES:
-        with open(f.path, "rb") as stream:
+        with open_for_reading(f.path) as stream:
             stream.seek(r.start)
             data = stream.read(r.end - r.start)
         columns = _text_columns_fast(data, f.lang or UNKNOWN_LANGUAGE, r, max_chars)

@@ -25,6 +25,7 @@ EXTRA_USES: dict[str, str] = {
     "export": "torch and transformers, to load what `indicfm export hf` wrote with AutoModelForCausalLM "
     "(the export itself needs neither)",
     "ray": "Ray, for `indicfm data prepare --engine ray` on a Ray cluster",
+    "gcs": "gcsfs and universal-pathlib, for gs:// inputs, tokenizers and token caches in `indicfm data prepare`",
     "dev": "pytest and the wheel build, for the test suite (`pytest -m \"not slow\" -n 2 -q`)",
 }
 

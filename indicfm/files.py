@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks: the identity of a tokenizer or input file.
-
-    A token cache and a checkpoint record their tokenizer's hash so a run can refuse to mix tokens
-    of one tokenizer with a model trained on another.
-    """
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
+# Re-exported: the tokenizer's hash and directory fsync work on local paths and gs:// alike.
+from indicfm.storage import file_sha256, fsync_directory  # noqa: F401
 
 
 def save_array_durably(path: str | Path, array: np.ndarray) -> None:
@@ -26,13 +18,3 @@ def save_array_durably(path: str | Path, array: np.ndarray) -> None:
         np.save(out, array)
         out.flush()
         os.fsync(out.fileno())
-
-
-def fsync_directory(path: str | Path) -> None:
-    """Make the names created or renamed in ``path`` durable (POSIX: a rename is only durable once
-    its directory is fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

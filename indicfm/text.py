@@ -143,7 +143,7 @@ def script_letters(script: str) -> tuple[str, ...]:
 
 def language_of_path(path: str | Path) -> str:
     """The language code a file name carries: the name up to its first dot (``hin_Deva.txt``)."""
-    return Path(path).name.split(".", 1)[0]
+    return Path(str(path)).name.split(".", 1)[0]  # str(): a gs:// path (UPath) is no os.PathLike
 
 
 def is_known_language(code: str) -> bool:

@@ -21,7 +21,7 @@ ConfigOption = Annotated[
 #: Paths after the options (``indicfm data prepare a b``); with :data:`InputOption` this is also what
 #: makes ``--input a b`` work: click gives ``a`` to the flag and ``b`` to these.
 InputsArgument = Annotated[
-    Optional[list[Path]],
+    Optional[list[str]],  # str, not Path: a gs:// URL must keep its "//"
     typer.Argument(help="Input files or directories (the same as --input; list as many as you like).", show_default=False),
 ]
 SetOption = Annotated[
@@ -30,12 +30,14 @@ SetOption = Annotated[
 ]
 
 
-def input_paths(flagged: list[Path] | None, listed: list[Path] | None) -> list[Path]:
+def input_paths(flagged: list[str] | None, listed: list[str] | None) -> list[str | Path]:
     """The paths of ``--input`` (repeatable) and of :data:`InputsArgument`, the flag's first, in order;
-    a relative ``samples/...`` path not found here is the sample shipped with indicfm."""
+    a relative ``samples/...`` path not found here is the sample shipped with indicfm; URLs
+    (``gs://...``) are kept as given."""
     from indicfm.package_data import resolve_path
+    from indicfm.storage import is_url
 
-    return [resolve_path(p) for p in [*(flagged or []), *(listed or [])]]
+    return [p if is_url(p) else resolve_path(p) for p in [*(flagged or []), *(listed or [])]]
 
 
 def load_config_or_exit(config: Path | None, sets: list[str] | None):

@@ -16,18 +16,22 @@ app = typer.Typer(help="Clean, deduplicate, tokenize and pack corpora into a tok
 def prepare_cmd(
     paths: InputsArgument = None,
     input: Annotated[
-        Optional[list[Path]],
+        Optional[list[str]],
         typer.Option(
             "--input", "-i",
             help="Text (.txt: one document per line, named like hin_Deva.txt), .jsonl (text, lang) or "
-            ".parquet file, or a directory of them; several may follow one --input (--input a b). "
+            ".parquet file, or a directory of them, local or gs://bucket/...; several may follow one --input (--input a b). "
             "Default: data.inputs from the config.",
         ),
     ] = None,
     tokenizer: Annotated[
-        Optional[Path], typer.Option("--tokenizer", "-t", help="SentencePiece .model (default: tokenizer.model_file)")
+        Optional[str],
+        typer.Option("--tokenizer", "-t", help="SentencePiece .model, a path or gs:// URL (default: tokenizer.model_file)"),
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cache directory (default: data.cache_dir)")] = None,
+    output: Annotated[
+        Optional[str],
+        typer.Option("--output", "-o", help="Cache directory, a path or gs://bucket/prefix (default: data.cache_dir)"),
+    ] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed row (default: data.seq_len)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that clean and tokenize, the main one included (default: data.workers; 0 = all CPUs; 1 = no worker processes)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing cache in --output first")] = False,
@@ -44,7 +48,17 @@ def prepare_cmd(
         typer.Option(
             "--ray-address",
             help="With --engine ray: join this cluster (auto, or HOST:PORT of `ray start --head`) instead "
-            "of starting a local Ray instance. Inputs, tokenizer and output must be at the same paths on every node.",
+            "of starting a local Ray instance. Inputs, tokenizer and output must be at the same paths on every node "
+            "(a shared filesystem, or gs:// URLs).",
+        ),
+    ] = None,
+    staging_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--staging-dir",
+            help="With a gs:// --output and --engine local: build the cache here on local disk (an "
+            "interrupted run resumes from it), then upload it. Default: a directory per output under the "
+            "temporary directory. --engine ray writes to the bucket directly.",
         ),
     ] = None,
     config: ConfigOption = None,
@@ -64,13 +78,15 @@ def prepare_cmd(
         indicfm data prepare -c configs/data/sample.yaml -t out/tok.model --set data.filters.min_words=5
 
         indicfm data prepare -i corpus/ -t out/tok.model -o out/cache --engine ray --ray-address auto
+
+        indicfm data prepare -i gs://bucket/corpus -t gs://bucket/tok.model -o gs://bucket/cache --engine ray
     """
     cfg = load_config_or_exit(config, set_)
     from indicfm.package_data import resolve_path
 
     inputs = [str(p) for p in input_paths(input, paths) or map(resolve_path, cfg.data.inputs)]
-    tokenizer = tokenizer or (Path(cfg.tokenizer.model_file) if cfg.tokenizer.model_file else None)
-    output = output or (Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
+    tokenizer = tokenizer or (str(cfg.tokenizer.model_file) if cfg.tokenizer.model_file else None)
+    output = output or (str(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     if not inputs and not cfg.data.hub:
         fail("no input: give --input PATH (or data.inputs / data.hub in the config)")
     if tokenizer is None:
@@ -88,13 +104,15 @@ def prepare_cmd(
     from data_pipeline.prepare import PrepareError, prepare
     from data_pipeline.ray_engine import RayNotInstalled, RayRunError
     from data_pipeline.sources import InputError
+    from indicfm.storage import StorageError
 
     try:
         result = prepare(
             inputs, tokenizer, output, seq_len=seq_len or cfg.data.seq_len, config=cfg.data,
             workers=workers, overwrite=overwrite, console=console, engine=engine, ray_address=ray_address,
+            staging_dir=staging_dir,
         )
-    except (InputError, PrepareError, CacheError, RayNotInstalled, RayRunError) as err:
+    except (InputError, PrepareError, CacheError, RayNotInstalled, RayRunError, StorageError) as err:
         from rich.markup import escape
 
         fail(escape(str(err)))  # not markup: "indicfm[ray]", or a path with brackets, print as they are
@@ -110,7 +128,7 @@ def prepare_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    cache_dir: Annotated[Path, typer.Argument(help="Token cache directory written by `data prepare`")],
+    cache_dir: Annotated[str, typer.Argument(help="Token cache directory (or gs:// prefix) written by `data prepare`")],
     reason: Annotated[
         Optional[str], typer.Option("--reason", "-r", help="Show dropped examples of this reason, e.g. wrong_script")
     ] = None,
@@ -127,7 +145,9 @@ def inspect_cmd(
     import json
 
     from data_pipeline.report import DROP_REASONS, load_examples, render_table
+    from indicfm.storage import as_path
 
+    cache_dir = as_path(cache_dir)
     report_path = cache_dir / "report.json"
     if not report_path.is_file():
         fail(f"{report_path}: not found; is {cache_dir} a token cache made by `indicfm data prepare`?")
@@ -152,18 +172,18 @@ def inspect_cmd(
 
 
 def _print_rows(cache_dir: Path, n: int) -> None:
-    import sentencepiece as spm
-
     from data_pipeline.cache import CacheError, read_metadata, read_rows
+    from indicfm.storage import as_path
+    from tokenizer.load import load_sentencepiece
 
     try:
         info = read_metadata(cache_dir)
     except CacheError as err:
         fail(str(err))
-    tok = Path(info.metadata["tokenizer"])
+    tok = as_path(info.metadata["tokenizer"])
     if not tok.is_file():
         fail(f"{tok}: tokenizer used for this cache not found; cannot decode rows")
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    sp = load_sentencepiece(tok)
     for lang, v in info.languages.items():
         packed = read_rows(cache_dir, lang, slice(0, min(n, v["rows"])))
         for r in range(len(packed)):

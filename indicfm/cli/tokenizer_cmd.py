@@ -17,7 +17,7 @@ def train(
     output_prefix: Annotated[Path, typer.Option("--output-prefix", "-o", help="Writes PREFIX.model, PREFIX.vocab, PREFIX.json")],
     paths: InputsArgument = None,
     input: Annotated[
-        Optional[list[Path]],
+        Optional[list[str]],
         typer.Option(
             "--input", "-i",
             help="Text/JSONL file or directory; several may follow one --input (--input a b). "

@@ -1,0 +1,134 @@
+"""``data prepare`` with gs:// inputs, tokenizer and output, against a local GCS emulator
+(tests/gcs_emulator.py).  The reference is always the same prepare on local files: the bucket must
+change nothing but where bytes live (and the ``source`` paths the report and drop log name)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gcs_emulator  # noqa: F401  (first: it sets what gcsfs reads when imported)
+from data_pipeline.cache import read_metadata, read_rows
+from data_pipeline.prepare import prepare
+from data_pipeline.testing import train_tiny_tokenizer
+from prepare_checks import assert_same_cache, make_crossing_corpus
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("upath")
+pytest.importorskip("gcp_storage_emulator")
+
+from gcs_emulator import BUCKET, download_tree, running_emulator, upload_tree  # noqa: E402
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory, sample_train_dir):
+    """The emulator, holding a corpus whose duplicates cross files (and its tokenizer), and the
+    local engine's cache of the same files read from local disk."""
+    tmp = tmp_path_factory.mktemp("gcs")
+    make_crossing_corpus(sample_train_dir, tmp / "corpus")
+    tokenizer = train_tiny_tokenizer(sample_train_dir, tmp / "tok")
+    local_cache = tmp / "local_cache"
+    prepare([tmp / "corpus"], tokenizer, local_cache, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    with running_emulator():
+        upload_tree(tmp / "corpus", f"gs://{BUCKET}/corpus")
+        upload_tree(tokenizer.parent, f"gs://{BUCKET}/tok")
+        yield {"corpus": f"gs://{BUCKET}/corpus", "tokenizer": f"gs://{BUCKET}/tok/{tokenizer.name}",
+               "local_corpus": tmp / "corpus", "local_cache": local_cache}
+
+
+@pytest.fixture(scope="module")
+def from_bucket_inputs(bucket, tmp_path_factory):
+    """The local engine reading the corpus and tokenizer from the bucket into a local cache (2
+    worker processes: they read the bucket too)."""
+    out = tmp_path_factory.mktemp("gcs_in") / "cache"
+    prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=2, show_progress=False)
+    return out
+
+
+def _drop_log(cache, prefix: str) -> list[str]:
+    return [line.removeprefix(prefix) for line in (cache / "dropped.tsv").read_text(encoding="utf-8").splitlines()]
+
+
+def test_inputs_and_tokenizer_in_a_bucket_give_the_local_files_cache(bucket, from_bucket_inputs):
+    local, remote = bucket["local_cache"], from_bucket_inputs
+    info = read_metadata(local)
+    assert read_metadata(remote).languages == info.languages
+    for lang, v in info.languages.items():
+        a, b = read_rows(local, lang, slice(None)), read_rows(remote, lang, slice(None))
+        for name in ("tokens", "segment_ids", "positions"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), f"{lang} {name}"
+    # the same documents dropped for the same reasons; only the source names differ
+    assert _drop_log(remote, bucket["corpus"]) == _drop_log(local, str(bucket["local_corpus"].resolve()))
+    report = json.loads((remote / "report.json").read_text(encoding="utf-8"))
+    assert report["languages"] == json.loads((local / "report.json").read_text(encoding="utf-8"))["languages"]
+    assert read_metadata(remote).metadata["tokenizer"] == bucket["tokenizer"]
+
+
+def test_local_engine_builds_a_bucket_cache_in_staging_then_uploads_it(bucket, from_bucket_inputs, tmp_path):
+    out = f"gs://{BUCKET}/cache-local"
+    stage = tmp_path / "stage"
+    result = prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1,
+                     show_progress=False, staging_dir=stage)
+    assert str(result.output) == out
+    assert not stage.exists(), "the staging directory is removed once uploaded"
+    assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
+    # read in place: metadata, rows and the CLI's inspect
+    assert read_metadata(out).languages == read_metadata(from_bucket_inputs).languages
+    lang = sorted(read_metadata(out).languages)[0]
+    assert np.array_equal(read_rows(out, lang, slice(0, 3)).tokens,
+                          read_rows(from_bucket_inputs, lang, slice(0, 3)).tokens)
+    again = prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    assert again.resumed and again.documents == 0, "a complete bucket cache is found complete"
+
+
+def test_token_loader_reads_a_bucket_cache(bucket, from_bucket_inputs, tmp_path):
+    from data_pipeline.loader import TokenLoader
+
+    out = f"gs://{BUCKET}/cache-loader"
+    prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1, show_progress=False,
+            staging_dir=tmp_path / "stage")
+    remote = TokenLoader(out, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    local = TokenLoader(from_bucket_inputs, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    for step in range(3):
+        a, b = remote.batch(step), local.batch(step)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_inspect_cli_reads_a_bucket_cache(bucket, tmp_path):
+    from typer.testing import CliRunner
+
+    from indicfm.cli import app
+
+    out = f"gs://{BUCKET}/cache-cli"
+    result = CliRunner().invoke(app, ["data", "prepare", "-i", bucket["corpus"], "-t", bucket["tokenizer"], "-o", out,
+                                      "--seq-len", str(SEQ_LEN), "--workers", "1",
+                                      "--staging-dir", str(tmp_path / "stage")])
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(app, ["data", "inspect", out, "--reason", "exact_duplicate", "--rows", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert bucket["corpus"] in shown.output  # the duplicate's source, a gs:// URL
+
+
+@pytest.mark.timeout(300)
+def test_ray_engine_writes_the_bucket_cache_in_place(bucket, from_bucket_inputs, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import data_pipeline.prepare as prepare_mod
+    import data_pipeline.ray_engine as ray_engine
+
+    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, so duplicates cross them
+    monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
+    # started here, after the emulator's variables are set, so every Ray worker inherits them
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 << 20, log_to_driver=False,
+             configure_logging=False)
+    try:
+        out = f"gs://{BUCKET}/cache-ray"
+        prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, engine="ray", show_progress=False)
+    finally:
+        ray.shutdown()
+    assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
