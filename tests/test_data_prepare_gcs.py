@@ -132,3 +132,27 @@ def test_ray_engine_writes_the_bucket_cache_in_place(bucket, from_bucket_inputs,
     finally:
         ray.shutdown()
     assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
+
+
+@pytest.mark.slow  # two short training runs (the loader test covers reading a bucket cache)
+@pytest.mark.timeout(600)
+def test_training_from_a_bucket_cache_and_tokenizer_equals_training_from_local_copies(bucket, tmp_path):
+    """`indicfm train` with data.cache_dir and tokenizer.model_file in the bucket: the same losses,
+    bit for bit, as from local copies of both (and the bucket cache is used as it is, not rebuilt)."""
+    from helpers import read_losses
+    from indicfm.config import load_config
+    from indicfm.train.loop import train
+    from test_train_loop import TINY_SETTINGS
+
+    out = f"gs://{BUCKET}/cache-train"
+    prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1, show_progress=False,
+            staging_dir=tmp_path / "stage")
+    local_cache = download_tree(out, tmp_path / "local_cache")
+    local_tok = download_tree(bucket["tokenizer"].rsplit("/", 1)[0], tmp_path / "tok") / bucket["tokenizer"].rsplit("/", 1)[1]
+    steps = ["trainer.steps=3", "checkpoint.every_steps=3"]
+    remote = train(load_config(None, TINY_SETTINGS + steps + [f"tokenizer.model_file={bucket['tokenizer']}",
+                                                              f"data.cache_dir={out}"]), tmp_path / "remote")
+    local = train(load_config(None, TINY_SETTINGS + steps + [f"tokenizer.model_file={local_tok}",
+                                                             f"data.cache_dir={local_cache}"]), tmp_path / "local")
+    assert remote.final_step == local.final_step == 3
+    assert read_losses(tmp_path / "remote") == read_losses(tmp_path / "local")

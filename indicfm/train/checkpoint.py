@@ -58,6 +58,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save_decision
 
+from indicfm.storage import as_path, read_bytes
 from indicfm.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,9 @@ class Restored:
 
 def tokenizer_item(path: str | Path) -> dict:
     """The ``tokenizer`` checkpoint item: file name, sha256 and the file's bytes (base64)."""
-    data = Path(path).read_bytes()
+    data = read_bytes(path)
     return {
-        "file_name": Path(path).name,
+        "file_name": as_path(path).name,
         "sha256": hashlib.sha256(data).hexdigest(),
         "base64": base64.b64encode(data).decode("ascii"),
     }

@@ -83,9 +83,9 @@ def load_heldout(
     directory: str | Path, tokenizer_file: str | Path, seq_len: int, max_lines: int, languages: Iterable[str] = ()
 ) -> list[HeldoutSet]:
     """Every language's held-out set, tokenized with the run's SentencePiece model."""
-    import sentencepiece as spm
+    from tokenizer.load import load_sentencepiece
 
-    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    processor = load_sentencepiece(tokenizer_file)
     encode = lambda text: processor.encode(text, out_type=int)  # noqa: E731
     lines = read_heldout_lines(directory, max_lines, languages)
     return [build_heldout_set(lang, lang_lines, encode, seq_len) for lang, lang_lines in lines.items()]

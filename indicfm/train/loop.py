@@ -465,9 +465,9 @@ def _check_inputs(cfg: Config, loader: Any, tokenizer_sha: str) -> None:
             f"the token cache {cfg.data.cache_dir} was built with tokenizer sha256 {cache_sha}, "
             f"but tokenizer.model_file {cfg.tokenizer.model_file} has sha256 {tokenizer_sha}"
         )
-    import sentencepiece as spm
+    from tokenizer.load import load_sentencepiece
 
-    vocab = spm.SentencePieceProcessor(model_file=str(cfg.tokenizer.model_file)).get_piece_size()
+    vocab = load_sentencepiece(cfg.tokenizer.model_file).get_piece_size()
     if vocab > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} pieces "
