@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -127,7 +128,8 @@ def file_identity(path: Path) -> list:
 def remove_tree(path: Path, *, missing_ok: bool = True) -> None:
     """Delete a directory (or bucket prefix) and everything under it."""
     if not is_url(path):
-        shutil.rmtree(path, ignore_errors=missing_ok)
+        if path.exists() or not missing_ok:
+            shutil.rmtree(path)
         return
     fresh(path)
     if path.exists():
@@ -152,8 +154,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         path.write_bytes(data)
         fresh(path)
         return
-    import os
-
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as out:
         out.write(data)
@@ -168,8 +168,6 @@ def fsync_directory(path: str | Path) -> None:
     durable once its directory is fsynced).  Object stores need nothing of the kind."""
     if is_url(path):
         return
-    import os
-
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
