@@ -156,3 +156,28 @@ def test_training_from_a_bucket_cache_and_tokenizer_equals_training_from_local_c
                                                              f"data.cache_dir={local_cache}"]), tmp_path / "local")
     assert remote.final_step == local.final_step == 3
     assert read_losses(tmp_path / "remote") == read_losses(tmp_path / "local")
+
+
+@pytest.mark.slow  # starts a two-node Ray cluster
+@pytest.mark.timeout(420)
+def test_two_node_ray_cluster_prepares_from_and_into_the_bucket(bucket, from_bucket_inputs, tmp_path, monkeypatch):
+    """Nodes that share no directory: inputs, tokenizer and cache only in the bucket."""
+    import ray
+
+    import data_pipeline.prepare as prepare_mod
+    import data_pipeline.ray_engine as ray_engine
+    from test_data_prepare_ray_cluster import _two_node_cluster
+
+    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, spread over both nodes
+    monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = f"gs://{BUCKET}/cache-cluster"
+    with _two_node_cluster() as (address, _):  # its nodes inherit the emulator's variables
+        try:
+            result = prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, engine="ray",
+                             ray_address=address, show_progress=False)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    assert len(result.nodes) == 2, "the shards did not run on both nodes"
+    assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
