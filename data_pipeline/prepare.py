@@ -301,8 +301,17 @@ class DocumentProcessor:
                            time.process_time() - cpu_start, features)
 
 
-def _make_processor(config_json: str, tokenizer_file: str) -> DocumentProcessor:
-    """Builds a worker process's DocumentProcessor (the config travels as JSON)."""
+def _make_processor(config_json: str, tokenizer_file: str, environment: dict[str, str] | None = None
+                    ) -> DocumentProcessor:
+    """Builds a worker process's DocumentProcessor (the config travels as JSON).
+
+    ``environment``: the parent's environment when it started the workers.  The fork server they
+    come from is started once per process and keeps the environment of then, so without this a
+    worker would not see credentials or storage endpoints set since (``GOOGLE_APPLICATION_CREDENTIALS``,
+    an emulator's address) and would read a ``gs://`` input with other rights than the parent."""
+    if environment is not None and environment != dict(os.environ):
+        os.environ.clear()
+        os.environ.update(environment)
     return DocumentProcessor(DataConfig.model_validate_json(config_json), tokenizer_file)
 
 
@@ -825,5 +834,5 @@ def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tok
     """(task, its BatchResult) in input order, using ``n_workers`` processes in all, the main one
     included (see :class:`data_pipeline.workers.OrderedMap`): whatever the number, the results and
     so the cache are the same."""
-    make = functools.partial(_make_processor, config.model_dump_json(), str(tokenizer))
+    make = functools.partial(_make_processor, config.model_dump_json(), str(tokenizer), dict(os.environ))
     return OrderedMap(tasks, make, n_workers, _worker_context() if n_workers > 1 else None)

@@ -32,7 +32,9 @@ def bucket(tmp_path_factory, sample_train_dir):
     make_crossing_corpus(sample_train_dir, tmp / "corpus")
     tokenizer = train_tiny_tokenizer(sample_train_dir, tmp / "tok")
     local_cache = tmp / "local_cache"
-    prepare([tmp / "corpus"], tokenizer, local_cache, seq_len=SEQ_LEN, workers=1, show_progress=False)
+    # 2 workers: this starts the process's fork server *before* the emulator's variables are set,
+    # as any earlier prepare would; workers forked from it later must still see them
+    prepare([tmp / "corpus"], tokenizer, local_cache, seq_len=SEQ_LEN, workers=2, show_progress=False)
     with running_emulator():
         upload_tree(tmp / "corpus", f"gs://{BUCKET}/corpus")
         upload_tree(tokenizer.parent, f"gs://{BUCKET}/tok")
@@ -160,24 +162,27 @@ def test_training_from_a_bucket_cache_and_tokenizer_equals_training_from_local_c
 
 @pytest.mark.slow  # starts a two-node Ray cluster
 @pytest.mark.timeout(420)
-def test_two_node_ray_cluster_prepares_from_and_into_the_bucket(bucket, from_bucket_inputs, tmp_path, monkeypatch):
-    """Nodes that share no directory: inputs, tokenizer and cache only in the bucket."""
-    import ray
+def test_two_node_ray_cluster_prepares_from_and_into_the_bucket(bucket, from_bucket_inputs, tmp_path):
+    """Nodes that share no directory: inputs, tokenizer and cache only in the bucket.  The driver is
+    a process of its own, as a user's would be (this one may have run a local Ray instance)."""
+    import subprocess
+    import sys
 
-    import data_pipeline.prepare as prepare_mod
-    import data_pipeline.ray_engine as ray_engine
-    from test_data_prepare_ray_cluster import _two_node_cluster
+    from test_data_prepare_ray_cluster import _env, _two_node_cluster
 
-    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, spread over both nodes
-    monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     out = f"gs://{BUCKET}/cache-cluster"
     with _two_node_cluster() as (address, _):  # its nodes inherit the emulator's variables
-        try:
-            result = prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, engine="ray",
-                             ray_address=address, show_progress=False)
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
-    assert len(result.nodes) == 2, "the shards did not run on both nodes"
+        driver = (
+            "import json, sys\n"
+            "import data_pipeline.prepare as p, data_pipeline.ray_engine as r\n"
+            "p.BATCH_DOCS, r.SHARD_RANGES = 96, 2  # many shards, spread over both nodes\n"
+            "a = sys.argv[1:]\n"
+            "done = p.prepare([a[0]], a[1], a[2], seq_len=int(a[3]), engine='ray', ray_address=a[4],\n"
+            "                 show_progress=False)\n"
+            "print(json.dumps(done.nodes))\n"
+        )
+        run = subprocess.run([sys.executable, "-c", driver, bucket["corpus"], bucket["tokenizer"], out, str(SEQ_LEN),
+                              address], env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(json.loads(run.stdout.strip().splitlines()[-1])) == 2, "the shards did not run on both nodes"
     assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
