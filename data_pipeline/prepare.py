@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
-import hashlib
 import os
 import tempfile
 import time

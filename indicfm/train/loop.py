@@ -22,7 +22,6 @@ writes logs, metrics and TensorBoard files.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
