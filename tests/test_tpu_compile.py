@@ -42,7 +42,7 @@ MESHES = {
 # expert axis and remat=full the planner reads ~0.8 of XLA:TPU at this size.  The
 # planner counts the exchange's overflow rounds in the MoE block's backward (where they are at pod
 # scale: moe-30b reads ~1.0 with them), but this unscanned toy keeps its logits alive through the
-# last block's backward, and XLA's allocator adds ~75% to the live peak here (heap fragmentation
+# last block's backward, and XLA's allocator adds ~80% to the live peak here (heap fragmentation
 # plus temporaries outside its buffer assignment, both growing with the overflow loop), which no
 # buffer count explains.  Those cases are expected failures (strict, so fixing the planner shows
 # up), not left out.
