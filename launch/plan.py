@@ -13,7 +13,10 @@ Memory per device comes from the model itself, not from hand-kept formulas:
   automatically. Residuals carrying a tensor-sharded axis (heads, MLP hidden, vocab) are divided by
   the tensor-parallel size.
 * **backward working set**: while the backward pass runs, the gradient of the largest activation
-  (typically the float32 logits) exists next to the saved ones.
+  (typically the float32 logits) exists next to the saved ones; later, the block being
+  differentiated holds what remat recomputes and, over an expert axis, the buffers of the
+  exchange's overflow round being differentiated (the outputs of its conditionals, found by
+  tracing ``jax.grad``).
 
 Time is a roofline: model FLOPs per step (``indicfm.model.flops``) at an assumed MFU, plus the
 communication the mesh implies (FSDP all-gathers and gradient reduce-scatters, data-parallel
@@ -145,6 +148,45 @@ class Residual:
     from_batch: bool  # computed from the tokens (split with the batch), not only from weights
 
 
+def _traced_loss(model_cfg: Any, batch: int, seq_len: int):
+    """(loss function, abstract parameters, other variables, a ``[batch, seq_len]`` token spec): the
+    training loss of the abstract model, for tracing only."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from indicfm.model.transformer import Transformer
+    from indicfm.train.loss import masked_cross_entropy_sum
+
+    # The loss-free router bias only changes which experts are picked, never a shape; leaving it out
+    # avoids a Flax trace-level error when it sits inside remat (seen with flax 0.12.8).
+    traced_cfg = model_cfg.model_copy(update={"loss_free_bias": False})
+    # the abstract model is built outside the mesh: with one set, Flax reads logical names as mesh axes
+    abstract = nnx.eval_shape(lambda: Transformer(traced_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+
+    def loss(params_, rest_, tokens_, segments_, positions_):
+        model = nnx.merge(graphdef, params_, rest_)
+        logits, stats = model(tokens_, segments_, positions_)
+        ce, count = masked_cross_entropy_sum(logits, tokens_, segments_)
+        return ce / jnp.maximum(count, 1.0) + stats.aux_loss
+
+    return loss, params, rest, jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+
+def _tracing_for(platform: str | None, mesh_shape: tuple[int, ...]):
+    """The context a trace runs in: the target platform's backends and an abstract mesh of ``mesh_shape``."""
+    import jax
+
+    from indicfm.model.platform import compiling_for
+
+    stack = contextlib.ExitStack()
+    if platform:
+        stack.enter_context(compiling_for(platform))
+    stack.enter_context(jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)))
+    return stack
+
+
 @functools.lru_cache(maxsize=64)
 def saved_residuals(
     model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[int, ...], platform: str | None = None
@@ -161,33 +203,14 @@ def saved_residuals(
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from indicfm.model.transformer import Transformer
-    from indicfm.train.loss import masked_cross_entropy_sum
-
-    # The loss-free router bias only changes which experts are picked, never a shape; leaving it out
-    # avoids a Flax trace-level error when it sits inside remat (seen with flax 0.12.8).
-    traced_cfg = model_cfg.model_copy(update={"loss_free_bias": False})
-    # the abstract model is built outside the mesh: with one set, Flax reads logical names as mesh axes
-    abstract = nnx.eval_shape(lambda: Transformer(traced_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-
-    def loss(params_, rest_, tokens_, segments_, positions_):
-        model = nnx.merge(graphdef, params_, rest_)
-        logits, stats = model(tokens_, segments_, positions_)
-        ce, count = masked_cross_entropy_sum(logits, tokens_, segments_)
-        return ce / jnp.maximum(count, 1.0) + stats.aux_loss
+    loss, params, rest, tokens = _traced_loss(model_cfg, batch, seq_len)
 
     def forward_for_backward(params_, rest_, tokens_, segments_, positions_):
         _, f_vjp = jax.vjp(lambda p: loss(p, rest_, tokens_, segments_, positions_), params_)
         return f_vjp
 
-    from indicfm.model.platform import compiling_for
-
-    target = compiling_for(platform) if platform else contextlib.nullcontext()
-    with target, jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)):
+    with _tracing_for(platform, mesh_shape):
         jaxpr = jax.make_jaxpr(forward_for_backward)(params, rest, tokens, tokens, tokens).jaxpr
     inputs = set(map(id, jaxpr.invars)) | set(map(id, jaxpr.constvars))
     from_shard_map = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map" for v in eqn.outvars}
@@ -285,6 +308,122 @@ def _stored_buffers(outvars: Any, producer: dict, inputs: set[int]) -> list[tupl
         else:
             stored[id(var)] = (var, False)
     return list(stored.values())
+
+
+# ------------------------------------------------------------------- loops of conditionals
+
+
+def _called_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs an equation runs (``jit``, ``shard_map`` and ``checkpoint`` bodies, ``cond``
+    branches, loop bodies)."""
+    called = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                called.append(inner)
+    return called
+
+
+def _loop_bodies_in_shard_map(jaxpr: Any, in_shard_map: bool = False) -> Iterable[Any]:
+    """Bodies of the ``scan`` / ``while`` loops run inside ``shard_map`` (shapes there are one device's)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if in_shard_map and name == "scan":
+            yield eqn.params["jaxpr"].jaxpr
+        elif in_shard_map and name == "while":
+            yield eqn.params["body_jaxpr"].jaxpr
+        for inner in _called_jaxprs(eqn):
+            yield from _loop_bodies_in_shard_map(inner, in_shard_map or name == "shard_map")
+
+
+def _conditionals(body: Any) -> list[Any]:
+    """The ``cond`` equations one iteration of ``body`` runs (nested loops are loops of their own)."""
+    found = []
+    for eqn in body.eqns:
+        if eqn.primitive.name == "cond":
+            found.append(eqn)
+        elif eqn.primitive.name not in ("scan", "while"):
+            for inner in _called_jaxprs(eqn):
+                found.extend(_conditionals(inner))
+    return found
+
+
+def _is_constant(var: Any, producer: dict, bound: dict) -> bool:
+    """Whether ``var`` is a constant broadcast to a shape (``jnp.zeros``, the 0 of ``jnp.where``):
+    XLA materialises those where they are read, never as a buffer. ``bound`` maps a ``jit`` body's
+    inputs to the caller's operands."""
+    if type(var).__name__ == "Literal":
+        return True
+    if id(var) in bound:
+        outer, outer_producer, outer_bound = bound[id(var)]
+        return _is_constant(outer, outer_producer, outer_bound)
+    eqn = producer.get(id(var))
+    if eqn is None:
+        return False
+    if eqn.primitive.name.startswith("empty"):  # JAX's uninitialised placeholder
+        return True
+    if eqn.primitive.name in ("broadcast_in_dim", "convert_element_type", "reshape"):
+        return _is_constant(eqn.invars[0], producer, bound)
+    if eqn.primitive.name in ("jit", "pjit"):
+        body = eqn.params["jaxpr"].jaxpr
+        inner_producer = {id(v): e for e in body.eqns for v in e.outvars}
+        inner_bound = {id(b): (o, producer, bound) for b, o in zip(body.invars, eqn.invars)}
+        return _is_constant(body.outvars[eqn.outvars.index(var)], inner_producer, inner_bound)
+    return False
+
+
+def _conditional_output_bytes(eqn: Any) -> int:
+    """Bytes of the buffers a ``cond`` writes out: each output some branch computes (not a constant,
+    not the uninitialised placeholder JAX puts where only the other branch has a residual), each
+    variable once. Nothing fuses across a branch boundary, so every such output is a buffer of its
+    own, elementwise or not."""
+    written: dict[int, Any] = {}  # output position -> its variable
+    for branch in eqn.params["branches"]:
+        body = branch.jaxpr
+        producer = {id(v): e for e in body.eqns for v in e.outvars}
+        seen: set[int] = set()
+        for position, var in enumerate(body.outvars):
+            if not hasattr(getattr(var, "aval", None), "shape") or id(var) in seen:
+                continue
+            seen.add(id(var))
+            if not _is_constant(var, producer, {}):
+                written[position] = eqn.outvars[position]
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in written.values())
+
+
+@functools.lru_cache(maxsize=64)
+def looped_conditional_bytes(
+    model_cfg: Any, batch: int, seq_len: int, mesh_shape: tuple[int, ...], platform: str | None = None
+) -> int:
+    """Bytes one device keeps for one iteration of the busiest loop of conditionals in the train
+    step's gradient (the dropless exchange's overflow rounds), for one micro-batch of ``batch`` rows.
+
+    The overflow rounds are a ``scan`` of ``cond`` under ``jax.checkpoint``; the backward pass runs
+    each round again and then its transpose, two conditionals: the first writes out every residual
+    of the round (the receive buffer, the grouped SwiGLU's projections and row masks, the expert
+    weights), the second the cotangents it returns. Traced (``jax.make_jaxpr`` of ``jax.grad``,
+    never compiled) like :func:`saved_residuals`.
+    """
+    import jax
+
+    loss, params, rest, tokens = _traced_loss(model_cfg, batch, seq_len)
+    with _tracing_for(platform, mesh_shape):
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params, rest, tokens, tokens, tokens).jaxpr
+    return max(
+        (sum(map(_conditional_output_bytes, _conditionals(body))) for body in _loop_bodies_in_shard_map(jaxpr)),
+        default=0,
+    )
+
+
+def overflow_round_bytes(cfg: Any, sizes: dict[str, int], platform: str | None = None) -> float:
+    """Buffers per device of the expert exchange's overflow rounds in the backward pass (0 without
+    an expert axis), measured on a one-block MoE model: one round is differentiated at a time."""
+    if not cfg.model.num_moe_layers or sizes["expert"] == 1:
+        return 0.0
+    one = cfg.model.model_copy(update={"num_layers": 1, "first_dense_layers": 0})
+    micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batches
+    return float(looped_conditional_bytes(one, micro, cfg.data.seq_len, tuple(sizes[a] for a in MESH_AXES), platform))
 
 
 def _tensor_split(shape: tuple[int, ...], model_cfg: Any, tensor: int) -> int:
@@ -430,9 +569,10 @@ def memory_per_device(cfg: Any, sizes: dict[str, int], chip: Chip) -> Memory:
 
     Working set, at the worse of the backward pass's two phases: at the head, the gradient of the
     largest activation (the logits) exists next to it; later, with remat, the block being
-    differentiated holds its recomputed activations while the logits and their gradient are gone.
-    In both, with FSDP the weight in use is all-gathered in full and its full gradient exists
-    before the reduce-scatter.
+    differentiated holds its recomputed activations while the logits and their gradient are gone,
+    and a MoE block with an expert axis also the buffers of the exchange round being differentiated
+    (:func:`overflow_round_bytes`). In both, with FSDP the weight in use is all-gathered in full and
+    its full gradient exists before the reduce-scatter.
     """
     variables, trainable = state_bytes_per_device(cfg, sizes)
     micro_batch = per_device_batch(cfg, sizes)
@@ -443,12 +583,17 @@ def memory_per_device(cfg: Any, sizes: dict[str, int], chip: Chip) -> Memory:
     # softmax written out.
     gradient_copies = 1 if platform == "tpu" else 2
     head = gradient_copies * largest_activation
-    block = recomputed - largest_activation
+    # The MoE block's backward also runs the exchange's overflow rounds, each written out as a
+    # conditional's outputs (see overflow_round_bytes), next to the block's recomputed activations.
+    overflow = overflow_round_bytes(cfg, sizes, platform)
+    block = recomputed + overflow - largest_activation
     working = max(head, block) + 2 * largest_gathered_weight(cfg, sizes)
     grads = trainable * (2 if cfg.trainer.micro_batches > 1 else 1)  # + the accumulator
     notes = [f"micro-batch per device: {micro_batch} x {cfg.data.seq_len} tokens, remat={cfg.model.remat}"]
     if cfg.trainer.micro_batches > 1:
         notes.append(f"{cfg.trainer.micro_batches} micro-batches: gradients counted twice (accumulator)")
+    if overflow:
+        notes.append(f"expert exchange's overflow rounds: {overflow / 2**20:,.1f} MiB of buffers in the backward pass")
     return Memory(
         params=variables,
         grads=grads,

@@ -149,6 +149,43 @@ def test_full_remat_keeps_one_block_input_per_layer():
     assert saved[0] > saved[1] > saved[2]
 
 
+def test_a_conditional_writes_out_each_computed_output_once():
+    """Hand-computed: of a ``cond``'s outputs only those some branch computes are buffers (a
+    constant such as ``zeros_like`` or a placeholder is not), each variable once per branch."""
+
+    def f(x_NxD, flag):
+        def taken(x):
+            y = jnp.sin(x)
+            return y, y, jnp.zeros_like(x), jnp.sum(x)
+
+        def skipped(x):
+            return x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.float32(0)
+
+        return jax.lax.cond(flag, taken, skipped, x_NxD)
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((64, 48), jnp.float32), True).jaxpr
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    # output 0: sin(x) or x (64 x 48 float32); output 1: y again or zeros: never a new buffer;
+    # output 2: zeros in both; output 3: a float32 scalar
+    assert plan._conditional_output_bytes(cond) == 64 * 48 * 4 + 4
+
+
+def test_overflow_rounds_are_priced_only_with_an_expert_axis():
+    """The exchange's overflow rounds exist only over an expert axis. Hand-computed bounds: over 4
+    peers the round being differentiated holds at least its receive buffer and its output (W x D
+    each, W = 1.25 M rows) and the cotangent it returns (M x D), and far less than 20 round-sized
+    buffers."""
+    cfg = small_config("model.num_layers=2", "mesh.data=1")
+    model = cfg.model
+    M = cfg.trainer.global_batch_size * cfg.data.seq_len // 4 * model.top_k  # rows one device sends
+    W = -(-math.ceil(1.25 * M) // 8) * 8
+    item = {"float32": 4, "bfloat16": 2}[model.compute_dtype]
+    assert plan.overflow_round_bytes(cfg, {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}, "tpu") == 0
+    # traced as on TPU (ragged_all_to_all, megablox); the CPU's emulated exchange sends n-fold chunks
+    four = plan.overflow_round_bytes(cfg, {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}, "tpu")
+    assert (2 * W + M) * model.d_model * item <= four < 20 * W * max(model.d_model, model.d_expert) * item
+
+
 def test_activations_per_device_depend_on_the_rows_each_device_holds():
     """8-way data parallelism over an 8x larger batch leaves each device the same rows and the
     same activations; weights in compute dtype are not split by the batch."""
