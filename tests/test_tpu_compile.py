@@ -37,9 +37,10 @@ MESHES = {
     "expert": {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1},
     "fsdp+expert": {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1},
     "data+expert": {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1},
+    "data+fsdp": {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1},
 }
-# Every mesh with both remat policies.  Known planner gap (issue 15 stays open for it): with an
-# expert axis and remat=full the planner reads ~0.8 of XLA:TPU at this size.  The
+# Every mesh with both remat policies.  Known planner gap at toy size: with an expert axis and
+# remat=full the planner reads ~0.8 of XLA:TPU.  The
 # planner counts the exchange's overflow rounds in the MoE block's backward (where they are at pod
 # scale: moe-30b reads ~1.0 with them), but this unscanned toy keeps its logits alive through the
 # last block's backward, and XLA's allocator adds ~80% to the live peak here (heap fragmentation
