@@ -33,7 +33,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -72,6 +71,7 @@ from indicfm.storage import (
     file_identity,
     file_sha256,
     fresh,
+    is_bucket_root,
     is_empty_or_missing,
     is_url,
     make_dirs,
@@ -532,6 +532,7 @@ class _Run:
 def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
     """Check the output directory (local or a bucket prefix); returns the resume state when a
     matching run was interrupted."""
+    fresh(out)  # a bucket listing cached earlier in this process may predate other writers
     if overwrite and not is_empty_or_missing(out):
         if not ((out / METADATA).exists() or (out / STATE_DIR).exists()):
             raise PrepareError(f"{out} is not a token cache; refusing to delete it for --overwrite")
@@ -605,6 +606,9 @@ def prepare(
     seq_len = seq_len or config.seq_len
     out = as_path(output)
     tokenizer = as_path(tokenizer)
+    if is_url(out) and is_bucket_root(out):
+        raise PrepareError(f"{out}: give a prefix inside the bucket (e.g. {str(out).rstrip('/')}/cache): a cache "
+                           "is never written to, or deleted from, a bucket's root")
     if not tokenizer.is_file():
         raise InputError(f"{tokenizer}: tokenizer model not found (train one with `indicfm tokenizer train`)")
     files = find_input_files(list(inputs) or config.inputs, allow_unknown=config.allow_unknown_languages)
@@ -711,7 +715,8 @@ def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str
         "fingerprint": fingerprint,
     }
     write_json_atomic(out / METADATA, metadata)
-    remove_tree(out / STATE_DIR)
+    with contextlib.suppress(OSError):  # the cache is complete; leftover state (NFS busy files) is harmless
+        remove_tree(out / STATE_DIR)
 
 
 def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp, tokenizer_sha: str,
@@ -748,9 +753,11 @@ def _absolute(path: Path) -> Path:
 
 def default_staging_dir(output: Path) -> Path:
     """Where the local engine builds a bucket cache before uploading it: one directory per output
-    URL under the temporary directory, so re-running the same command finds and resumes it."""
+    URL under the user's cache directory (not /tmp: often small, shared between users and emptied
+    on reboot), so re-running the same command finds and resumes it."""
     digest = hashlib.sha256(str(output).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "indicfm-staging" / digest
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "indicfm" / "staging" / digest
 
 
 def _prepare_staged(inputs, tokenizer: Path, out: Path, *, seq_len: int, config: DataConfig, workers: int | None,
@@ -758,26 +765,45 @@ def _prepare_staged(inputs, tokenizer: Path, out: Path, *, seq_len: int, config:
                     start: float) -> PrepareResult:
     """The local engine with a bucket ``out``: its append-only drop log and resume checkpoints
     need a local filesystem, so the cache is built (or resumed) in a local staging directory, then
-    uploaded file by file with ``metadata.json`` last (until then the bucket copy is incomplete,
-    and a re-run uploads again), and the staging directory is removed."""
+    uploaded (:func:`upload_cache`), and the staging directory is removed, unless it was a
+    complete cache of the user's before this run (``--staging-dir`` naming an existing cache just
+    uploads it).
+
+    The bucket side was checked by the caller (complete → nothing to do; other contents → error;
+    an interrupted upload → removed); the inner ``prepare`` checks the stage the same way (an
+    interrupted build there resumes)."""
     stage = Path(staging_dir) if staging_dir is not None else default_staging_dir(out)
+    users_cache = staging_dir is not None and (stage / METADATA).is_file()
     console.print(f"{out}: building in {stage} (local engine), then uploading")
     built = prepare(inputs, tokenizer, stage, seq_len=seq_len, config=config, workers=workers, overwrite=overwrite,
                     show_progress=show_progress, console=console)
     upload_cache(stage, out, console)
-    remove_tree(stage)
+    if users_cache:
+        console.print(f"{stage}: the local cache stays where it was")
+    else:
+        remove_tree(stage)
     return replace(built, output=out, seconds=time.perf_counter() - start)
 
 
 def upload_cache(local: Path, out: Path, console) -> None:
-    """Copy a complete local cache to ``out`` (a URL), ``metadata.json`` last."""
+    """Copy a complete local cache to ``out`` (a URL), ``metadata.json`` last.
+
+    A marker in ``out``'s state directory is written first and removed last, so an upload cut
+    short is recognised as an unfinished prepare (re-running removes it and uploads again; so does
+    ``--overwrite``), never as a foreign directory or a complete cache."""
     files = sorted(p for p in local.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(local).parts)
     files = [p for p in files if p.name != METADATA] + [local / METADATA]
     size = sum(p.stat().st_size for p in files)
     console.print(f"uploading {len(files)} files ({size / 1e6:,.1f} MB) to {out}")
-    for path in files:  # streamed: a shard file is never held whole
-        out.fs.put_file(str(path), (out / path.relative_to(local).as_posix()).path)
+    write_json_atomic(out / STATE_DIR / "upload.json", {"from": str(local)})
+    for path in files:
+        _upload_file(path, out / path.relative_to(local).as_posix())
+    remove_tree(out / STATE_DIR)
     fresh(out)
+
+
+def _upload_file(path: Path, target: Path) -> None:
+    target.fs.put_file(str(path), target.path)  # streamed: a shard file is never held whole
 
 
 def _languages_complete_after(files: Sequence[InputFile], has_hub: bool) -> dict[Path, tuple[str, int]]:

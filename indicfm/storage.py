@@ -125,8 +125,16 @@ def file_identity(path: Path) -> list:
     return [str(path), int(info["size"]), str(version)]
 
 
+def is_bucket_root(path: Path) -> bool:
+    """Whether a URL names a whole bucket (``gs://bucket`` or ``gs://bucket/``), no prefix in it."""
+    return is_url(path) and not str(path).split("://", 1)[1].strip("/").partition("/")[2]
+
+
 def remove_tree(path: Path, *, missing_ok: bool = True) -> None:
-    """Delete a directory (or bucket prefix) and everything under it."""
+    """Delete a directory (or bucket prefix) and everything under it.  Never a whole bucket:
+    gcsfs would delete every object in it and then the bucket itself."""
+    if is_bucket_root(path):
+        raise StorageError(f"{path}: refusing to delete a whole bucket")
     if not is_url(path):
         if path.exists() or not missing_ok:
             shutil.rmtree(path)

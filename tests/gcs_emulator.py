@@ -63,14 +63,14 @@ def running_emulator() -> Iterator[str]:
         os.environ.update(emulator_env(url))
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for key, value in saved.items():
+        for key, value in saved.items():  # first: later tests must not reach a stopped emulator
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         _forget_filesystems()
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _forget_filesystems() -> None:

@@ -87,6 +87,54 @@ def test_local_engine_builds_a_bucket_cache_in_staging_then_uploads_it(bucket, f
     assert again.resumed and again.documents == 0, "a complete bucket cache is found complete"
 
 
+def test_an_upload_cut_short_is_uploaded_again_by_the_same_command(bucket, from_bucket_inputs, tmp_path, monkeypatch):
+    import data_pipeline.prepare as prepare_mod
+
+    out = f"gs://{BUCKET}/cache-cut"
+    real, sent = prepare_mod._upload_file, []
+
+    def cut_after_three(path, target):
+        if len(sent) == 3:
+            raise KeyboardInterrupt  # the upload stops halfway
+        sent.append(path)
+        real(path, target)
+
+    monkeypatch.setattr(prepare_mod, "_upload_file", cut_after_three)
+    args = ([bucket["corpus"]], bucket["tokenizer"], out)
+    kwargs = dict(seq_len=SEQ_LEN, workers=1, show_progress=False, staging_dir=tmp_path / "stage")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, **kwargs)
+    with pytest.raises(Exception, match="not a token cache|incomplete"):
+        read_metadata(out)  # three files in the bucket, but no cache
+    monkeypatch.setattr(prepare_mod, "_upload_file", real)
+    prepare(*args, **kwargs)  # the staged cache is complete: only the upload runs again
+    assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
+
+
+def test_a_bucket_root_is_never_an_output(bucket, tmp_path):
+    from data_pipeline.prepare import PrepareError
+    from indicfm.storage import StorageError, as_path, remove_tree
+
+    with pytest.raises(PrepareError, match="prefix inside the bucket"):
+        prepare([bucket["corpus"]], bucket["tokenizer"], f"gs://{BUCKET}", seq_len=SEQ_LEN, workers=1,
+                show_progress=False, overwrite=True)
+    with pytest.raises(StorageError, match="whole bucket"):
+        remove_tree(as_path(f"gs://{BUCKET}/"))
+    assert as_path(bucket["tokenizer"]).is_file(), "nothing in the bucket was deleted"
+
+
+def test_staging_dir_naming_a_users_local_cache_uploads_it_and_keeps_it(bucket, from_bucket_inputs, tmp_path):
+    import shutil
+
+    mine = tmp_path / "my_cache"
+    shutil.copytree(from_bucket_inputs, mine)
+    out = f"gs://{BUCKET}/cache-mine"
+    prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1, show_progress=False,
+            staging_dir=mine)
+    assert_same_cache(from_bucket_inputs, mine)  # still there, untouched
+    assert_same_cache(from_bucket_inputs, download_tree(out, tmp_path / "copy"))
+
+
 def test_token_loader_reads_a_bucket_cache(bucket, from_bucket_inputs, tmp_path):
     from data_pipeline.loader import TokenLoader
 
@@ -112,7 +160,8 @@ def test_inspect_cli_reads_a_bucket_cache(bucket, tmp_path):
                                       "--seq-len", str(SEQ_LEN), "--workers", "1",
                                       "--staging-dir", str(tmp_path / "stage")])
     assert result.exit_code == 0, result.output
-    shown = CliRunner().invoke(app, ["data", "inspect", out, "--reason", "exact_duplicate", "--rows", "1"])
+    shown = CliRunner().invoke(app, ["data", "inspect", out, "--reason", "exact_duplicate", "--rows", "1"],
+                               env={"COLUMNS": "400"})  # a long URL is not wrapped
     assert shown.exit_code == 0, shown.output
     assert bucket["corpus"] in shown.output  # the duplicate's source, a gs:// URL
 

@@ -63,3 +63,11 @@ def test_local_reader_reads_lines_with_a_limit_and_hashes_like_hashlib(tmp_path)
         assert stream.readline(100) == b"second\n"
     assert storage.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert storage.file_identity(path) == [str(path.resolve()), 18, path.stat().st_mtime_ns]
+
+
+@pytest.mark.parametrize(("location", "root"), [
+    ("gs://bucket", True), ("gs://bucket/", True), ("gs://bucket/cache", False), ("gs://bucket/a/b/", False),
+    ("/data", False),
+])
+def test_a_whole_bucket_is_told_from_a_prefix_in_it(location, root):
+    assert storage.is_bucket_root(location) is root

@@ -57,8 +57,10 @@ def prepare_cmd(
         typer.Option(
             "--staging-dir",
             help="With a gs:// --output and --engine local: build the cache here on local disk (an "
-            "interrupted run resumes from it), then upload it. Default: a directory per output under the "
-            "temporary directory. --engine ray writes to the bucket directly.",
+            "interrupted run resumes from it), then upload it; it needs room for the whole cache. Default: a "
+            "directory per output under ~/.cache/indicfm/staging ($XDG_CACHE_HOME). A complete cache named "
+            "here is uploaded and kept; otherwise the directory is removed once uploaded. --engine ray "
+            "writes to the bucket directly.",
         ),
     ] = None,
     config: ConfigOption = None,
