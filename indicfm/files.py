@@ -7,9 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Re-exported: the tokenizer's hash and directory fsync work on local paths and gs:// alike.
-from indicfm.storage import file_sha256, fsync_directory  # noqa: F401
-
 
 def save_array_durably(path: str | Path, array: np.ndarray) -> None:
     """``np.save`` and fsync: a checkpoint's state file written (and fsynced) after it may refer to

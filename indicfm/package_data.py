@@ -50,8 +50,15 @@ def shipped_config_names() -> list[str]:
     )
 
 
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists (or is absolute), else the shipped ``samples/...`` or ``configs/...`` it names."""
+def resolve_path(path: str | Path) -> Path | str:
+    """A path as given if it exists (or is absolute), else the shipped ``samples/...`` or ``configs/...`` it names.
+
+    A URL (``gs://...``) is returned as given: it names neither a local nor a shipped file, and
+    ``Path`` would collapse its ``//``."""
+    from indicfm.storage import is_url
+
+    if is_url(path):
+        return str(path)
     path = Path(path).expanduser()
     if path.is_absolute() or path.exists():
         return path.resolve()

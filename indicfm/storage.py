@@ -125,9 +125,18 @@ def file_identity(path: Path) -> list:
     return [str(path), int(info["size"]), str(version)]
 
 
-def is_bucket_root(path: Path) -> bool:
+def _bucket_and_key(url: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` → ``("bucket", "a/b")``."""
+    bucket, _, key = url.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def is_bucket_root(path: str | Path) -> bool:
     """Whether a URL names a whole bucket (``gs://bucket`` or ``gs://bucket/``), no prefix in it."""
-    return is_url(path) and not str(path).split("://", 1)[1].strip("/").partition("/")[2]
+    if not is_url(path):
+        return False
+    bucket, key = _bucket_and_key(str(path))
+    return not bucket or not key.strip("/")
 
 
 def remove_tree(path: Path, *, missing_ok: bool = True) -> None:
@@ -200,7 +209,7 @@ def kvstore(location: str | Path) -> dict:
     if driver is None:
         supported = ", ".join(f"{s}://" for s in sorted(_KVSTORE_DRIVERS))
         raise StorageError(f"{text}: token caches can be written to local paths or {supported}, not {name}://")
-    bucket, _, prefix = text[len(name) + 3:].partition("/")
+    bucket, prefix = _bucket_and_key(text)
     if not bucket:
         raise StorageError(f"{text}: no bucket name")
     return {"driver": driver, "bucket": bucket, "path": prefix.rstrip("/") + "/"}

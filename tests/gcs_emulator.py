@@ -15,17 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from helpers import free_port
+
 BUCKET = "indicfm-test"
 
 # Read when gcsfs is imported, so set before: otherwise gcsfs first asks the (absent) gRPC endpoint
 # whether each bucket is zonal, which fails after a minute of retries against the emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -44,7 +40,7 @@ def emulator_env(url: str) -> dict[str, str]:
 def running_emulator() -> Iterator[str]:
     """Start the emulator with bucket :data:`BUCKET`, set the variables (also for child processes:
     workers, Ray), yield its URL; stop it (by its own process id) and restore the variables."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, __file__, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",

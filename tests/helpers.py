@@ -32,7 +32,7 @@ def random_model(cfg: ModelConfig, seed: int) -> Transformer:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a local jax.distributed coordinator)."""
+    """A TCP port free on 127.0.0.1 now (a local jax.distributed coordinator, a test server)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

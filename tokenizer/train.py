@@ -34,7 +34,7 @@ from pathlib import Path
 
 from data_pipeline.sources import InputFile, find_input_files, iter_documents
 from indicfm import __version__
-from indicfm.files import file_sha256
+from indicfm.storage import file_sha256
 from indicfm.text import SCRIPT_RANGES, script_letters
 from tokenizer import akshara_bpe
 from tokenizer.config import TokenizerConfig

@@ -18,7 +18,7 @@ ConfigOption = Annotated[
         "see configs/). Values only. Optional.",
     ),
 ]
-#: Paths after the options (``indicfm data prepare a b``); with :data:`InputOption` this is also what
+#: Paths after the options (``indicfm data prepare a b``); with each command's ``--input`` option this is also what
 #: makes ``--input a b`` work: click gives ``a`` to the flag and ``b`` to these.
 InputsArgument = Annotated[
     Optional[list[str]],  # str, not Path: a gs:// URL must keep its "//"
@@ -35,9 +35,8 @@ def input_paths(flagged: list[str] | None, listed: list[str] | None) -> list[str
     a relative ``samples/...`` path not found here is the sample shipped with indicfm; URLs
     (``gs://...``) are kept as given."""
     from indicfm.package_data import resolve_path
-    from indicfm.storage import is_url
 
-    return [p if is_url(p) else resolve_path(p) for p in [*(flagged or []), *(listed or [])]]
+    return [resolve_path(p) for p in [*(flagged or []), *(listed or [])]]
 
 
 def load_config_or_exit(config: Path | None, sets: list[str] | None):

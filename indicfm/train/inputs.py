@@ -20,7 +20,7 @@ import jax
 
 from indicfm.config import Config
 from indicfm.package_data import resolve_path
-from indicfm.storage import as_path, fresh, is_url
+from indicfm.storage import as_path, fresh
 
 
 def _sync(name: str) -> None:
@@ -30,19 +30,13 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _location(path: str | Path) -> str:
-    """A config's file location: a ``gs://`` URL as written, a local path resolved (a shipped
-    ``samples/...`` path found in the installed package)."""
-    return str(path) if is_url(path) else str(resolve_path(path))
-
-
 def ensure_tokenizer_and_cache(cfg: Config, workdir: Path, *, progress: bool = True, console=None) -> Config:
     """Return ``cfg`` with ``tokenizer.model_file`` and ``data.cache_dir`` pointing at files that exist."""
     workdir = Path(workdir)
-    inputs = [_location(p) for p in cfg.data.inputs]
+    inputs = [str(resolve_path(p)) for p in cfg.data.inputs]
     tokenizer_file = cfg.tokenizer.model_file
     if tokenizer_file:
-        tokenizer_file = _location(tokenizer_file)
+        tokenizer_file = str(resolve_path(tokenizer_file))
         if not as_path(tokenizer_file).is_file():
             raise FileNotFoundError(f"tokenizer.model_file: {tokenizer_file} does not exist")
     else:
@@ -58,7 +52,7 @@ def ensure_tokenizer_and_cache(cfg: Config, workdir: Path, *, progress: bool = T
             train_tokenizer(inputs, prefix, cfg.tokenizer, progress=progress)
         _sync("indicfm_tokenizer_ready")
 
-    cache_dir = _location(cfg.data.cache_dir) if cfg.data.cache_dir else str(workdir / "data")
+    cache_dir = str(resolve_path(cfg.data.cache_dir)) if cfg.data.cache_dir else str(workdir / "data")
     complete = (fresh(as_path(cache_dir)) / "metadata.json").is_file()  # written last by prepare: the cache is whole
     if jax.process_index() == 0 and not complete:
         if not (inputs or cfg.data.hub):

@@ -336,7 +336,7 @@ def _set_up(
     """Inputs, mesh, state (restored or fresh), the step, metrics, evaluation: a :class:`Run` at the
     step it starts from, or just the result when the workdir's run already completed ``trainer.steps``."""
     from data_pipeline.loader import TokenLoader
-    from indicfm.files import file_sha256
+    from indicfm.storage import file_sha256
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, logical_axis_rules, make_mesh
     from indicfm.model.transformer import param_layout
