@@ -44,8 +44,8 @@ ROUNDS = 5
 
 def _prepare(input_dir: Path, model: Path, out: Path, features: bool, workers: int) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of this process, documents) of one prepare."""
-    from data_pipeline.config import DataConfig
-    from data_pipeline.prepare import prepare
+    from indicfm.data.config import DataConfig
+    from indicfm.data.prepare import prepare
 
     gc.collect()
     cpu = time.process_time()
@@ -81,9 +81,9 @@ def _accounted(input_dir: Path, model: Path, out: Path) -> dict[str, float]:
 
     import pyarrow.compute as pc
 
-    import data_pipeline.prepare as prepare_mod
-    from data_pipeline.features import FeatureCollector, read_features
-    from data_pipeline.lid import LanguageIdentifier
+    import indicfm.data.prepare as prepare_mod
+    from indicfm.data.features import FeatureCollector, read_features
+    from indicfm.data.lid import LanguageIdentifier
 
     batch, collector, lid = _CpuClock(), _CpuClock(), _CpuClock()
     patches = [mock.patch.object(prepare_mod, "batch_features", batch.wrap(prepare_mod.batch_features)),
@@ -114,7 +114,7 @@ def _accounted(input_dir: Path, model: Path, out: Path) -> dict[str, float]:
 
 def _review_figures(cache: Path) -> tuple[float, float]:
     """Seconds ``data review`` takes to load the features file, and to re-apply changed thresholds."""
-    from data_pipeline.review.rules import FeatureTable, apply_overrides
+    from indicfm.data.review.rules import FeatureTable, apply_overrides
 
     start = time.perf_counter()
     table = FeatureTable.load(cache)
@@ -127,7 +127,7 @@ def _review_figures(cache: Path) -> tuple[float, float]:
 
 
 def run(quick: bool = False, tokenizer: str | None = None, rounds: int = ROUNDS) -> dict:
-    from data_pipeline.features import FEATURES_FILE
+    from indicfm.data.features import FEATURES_FILE
 
     input_dir = REPO / "samples" / "train" if quick or not SHARED_CORPUS.is_dir() else SHARED_CORPUS
     cpus = os.cpu_count() or 1

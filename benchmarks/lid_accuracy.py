@@ -15,8 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-from data_pipeline.config import LidConfig
-from data_pipeline.lid import LanguageIdentifier, lid_reason, shares_script
+from indicfm.data.config import LidConfig
+from indicfm.data.lid import LanguageIdentifier, lid_reason, shares_script
 from indicfm.text import normalize
 
 FLORES_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flores200" / "dev"

@@ -23,8 +23,8 @@ LANGS = ["asm_Beng", "ben_Beng", "eng_Latn", "guj_Gujr", "hin_Deva", "kan_Knda",
 def _write_cache(out: Path, rows_per_lang: int) -> None:
     import numpy as np
 
-    from data_pipeline.cache import FORMAT_VERSION, METADATA, LanguageWriter, write_json_atomic
-    from data_pipeline.pack import Packer
+    from indicfm.data.cache import FORMAT_VERSION, METADATA, LanguageWriter, write_json_atomic
+    from indicfm.data.pack import Packer
 
     rng = np.random.default_rng(0)
     languages = {}
@@ -43,7 +43,7 @@ def _write_cache(out: Path, rows_per_lang: int) -> None:
 
 def _measure(cache: str, batch_size: int, batches: int, queue) -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from data_pipeline.loader import TokenLoader
+    from indicfm.data.loader import TokenLoader
 
     loader = TokenLoader(cache, batch_size, seed=0, process_index=0, process_count=1, prefetch=2)
     it = iter(loader)

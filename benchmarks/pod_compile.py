@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.pod_compile [--pair CONFIG HARDWARE ...] [--set KEY=VALUE ...] [--json]``
 
-For each (config, slice) pair it plans the config (``launch.plan.make_plan``), compiles the real
-train step for the slice's topology with libtpu (``launch.compile.compile_train_step``; no TPU is
+For each (config, slice) pair it plans the config (``indicfm.launch.plan.make_plan``), compiles the real
+train step for the slice's topology with libtpu (``indicfm.launch.compile.compile_train_step``; no TPU is
 needed, only the ``libtpu`` package) and prints one row: the planner's memory per chip, XLA:TPU's
 (arguments + outputs - donated + temporaries), their ratio, whether it fits, compile time, the
 all-to-all bytes and the other collectives' bytes one chip receives per step, and the planner's
@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from launch.compile import prepare_libtpu_env
+from indicfm.launch.compile import prepare_libtpu_env
 
 #: the shipped pod configs and the slices they are sized for (moe-30b: 256 chips = v5p-512)
 DEFAULT_PAIRS = (("configs/model/moe-8b.yaml", "v5p-128"), ("configs/model/moe-30b.yaml", "v5p-512"))
@@ -27,8 +27,8 @@ def measure_pair(config: str, hardware: str, sets: list[str]) -> dict:
     """Plan and compile one config for one slice; the figures of one table row."""
     from indicfm.config import load_config
     from indicfm.hardware import GIB, parse_slice
-    from launch.compile import OutOfMemory, compile_train_step
-    from launch.plan import make_plan
+    from indicfm.launch.compile import OutOfMemory, compile_train_step
+    from indicfm.launch.plan import make_plan
 
     cfg = load_config(config, sets)
     plan = make_plan(cfg, hardware)

@@ -53,8 +53,8 @@ def _lines(input_dir: Path) -> list[str]:
 
 
 def _train_default_tokenizer(prefix: Path, vocab_size: int) -> Path:
-    from tokenizer.config import TokenizerConfig
-    from tokenizer.train import train_tokenizer
+    from indicfm.tokenizer.config import TokenizerConfig
+    from indicfm.tokenizer.train import train_tokenizer
 
     train_tokenizer([REPO / "samples" / "train"], prefix, TokenizerConfig(vocab_size=vocab_size))
     return prefix.with_suffix(".model")
@@ -63,7 +63,7 @@ def _train_default_tokenizer(prefix: Path, vocab_size: int) -> Path:
 def run(quick: bool = False, tokenizer: str | None = None, vocab_size: int = 32000) -> dict:
     import sentencepiece as spm
 
-    from data_pipeline.prepare import prepare
+    from indicfm.data.prepare import prepare
 
     input_dir = REPO / "samples" / "train" if quick or not SHARED_CORPUS.is_dir() else SHARED_CORPUS
     with tempfile.TemporaryDirectory() as tmp:

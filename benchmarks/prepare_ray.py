@@ -57,7 +57,7 @@ def _input_dir(tmp: Path, subset: int | None) -> tuple[Path, str]:
 def _one_round(input_dir: Path, model: Path, tmp: Path, round_: int, cpus: int) -> dict:
     import ray
 
-    from data_pipeline.prepare import prepare
+    from indicfm.data.prepare import prepare
 
     out = {}
     for engine in ("local", "ray"):
@@ -139,7 +139,7 @@ def _decide_seconds_per_pair(pairs: int = 2_000_000, seed: int = 0) -> float:
     the corpus here has too few duplicates for its own decide time to mean anything."""
     import numpy as np
 
-    from data_pipeline.ray_engine import decide
+    from indicfm.data.ray_engine import decide
 
     rng = np.random.default_rng(seed)
     docs = pairs * 3
@@ -163,10 +163,10 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     ``tokens_target / tokens_per_doc``: the measured corpus has short lines (a few tens of tokens),
     so its per-document share of ``process`` is counted here as per-token work, which overstates
     it for long documents (an upper bound)."""
-    from data_pipeline.config import DataConfig
-    from data_pipeline.dedup import lsh_bands
-    from data_pipeline.prepare import BATCH_DOCS, RANGE_BYTES
-    from data_pipeline.ray_engine import MAX_PARTITIONS, SHARD_RANGES
+    from indicfm.data.config import DataConfig
+    from indicfm.data.dedup import lsh_bands
+    from indicfm.data.prepare import BATCH_DOCS, RANGE_BYTES
+    from indicfm.data.ray_engine import MAX_PARTITIONS, SHARD_RANGES
 
     cpu = result.stage_cpu_seconds
     docs_target = tokens_target / tokens_per_doc

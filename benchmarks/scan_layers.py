@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from indicfm.hardware import parse_slice
-from launch.compile import CompileError, prepare_libtpu_env, topology_devices, topology_name
-from launch.hlo_stats import hlo_size
+from indicfm.launch.compile import CompileError, prepare_libtpu_env, topology_devices, topology_name
+from indicfm.launch.hlo_stats import hlo_size
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"

@@ -31,8 +31,8 @@ def _inputs(quick: bool) -> tuple[list[Path], Path, int, str]:
 
 
 def _train_child(inputs: list[str], prefix: str, vocab_size: int, queue) -> None:
-    from tokenizer.config import TokenizerConfig
-    from tokenizer.train import train_tokenizer
+    from indicfm.tokenizer.config import TokenizerConfig
+    from indicfm.tokenizer.train import train_tokenizer
 
     result = train_tokenizer(inputs, prefix, TokenizerConfig(vocab_size=vocab_size, num_threads=2))
     queue.put((result.seconds, sum(result.sampled.values())))

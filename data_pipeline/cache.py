@@ -3,7 +3,7 @@
 Layout of a cache directory::
 
     metadata.json              written LAST: its presence means the cache is complete
-    report.json                per-language document accounting (see data_pipeline.report)
+    report.json                per-language document accounting (see indicfm.data.report)
     examples.json              a few dropped documents per reason (``indicfm data inspect``)
     rows/<lang>/tokens         zarr v3 int32 [rows, seq_len]
     rows/<lang>/segment_ids    zarr v3 int32 [rows, seq_len]  (0 = padding)
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.pack import PackedRows
+from indicfm.data.pack import PackedRows
 from indicfm.storage import as_path, fresh, kvstore, write_bytes_atomic
 
 #: 2: every document is packed as [BOS] tokens [EOS] (1 had no BOS).

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.band_table import BandTable
-from data_pipeline.config import DedupConfig
+from indicfm.data.band_table import BandTable
+from indicfm.data.config import DedupConfig
 from indicfm.files import save_array_durably
 
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV-64 prime: mixes code points into one 64-bit value
@@ -252,7 +252,7 @@ class DuplicateIndex:
         self._fingerprints = np.zeros((0, config.num_perm), np.uint8)  # grown geometrically
         self._kept = 0  # rows of _fingerprints in use
         # Per kept document: the caller's id for it (check_batch's ``ids``; -1 when not given), so
-        # a near duplicate can name the document it repeats (data_pipeline.features).
+        # a near duplicate can name the document it repeats (indicfm.data.features).
         self._ids = np.zeros(0, np.int64)
         #: Of the last check_batch: {position in the batch: (id of the kept document it is a near
         #: duplicate of, estimated Jaccard similarity)}.

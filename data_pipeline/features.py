@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.config import DataConfig, FilterConfig
-from data_pipeline.dedup import exact_key
-from data_pipeline.filters import CharStats, duplicate_line_fraction, duplicate_ngram_fraction, top_ngram_fraction
-from data_pipeline.report import DROP_REASONS
+from indicfm.data.config import DataConfig, FilterConfig
+from indicfm.data.dedup import exact_key
+from indicfm.data.filters import CharStats, duplicate_line_fraction, duplicate_ngram_fraction, top_ngram_fraction
+from indicfm.data.report import DROP_REASONS
 
 FEATURES_FILE = "features.parquet"
 #: Part files of an unfinished prepare, under its state directory.
@@ -107,7 +107,7 @@ def batch_features(
     """Feature columns for the ``n_docs`` documents of a batch (see the module docstring).
 
     ``accepted``: the positions of the documents the reader accepted, whose ``langs``/``texts``
-    follow; ``stats``: their :class:`data_pipeline.filters.CharStats`; ``predictions``: {index
+    follow; ``stats``: their :class:`indicfm.data.filters.CharStats`; ``predictions``: {index
     into texts: (language, confidence)} of those LID judged; ``filters_of(lang)``: the thresholds
     of a language (its n-gram rules decide which n-gram values are computed); ``passing``: which
     of the texts passed the filters, ``passing_keys`` their exact-duplicate keys (in order; the

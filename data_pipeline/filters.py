@@ -3,7 +3,7 @@
 Each check returns the name of the rule a document breaks, or ``None``.  They run in this order
 (cheapest and broadest first), and the first failing rule is the document's drop reason:
 ``too_short``, ``too_many_symbols``, ``repeated_lines``, ``repeated_ngrams``, then ``wrong_script``.
-Thresholds come from :class:`data_pipeline.config.FilterConfig` (defaults and their sources are
+Thresholds come from :class:`indicfm.data.config.FilterConfig` (defaults and their sources are
 documented there), overridable per language.
 """
 
@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import regex
 
-from data_pipeline.config import DataConfig, FilterConfig
+from indicfm.data.config import DataConfig, FilterConfig
 from indicfm.text import SCRIPT_RANGES, is_known_language, script_of_char, script_of_language, script_share
 
 QUALITY_REASONS = ("too_short", "too_many_symbols", "repeated_lines", "repeated_ngrams")

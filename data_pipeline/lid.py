@@ -1,6 +1,6 @@
 """Language identification for languages that share a script.
 
-The script check in :mod:`data_pipeline.filters` rejects an English line in ``hin_Deva.txt`` but
+The script check in :mod:`indicfm.data.filters` rejects an English line in ``hin_Deva.txt`` but
 cannot tell Hindi from Marathi or Nepali (all Devanagari), Urdu from Sindhi (Perso-Arabic) or
 Bengali from Assamese.  Here a language-ID model that ships inside its pip package (nothing is
 downloaded) decides those cases.

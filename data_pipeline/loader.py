@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import ARRAYS, open_language_arrays, read_metadata
+from indicfm.data.cache import ARRAYS, open_language_arrays, read_metadata
 from indicfm.storage import as_path
 
 _PERMUTATIONS_CACHED = 64

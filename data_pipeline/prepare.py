@@ -8,7 +8,7 @@ One document's path::
                                 invalid_utf8 / control_chars / empty / too_long; filters (quality,
                                 wrong_script), lid (wrong_language), exact key + MinHash signature
                                 and LSH band hashes, BOS + SentencePiece ids + EOS (memoised per word:
-                                data_pipeline.tokenize)
+                                indicfm.data.tokenize)
       → main process, in order  dedup (exact_duplicate, near_duplicate; first occurrence wins)
                                 → report → pack (per language) → cache (tensorstore)
 
@@ -40,18 +40,18 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import (
+from indicfm.data.cache import (
     FORMAT_VERSION, METADATA, STATE_DIR, LanguageWriter, close_writers, flush_writers, write_json_atomic,
 )
-from data_pipeline.config import DataConfig
-from data_pipeline.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
-from data_pipeline.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
-from data_pipeline.features import BatchFeatures, FeatureCollector, batch_features
-from data_pipeline.filters import batch_check, filters_for
-from data_pipeline.lid import get_identifier, lid_verdict, shares_script
-from data_pipeline.pack import Packer
-from data_pipeline.report import Report, render_table
-from data_pipeline.sources import (
+from indicfm.data.config import DataConfig
+from indicfm.data.dedup import STATE_FORMAT as DEDUP_STATE_FORMAT
+from indicfm.data.dedup import DuplicateIndex, band_hashes, exact_key, fingerprints, lsh_bands, minhasher
+from indicfm.data.features import BatchFeatures, FeatureCollector, batch_features
+from indicfm.data.filters import batch_check, filters_for
+from indicfm.data.lid import get_identifier, lid_verdict, shares_script
+from indicfm.data.pack import Packer
+from indicfm.data.report import Report, render_table
+from indicfm.data.sources import (
     LINE_FORMATS,
     Document,
     DocumentColumns,
@@ -64,8 +64,8 @@ from data_pipeline.sources import (
     line_ranges,
     read_line_range,
 )
-from data_pipeline.tokenize import BatchEncoder
-from data_pipeline.workers import OrderedMap, WorkerDied
+from indicfm.data.tokenize import BatchEncoder
+from indicfm.data.workers import OrderedMap, WorkerDied
 from indicfm.storage import (
     as_path,
     file_identity,
@@ -77,7 +77,7 @@ from indicfm.storage import (
     make_dirs,
     remove_tree,
 )
-from tokenizer.load import load_sentencepiece
+from indicfm.tokenizer.load import load_sentencepiece
 
 #: Documents per batch (a worker's task).  Larger batches spread each batch's fixed NumPy and
 #: SentencePiece call overheads over more documents: measured with 2 processes on the 163k-line
@@ -152,7 +152,7 @@ class BatchResult:
     token_ids: np.ndarray  # passing documents' ids (EOS appended), concatenated, int32
     lengths: np.ndarray  # [passing] tokens of each
     cpu_seconds: float = 0.0  # CPU time the worker spent on this batch
-    features: BatchFeatures | None = None  # per document: data_pipeline.features columns
+    features: BatchFeatures | None = None  # per document: indicfm.data.features columns
 
 
 #: Characters of a dropped document a report example keeps (see Report.dropped).
@@ -589,7 +589,7 @@ def prepare(
 
     ``inputs`` (files/dirs) default to ``config.inputs``; ``seq_len`` to ``config.seq_len``;
     ``workers`` to ``config.workers`` (0 = CPU count; 1 = no worker processes).  ``engine="ray"``
-    builds the same cache with Ray tasks (data_pipeline.ray_engine), on a local Ray instance or the
+    builds the same cache with Ray tasks (indicfm.data.ray_engine), on a local Ray instance or the
     cluster at ``ray_address`` (``auto`` or HOST:PORT); ``workers`` then sizes a local instance.
     """
     from rich.console import Console
@@ -597,7 +597,7 @@ def prepare(
     if engine not in ("local", "ray"):
         raise PrepareError(f"unknown engine {engine!r}; one of: local, ray")
     if engine == "ray":
-        from data_pipeline.ray_engine import import_ray
+        from indicfm.data.ray_engine import import_ray
 
         import_ray()  # before any work: without Ray, say how to install it
 
@@ -722,11 +722,11 @@ def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str
 def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp, tokenizer_sha: str,
                       fingerprint: dict, workers: int | None, ray_address: str | None, show_progress: bool,
                       console, start: float) -> PrepareResult:
-    """``engine="ray"``: the stages run as Ray tasks (data_pipeline.ray_engine); an interrupted run
+    """``engine="ray"``: the stages run as Ray tasks (indicfm.data.ray_engine); an interrupted run
     left only ``.prepare_state`` (no state.json), which _prepare_output has removed: it starts again."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from data_pipeline.ray_engine import prepare_with_ray
+    from indicfm.data.ray_engine import prepare_with_ray
 
     make_dirs(out / STATE_DIR)
     write_json_atomic(out / STATE_DIR / "ray.json", {"engine": "ray", "fingerprint": fingerprint})
@@ -852,13 +852,13 @@ def _worker_context():
 
 
 #: Imported once by the fork server, so each worker starts without importing them again.
-_WORKER_MODULES = ("data_pipeline.prepare", "sentencepiece", "pycld2")
+_WORKER_MODULES = ("indicfm.data.prepare", "sentencepiece", "pycld2")
 
 
 def _process(tasks: Iterator[RangeTask | DocumentsTask], config: DataConfig, tokenizer: Path,
              n_workers: int) -> OrderedMap:
     """(task, its BatchResult) in input order, using ``n_workers`` processes in all, the main one
-    included (see :class:`data_pipeline.workers.OrderedMap`): whatever the number, the results and
+    included (see :class:`indicfm.data.workers.OrderedMap`): whatever the number, the results and
     so the cache are the same."""
     make = functools.partial(_make_processor, config.model_dump_json(), str(tokenizer), dict(os.environ))
     return OrderedMap(tasks, make, n_workers, _worker_context() if n_workers > 1 else None)

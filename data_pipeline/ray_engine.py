@@ -66,12 +66,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import ROWS_PER_SHARD, STATE_DIR, create_language_arrays, write_rows_block
-from data_pipeline.config import DataConfig, HubSource
-from data_pipeline.dedup import matches_needed
-from data_pipeline.pack import PackedRows
-from data_pipeline.report import Report
-from data_pipeline.sources import LINE_FORMATS, InputFile, LineRange, iter_documents, iter_hub_dataset, line_ranges
+from indicfm.data.cache import ROWS_PER_SHARD, STATE_DIR, create_language_arrays, write_rows_block
+from indicfm.data.config import DataConfig, HubSource
+from indicfm.data.dedup import matches_needed
+from indicfm.data.pack import PackedRows
+from indicfm.data.report import Report
+from indicfm.data.sources import LINE_FORMATS, InputFile, LineRange, iter_documents, iter_hub_dataset, line_ranges
 from indicfm.storage import as_path, make_dirs, open_for_reading
 
 #: Line ranges (of at most prepare.BATCH_DOCS lines each) per process task: large enough that a
@@ -142,7 +142,7 @@ class Shard:
 
     def tasks(self, config: DataConfig):
         """The shard as the local engine's batches (RangeTask / DocumentsTask)."""
-        from data_pipeline.prepare import DocumentsTask, RangeTask, _document_batches, reader_max_chars
+        from indicfm.data.prepare import DocumentsTask, RangeTask, _document_batches, reader_max_chars
 
         if self.ranges:
             yield from (RangeTask(self.file, r) for r in self.ranges)
@@ -233,7 +233,7 @@ _PROCESSORS: dict = {}  # per worker process: (config, tokenizer) -> DocumentPro
 
 
 def _processor(config_json: str, tokenizer: str):
-    from data_pipeline.prepare import _make_processor
+    from indicfm.data.prepare import _make_processor
 
     key = (config_json, tokenizer)
     if key not in _PROCESSORS:
@@ -474,7 +474,7 @@ def finalize_shard(docs: ShardDocs, duplicates: tuple[np.ndarray, np.ndarray], d
 
 def example_texts(shard: Shard, config_json: str, positions: list[int]) -> dict[int, str]:
     """The text a report example shows of these (duplicate) documents of a shard: read again."""
-    from data_pipeline.prepare import EXAMPLE_CHARS, read_task, reader_max_chars
+    from indicfm.data.prepare import EXAMPLE_CHARS, read_task, reader_max_chars
 
     config = DataConfig.model_validate_json(config_json)
     wanted, out = set(positions), {}
@@ -491,7 +491,7 @@ def example_texts(shard: Shard, config_json: str, positions: list[int]) -> dict[
 
 def rows_of_block(pieces: Sequence[tuple[np.ndarray, np.ndarray]], first_token: int, start: int, stop: int,
                   seq_len: int, pad_id: int) -> tuple[PackedRows, int]:
-    """Rows of tokens [start, stop) of one language's stream, packed as :class:`~data_pipeline.pack.Packer`
+    """Rows of tokens [start, stop) of one language's stream, packed as :class:`~indicfm.data.pack.Packer`
     packs them, and how many of them start inside a document (``split_documents``).
 
     ``pieces``: (token ids, lengths) of whole documents covering the range, in order, the first
@@ -610,7 +610,7 @@ def prepare_with_ray(
     ``.prepare_state``; returns {"report", "languages", "documents", "tokens", "times", "nodes", "placement"}
     (placement: per shard, (source, first line, last line, node id)).
     The caller writes metadata.json."""
-    from data_pipeline.prepare import BATCH_DOCS, DROP_LOG, RANGE_BYTES
+    from indicfm.data.prepare import BATCH_DOCS, DROP_LOG, RANGE_BYTES
 
     ray = import_ray()
     times = StageTimes()
@@ -739,7 +739,7 @@ def prepare_with_ray(
 
 def _merge_summaries(summaries: Sequence[ShardSummary], config: DataConfig) -> tuple[Report, dict, list]:
     """The run's Report (counts; examples, those of duplicates without text yet) and languages."""
-    from data_pipeline.report import LanguageCounts
+    from indicfm.data.report import LanguageCounts
 
     report = Report(config.examples_per_reason)
     for s in summaries:

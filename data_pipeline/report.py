@@ -15,9 +15,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.sources import READ_REASONS
-from data_pipeline.filters import QUALITY_REASONS, SCRIPT_REASON
-from data_pipeline.lid import LID_REASON
+from indicfm.data.sources import READ_REASONS
+from indicfm.data.filters import QUALITY_REASONS, SCRIPT_REASON
+from indicfm.data.lid import LID_REASON
 
 #: Every drop reason in the order the pipeline checks them (a document gets the first that applies).
 DROP_REASONS = (
@@ -104,7 +104,7 @@ class Report:
         return report
 
     def save(self, directory: Path) -> None:
-        from data_pipeline.cache import write_json_atomic
+        from indicfm.data.cache import write_json_atomic
 
         write_json_atomic(directory / REPORT_FILE, self.to_dict())
         write_json_atomic(directory / EXAMPLES_FILE, dict(self.examples))

@@ -57,7 +57,7 @@ def make_injected_corpus(sample_dir: str | Path, out_dir: str | Path, huge_line_
     """Copy the shipped sample to ``out_dir`` and append documents that must be dropped.
 
     Returns the planted documents with their expected reason.  Each one is built so that exactly
-    that reason is the first that applies (see the drop order in ``data_pipeline.report``).
+    that reason is the first that applies (see the drop order in ``indicfm.data.report``).
     """
     sample_dir, out_dir = Path(sample_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

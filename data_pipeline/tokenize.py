@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.band_table import BandTable
-from data_pipeline.dedup import splitmix64
+from indicfm.data.band_table import BandTable
+from indicfm.data.dedup import splitmix64
 
 #: Joins a batch's documents into one string: never inside a document (the reader drops documents
 #: with control characters; a batch that has one anyway is encoded the plain way).

@@ -1,7 +1,7 @@
 """The one config schema of indicfm, YAML loading and ``--set`` overrides.
 
-Each section is a pydantic model defined next to the code that uses it (``tokenizer.config``,
-``data_pipeline.config``, ``indicfm.model.config``, ``indicfm.train.config``); this module composes
+Each section is a pydantic model defined next to the code that uses it (``indicfm.tokenizer.config``,
+``indicfm.data.config``, ``indicfm.model.config``, ``indicfm.train.config``); this module composes
 them into :class:`Config`, the single source of truth.  YAML files only set values: every key they
 name must exist in the schema, and a wrong key or type is a :class:`ConfigError` that names the
 dotted key and suggests the nearest valid one.
@@ -22,12 +22,12 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_pipeline.config import DataConfig
+from indicfm.data.config import DataConfig
 from indicfm.config_base import Section
 from indicfm.model.config import ModelConfig
 from indicfm.package_data import CONFIG_DIR, shipped_config_names, shipped_path  # noqa: F401 - CONFIG_DIR re-exported
 from indicfm.train.config import CheckpointConfig, EvalConfig, LoggingConfig, OptimizerConfig, TrainerConfig
-from tokenizer.config import TokenizerConfig
+from indicfm.tokenizer.config import TokenizerConfig
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ chillus, Bengali ya-phala, Sinhala conjuncts and more.
 Languages are named by FLORES-200 codes (``hin_Deva``: ISO 639-3 language + ISO 15924 script).
 Several languages share a script (Hindi, Marathi, Nepali, Maithili, Sanskrit, Konkani and Bodo all
 write Devanagari), so a script check can reject a wrong-script document but cannot identify the
-language; that is the job of ``data_pipeline.lid``.
+language; that is the job of ``indicfm.data.lid``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ would on the slice.  Nothing runs; what comes back is XLA:TPU's own account of t
   the part of the outputs aliased to donated arguments, temporaries (activations, gradients,
   collective buffers), and generated code;
 * FLOPs and bytes accessed per chip (``cost_analysis()``);
-* the collectives in the compiled HLO, with their bytes per step (:mod:`launch.hlo_stats`).
+* the collectives in the compiled HLO, with their bytes per step (:mod:`indicfm.launch.hlo_stats`).
 
 The program compiled is :func:`indicfm.train.step.build_train_step`'s step, the function
 ``indicfm train`` runs, traced with :func:`indicfm.model.platform.compiling_for` ``("tpu")`` so the
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from indicfm.hardware import GIB, Slice
-from launch.hlo_stats import collective_stats, hlo_size
+from indicfm.launch.hlo_stats import collective_stats, hlo_size
 
 # libtpu is only used as a compiler here.  It normally takes a machine-wide lock (one TPU runtime
 # per host), asks the GCE metadata server what TPU it runs on and logs at length when that fails;
@@ -286,7 +286,7 @@ def compile_plan(cfg: Any, plan: Any) -> list[CompiledCandidate]:
     """Compile the layout the plan priced; when it does not fit (by the planner or by XLA), also the
     planner's suggested layout, so the suggestion is checked by the compiler before anyone uses it."""
     from indicfm.hardware import parse_slice
-    from launch.plan import memory_per_device, suggest_mesh
+    from indicfm.launch.plan import memory_per_device, suggest_mesh
 
     slice_ = parse_slice(plan.hardware)
     candidates = [CompiledCandidate("as planned", plan.mesh, plan.remat, plan.micro_batches, plan.memory.total)]
@@ -322,7 +322,7 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
     from rich.console import Console
     from rich.table import Table
 
-    from launch.plan import describe_mesh
+    from indicfm.launch.plan import describe_mesh
 
     console = console or Console(soft_wrap=True)
     for c in candidates:

@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.commands import Shell
+from indicfm.launch.commands import Shell
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from launch.commands import Result, Shell
+from indicfm.launch.commands import Result, Shell
 from indicfm.hardware import Slice, parse_slice
 
 Provisioning = Literal["on-demand", "spot", "reserved"]

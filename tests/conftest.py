@@ -12,7 +12,7 @@ os.environ["XLA_FLAGS"] = (
 # The dev extra installs libtpu (XLA's TPU compiler, for tests/test_tpu_compile.py). With libtpu
 # importable JAX would also try to start a TPU backend, which on a machine without a TPU probes the
 # GCE metadata server and logs pages of warnings. Tests run on CPU devices, so only the CPU backend
-# is started; compiling for a TPU topology (launch.compile) asks libtpu for a slice description and
+# is started; compiling for a TPU topology (indicfm.launch.compile) asks libtpu for a slice description and
 # needs no TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

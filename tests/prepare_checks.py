@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cache import read_metadata, read_rows
-from data_pipeline.testing import make_injected_corpus
+from indicfm.data.cache import read_metadata, read_rows
+from indicfm.data.testing import make_injected_corpus
 
 #: Files of a cache that must be byte-identical between engines.
 SAME_FILES = ("report.json", "examples.json", "dropped.tsv", "metadata.json")
@@ -23,7 +23,7 @@ def _mutate(text: str, rng: random.Random) -> str:
 
 
 def make_crossing_corpus(sample_dir: Path, out_dir: Path) -> list[tuple[tuple[str, int], tuple[str, int]]]:
-    """The injected corpus (data_pipeline.testing) plus a JSON-lines file, last in input order, of
+    """The injected corpus (indicfm.data.testing) plus a JSON-lines file, last in input order, of
     copies of earlier lines of other files: exact copies, whitespace variants, and chains of
     one-character mutations (each a near duplicate of the one before, not necessarily of the
     first: which ones are kept depends on what was kept before them), plus malformed records.

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import scan_layers
-from launch.hlo_stats import hlo_size
+from indicfm.launch.hlo_stats import hlo_size
 
 HLO = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 

@@ -35,10 +35,10 @@ def _record(seen: list, error: type[Exception]):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_tokenizer_train_inputs(form, monkeypatch, tmp_path):
-    import tokenizer.train
+    import indicfm.tokenizer.train
 
     seen: list = []
-    monkeypatch.setattr(tokenizer.train, "train_tokenizer", _record(seen, FileNotFoundError))
+    monkeypatch.setattr(indicfm.tokenizer.train, "train_tokenizer", _record(seen, FileNotFoundError))
     argv = ["tokenizer", "train", *FORMS[form], "--output-prefix", str(tmp_path / "tok"), "--vocab-size", "1000"]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
@@ -47,10 +47,10 @@ def test_tokenizer_train_inputs(form, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_data_prepare_inputs(form, monkeypatch, tmp_path):
-    import data_pipeline.prepare
+    import indicfm.data.prepare
 
     seen: list = []
-    monkeypatch.setattr(data_pipeline.prepare, "prepare", _record(seen, data_pipeline.prepare.PrepareError))
+    monkeypatch.setattr(indicfm.data.prepare, "prepare", _record(seen, indicfm.data.prepare.PrepareError))
     argv = ["data", "prepare", *FORMS[form], "-t", str(tmp_path / "t.model"), "-o", str(tmp_path / "cache")]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
@@ -64,11 +64,11 @@ def test_tokenizer_train_without_inputs_says_what_to_give(tmp_path):
 
 def test_data_prepare_without_inputs_takes_the_configs_even_from_another_directory(monkeypatch, tmp_path):
     """``-c data/sample`` names the shipped config; its ``samples/train`` is the shipped sample."""
-    import data_pipeline.prepare
+    import indicfm.data.prepare
     from indicfm.package_data import SAMPLES_DIR
 
     seen: list = []
-    monkeypatch.setattr(data_pipeline.prepare, "prepare", _record(seen, data_pipeline.prepare.PrepareError))
+    monkeypatch.setattr(indicfm.data.prepare, "prepare", _record(seen, indicfm.data.prepare.PrepareError))
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["data", "prepare", "-c", "data/sample", "-t", "t.model", "-o", "cache"])
     assert result.exit_code == 2, result.output
@@ -76,11 +76,11 @@ def test_data_prepare_without_inputs_takes_the_configs_even_from_another_directo
 
 
 def test_a_relative_samples_path_not_found_here_is_the_shipped_sample(monkeypatch, tmp_path):
-    import tokenizer.train
+    import indicfm.tokenizer.train
     from indicfm.package_data import SAMPLES_DIR
 
     seen: list = []
-    monkeypatch.setattr(tokenizer.train, "train_tokenizer", _record(seen, FileNotFoundError))
+    monkeypatch.setattr(indicfm.tokenizer.train, "train_tokenizer", _record(seen, FileNotFoundError))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "mine.txt").write_text("a user's own samples/ folder wins\n")

@@ -1,11 +1,11 @@
-"""data_pipeline.cache.LanguageWriter: rows gathered into large writes, none lost, resumable."""
+"""indicfm.data.cache.LanguageWriter: rows gathered into large writes, none lost, resumable."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.cache import ARRAYS, LanguageWriter, close_writers, open_language_arrays, read_rows
-from data_pipeline.pack import PackedRows
+from indicfm.data.cache import ARRAYS, LanguageWriter, close_writers, open_language_arrays, read_rows
+from indicfm.data.pack import PackedRows
 
 SEQ = 8
 

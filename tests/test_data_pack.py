@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from data_pipeline.pack import Packer
+from indicfm.data.pack import Packer
 
 
 def test_pack_by_hand():

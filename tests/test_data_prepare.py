@@ -1,6 +1,6 @@
 """`data prepare` end to end on the shipped sample, with planted bad documents.
 
-Expected reasons come from how each planted document was built (data_pipeline.testing), expected
+Expected reasons come from how each planted document was built (indicfm.data.testing), expected
 line counts from counting newlines, expected token streams from encoding the kept lines directly
 with SentencePiece — never from the pipeline's own output.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import data_pipeline.prepare as prepare_mod
-from data_pipeline.cache import CacheError, read_metadata, read_rows
-from data_pipeline.config import DataConfig
-from data_pipeline.prepare import DROP_LOG, PrepareError, prepare
-from data_pipeline.testing import make_injected_corpus, train_tiny_tokenizer
+import indicfm.data.prepare as prepare_mod
+from indicfm.data.cache import CacheError, read_metadata, read_rows
+from indicfm.data.config import DataConfig
+from indicfm.data.prepare import DROP_LOG, PrepareError, prepare
+from indicfm.data.testing import make_injected_corpus, train_tiny_tokenizer
 
 SEQ_LEN = 128
 
@@ -143,8 +143,8 @@ def test_duplicate_examples_from_json_lines_and_parquet(tmp_path, sample_train_d
 def test_which_languages_are_complete_after_a_file(tmp_path):
     """A text file's language is complete after its last line when no later input can hold it: no
     later file of that language, and no later file whose languages are per record."""
-    from data_pipeline.prepare import _languages_complete_after
-    from data_pipeline.sources import InputFile
+    from indicfm.data.prepare import _languages_complete_after
+    from indicfm.data.sources import InputFile
 
     files = []
     for name, lang, fmt in [("a.txt", "hin_Deva", "text"), ("b.jsonl", None, "jsonl"), ("c.txt", "hin_Deva", "text"),
@@ -311,7 +311,7 @@ def test_worker_processes_give_the_same_cache(tmp_path, sample_train_dir, tokeni
 
 
 def test_per_language_limits_apply_in_order(tokenizer):
-    from data_pipeline.prepare import DocumentProcessor
+    from indicfm.data.prepare import DocumentProcessor
 
     config = DataConfig.model_validate({"language_filters": {"tam_Taml": {"max_chars": 20}}})
     proc = DocumentProcessor(config, str(tokenizer))
@@ -386,8 +386,8 @@ def test_a_prepare_interrupted_by_an_older_version_is_not_resumed_with_its_dedup
 def test_resume_point_inside_a_line_range_skips_exactly_the_done_documents(sample_train_dir, tokenizer):
     """Workers read line ranges; a resume may start inside one (e.g. after a checkpoint written with
     another batch size): the documents read must be exactly the rest of the input, in order."""
-    from data_pipeline.prepare import DocumentProcessor, _tasks
-    from data_pipeline.sources import find_input_files, iter_documents
+    from indicfm.data.prepare import DocumentProcessor, _tasks
+    from indicfm.data.sources import find_input_files, iter_documents
 
     config = DataConfig()
     files = find_input_files([sample_train_dir])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import gcs_emulator  # noqa: F401  (first: it sets what gcsfs reads when imported)
-from data_pipeline.cache import read_metadata, read_rows
-from data_pipeline.prepare import prepare
-from data_pipeline.testing import train_tiny_tokenizer
+from indicfm.data.cache import read_metadata, read_rows
+from indicfm.data.prepare import prepare
+from indicfm.data.testing import train_tiny_tokenizer
 from prepare_checks import assert_same_cache, make_crossing_corpus
 
 pytest.importorskip("gcsfs")
@@ -88,7 +88,7 @@ def test_local_engine_builds_a_bucket_cache_in_staging_then_uploads_it(bucket, f
 
 
 def test_an_upload_cut_short_is_uploaded_again_by_the_same_command(bucket, from_bucket_inputs, tmp_path, monkeypatch):
-    import data_pipeline.prepare as prepare_mod
+    import indicfm.data.prepare as prepare_mod
 
     out = f"gs://{BUCKET}/cache-cut"
     real, sent = prepare_mod._upload_file, []
@@ -112,7 +112,7 @@ def test_an_upload_cut_short_is_uploaded_again_by_the_same_command(bucket, from_
 
 
 def test_a_bucket_root_is_never_an_output(bucket, tmp_path):
-    from data_pipeline.prepare import PrepareError
+    from indicfm.data.prepare import PrepareError
     from indicfm.storage import StorageError, as_path, remove_tree
 
     with pytest.raises(PrepareError, match="prefix inside the bucket"):
@@ -136,7 +136,7 @@ def test_staging_dir_naming_a_users_local_cache_uploads_it_and_keeps_it(bucket, 
 
 
 def test_token_loader_reads_a_bucket_cache(bucket, from_bucket_inputs, tmp_path):
-    from data_pipeline.loader import TokenLoader
+    from indicfm.data.loader import TokenLoader
 
     out = f"gs://{BUCKET}/cache-loader"
     prepare([bucket["corpus"]], bucket["tokenizer"], out, seq_len=SEQ_LEN, workers=1, show_progress=False,
@@ -169,8 +169,8 @@ def test_inspect_cli_reads_a_bucket_cache(bucket, tmp_path):
 @pytest.mark.timeout(300)
 def test_ray_engine_writes_the_bucket_cache_in_place(bucket, from_bucket_inputs, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    import data_pipeline.prepare as prepare_mod
-    import data_pipeline.ray_engine as ray_engine
+    import indicfm.data.prepare as prepare_mod
+    import indicfm.data.ray_engine as ray_engine
 
     monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, so duplicates cross them
     monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
@@ -223,7 +223,7 @@ def test_two_node_ray_cluster_prepares_from_and_into_the_bucket(bucket, from_buc
     with _two_node_cluster() as (address, _):  # its nodes inherit the emulator's variables
         driver = (
             "import json, sys\n"
-            "import data_pipeline.prepare as p, data_pipeline.ray_engine as r\n"
+            "import indicfm.data.prepare as p, indicfm.data.ray_engine as r\n"
             "p.BATCH_DOCS, r.SHARD_RANGES = 96, 2  # many shards, spread over both nodes\n"
             "a = sys.argv[1:]\n"
             "done = p.prepare([a[0]], a[1], a[2], seq_len=int(a[3]), engine='ray', ray_address=a[4],\n"

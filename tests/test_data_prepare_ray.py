@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data_pipeline.prepare as prepare_mod
-import data_pipeline.ray_engine as ray_engine
-from data_pipeline.config import DataConfig
-from data_pipeline.pack import Packer
-from data_pipeline.prepare import prepare
-from data_pipeline.testing import train_tiny_tokenizer
+import indicfm.data.prepare as prepare_mod
+import indicfm.data.ray_engine as ray_engine
+from indicfm.data.config import DataConfig
+from indicfm.data.pack import Packer
+from indicfm.data.prepare import prepare
+from indicfm.data.testing import train_tiny_tokenizer
 from prepare_checks import assert_same_cache, drop_reasons, make_crossing_corpus
 
 SEQ_LEN = 64

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
-from data_pipeline.ray_engine import KILL_ONCE_ENV
-from data_pipeline.testing import train_tiny_tokenizer
+from indicfm.data.prepare import prepare
+from indicfm.data.ray_engine import KILL_ONCE_ENV
+from indicfm.data.testing import train_tiny_tokenizer
 from prepare_checks import assert_same_cache, drop_reasons, make_crossing_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,8 +140,8 @@ def test_two_nodes_build_the_local_engines_cache_and_survive_a_killed_worker(clu
                                                                               tmp_path, monkeypatch):
     import ray
 
-    import data_pipeline.prepare as prepare_mod
-    import data_pipeline.ray_engine as ray_engine
+    import indicfm.data.prepare as prepare_mod
+    import indicfm.data.ray_engine as ray_engine
 
     corpus, tokenizer, reference, copies = corpus_and_reference
     monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, spread over both nodes

@@ -20,13 +20,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import data_pipeline.prepare as prepare_mod
-from data_pipeline.config import DataConfig
-from data_pipeline.features import FEATURES_FILE
-from data_pipeline.filters import duplicate_line_fraction, filters_for, non_letter_ratio
-from data_pipeline.prepare import prepare
-from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server, right_to_left
-from data_pipeline.testing import train_tiny_tokenizer
+import indicfm.data.prepare as prepare_mod
+from indicfm.data.config import DataConfig
+from indicfm.data.features import FEATURES_FILE
+from indicfm.data.filters import duplicate_line_fraction, filters_for, non_letter_ratio
+from indicfm.data.prepare import prepare
+from indicfm.data.review.server import EXPORT_FILE, JUDGEMENTS_FILE, ReviewError, make_server, right_to_left
+from indicfm.data.testing import train_tiny_tokenizer
 from indicfm.text import script_of_language, script_share
 
 SEQ_LEN = 64

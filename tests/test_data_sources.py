@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.sources import Document, InputError, find_input_files, iter_documents
+from indicfm.data.sources import Document, InputError, find_input_files, iter_documents
 
 
 def _read(path: Path, **kw) -> list[Document]:
@@ -168,7 +168,7 @@ def test_line_ranges_read_in_parallel_equal_the_whole_file(tmp_path, sample_trai
     line numbers and reasons must be exactly those of reading the file line by line."""
     import random
 
-    from data_pipeline.sources import DocumentColumns, line_ranges, read_line_range
+    from indicfm.data.sources import DocumentColumns, line_ranges, read_line_range
 
     rng = random.Random(7)
     real = (sample_train_dir / "hin_Deva.txt").read_bytes().splitlines()[:40]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from data_pipeline.config import DedupConfig
-from data_pipeline.dedup import (
+from indicfm.data.config import DedupConfig
+from indicfm.data.dedup import (
     FINGERPRINT_BITS, DuplicateIndex, exact_key, fingerprints, lsh_bands, matches_needed, minhasher,
 )
 
@@ -103,7 +103,7 @@ def _reference_verdicts(keys, sigs, cfg) -> list:
     """First-occurrence dedup written plainly, independently of DuplicateIndex: exact keys in a set;
     a near duplicate shares an LSH band with a kept document whose b-bit fingerprint agrees in at
     least ``matches_needed`` positions."""
-    from data_pipeline.dedup import band_hashes, fingerprints, matches_needed
+    from indicfm.data.dedup import band_hashes, fingerprints, matches_needed
 
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
     need = matches_needed(cfg.threshold, cfg.num_perm)
@@ -128,7 +128,7 @@ def _reference_verdicts(keys, sigs, cfg) -> list:
 def test_batch_check_equals_a_plain_reference_and_one_by_one(sample_train_dir):
     """The batched index (fast path for documents with no candidate) decides like a plain
     one-document-at-a-time reference and like check_and_add, duplicates inside one batch included."""
-    from data_pipeline.dedup import band_hashes
+    from indicfm.data.dedup import band_hashes
 
     lines = [l for l in (sample_train_dir / "ben_Beng.txt").read_text().splitlines() if len(l) > 80][:300]
 
@@ -175,7 +175,7 @@ def test_batch_check_equals_a_plain_reference_and_one_by_one(sample_train_dir):
 def test_band_table_matches_a_dict():
     """The NumPy band table answers like a dict of lists, through growth, repeated keys (within
     one insert and across inserts) and the key 0 that marks an empty slot."""
-    from data_pipeline.band_table import BandTable
+    from indicfm.data.band_table import BandTable
 
     rng = np.random.default_rng(0)
     table = BandTable(capacity=8)  # small: forces several rebuilds

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import distributed
+from indicfm.launch import distributed
 
 from helpers import free_port, wait_for_results
 
@@ -21,7 +21,7 @@ WORKER = textwrap.dedent(
     """
     import json
     import numpy as np
-    from launch import distributed
+    from indicfm.launch import distributed
 
     info = distributed.initialize()            # settings come from JAX_* environment variables
     import jax

@@ -2,8 +2,8 @@
 
 import pytest
 
-from data_pipeline.config import DataConfig, FilterConfig
-from data_pipeline.filters import (
+from indicfm.data.config import DataConfig, FilterConfig
+from indicfm.data.filters import (
     duplicate_line_fraction,
     duplicate_ngram_fraction,
     filters_for,
@@ -73,7 +73,7 @@ def test_per_language_overrides_only_the_given_keys():
 def test_batch_path_equals_per_document_path(sample_train_dir):
     """The vectorised batch checks give what indicfm.text.script_share and the per-document
     functions give, on real text of every shipped language."""
-    from data_pipeline.filters import batch_reasons, char_stats, expected_scripts
+    from indicfm.data.filters import batch_reasons, char_stats, expected_scripts
     from indicfm.text import normalize, script_share
 
     f = FilterConfig()

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from indicfm.cli import app
-from launch import gpu
-from launch.gpu import GpuJob
+from indicfm.launch import gpu
+from indicfm.launch.gpu import GpuJob
 
 
 def job(tmp_path: Path, **overrides) -> GpuJob:

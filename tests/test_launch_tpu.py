@@ -16,8 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from indicfm.cli import app
-from launch import tpu
-from launch.tpu import TpuJob
+from indicfm.launch import tpu
+from indicfm.launch.tpu import TpuJob
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from indicfm.cli import app
 from indicfm.config import load_config
-from launch import tpu
-from launch.tpu import LaunchError, TpuJob, parse_package
+from indicfm.launch import tpu
+from indicfm.launch.tpu import LaunchError, TpuJob, parse_package
 from test_launch_tpu import _calls, _verbs, assert_documented, fake_gcloud  # noqa: F401 - fake_gcloud is a fixture
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.lid import LanguageIdentifier, lid_reason, shares_script
+from indicfm.data.lid import LanguageIdentifier, lid_reason, shares_script
 
 
 def _first_long(path: Path, n: int = 80) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.cache import FORMAT_VERSION, METADATA, CacheError, LanguageWriter, write_json_atomic
-from data_pipeline.loader import TokenLoader, temperature_weights
-from data_pipeline.pack import PackedRows
+from indicfm.data.cache import FORMAT_VERSION, METADATA, CacheError, LanguageWriter, write_json_atomic
+from indicfm.data.loader import TokenLoader, temperature_weights
+from indicfm.data.pack import PackedRows
 
 SEQ = 16
 ROWS = {"hin_Deva": 50, "tam_Taml": 20, "snd_Arab": 7}

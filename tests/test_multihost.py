@@ -35,7 +35,7 @@ SETTINGS = [
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from launch import distributed
+    from indicfm.launch import distributed
     distributed.initialize()                      # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
     from indicfm.config import load_config
     from indicfm.train.loop import train

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from indicfm.cli import app
 from indicfm.config import load_config
-from launch import plan
+from indicfm.launch import plan
 from indicfm.hardware import GIB, parse_slice
 
 # Small MoE configs unlike the shipped ones: odd widths, 3 layers, a shared expert, untied output.

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.config import DataConfig
-from data_pipeline.features import FEATURES_FILE
-from data_pipeline.prepare import prepare
-from data_pipeline.review.server import EXPORT_FILE, JUDGEMENTS_FILE, make_server
-from data_pipeline.testing import train_tiny_tokenizer
+from indicfm.data.config import DataConfig
+from indicfm.data.features import FEATURES_FILE
+from indicfm.data.prepare import prepare
+from indicfm.data.review.server import EXPORT_FILE, JUDGEMENTS_FILE, make_server
+from indicfm.data.testing import train_tiny_tokenizer
 from test_data_review import _make_corpus, reference_verdicts
 
 CHROMIUM = "/usr/bin/chromium"

@@ -12,7 +12,7 @@ import io
 import pytest
 from rich.console import Console
 
-from data_pipeline.report import DROP_REASONS, render_table
+from indicfm.data.report import DROP_REASONS, render_table
 from indicfm.tables import print_table
 
 # The longest names the pipeline writes: FLORES-200 codes, 'unknown', and a script-only code.

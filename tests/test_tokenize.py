@@ -1,4 +1,4 @@
-"""data_pipeline.tokenize.BatchEncoder: the word cache gives exactly SentencePiece's ids.
+"""indicfm.data.tokenize.BatchEncoder: the word cache gives exactly SentencePiece's ids.
 
 The reference is always ``SentencePieceProcessor.encode(text, add_bos=True, add_eos=True)`` called
 per document; texts are the shipped sample in every language plus hand-made whitespace edge cases.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline import tokenize
-from data_pipeline.testing import train_tiny_tokenizer
-from data_pipeline.tokenize import BatchEncoder, word_cacheable
+from indicfm.data import tokenize
+from indicfm.data.testing import train_tiny_tokenizer
+from indicfm.data.tokenize import BatchEncoder, word_cacheable
 
 EDGE_CASES = [
     "a", " a", "a ", "  a  b  ", "a\tb c", " ", "   ", "▁", "a ▁b", "a▁b ▁", "▁▁ ▁", "x" * 300,

@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from tokenizer.akshara_bpe import learn_pieces, may_merge
+from indicfm.tokenizer.akshara_bpe import learn_pieces, may_merge
 
 
 def test_merges_by_hand():

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from helpers import akshara_splits
 from indicfm.cli import app
-from tokenizer.config import TokenizerConfig
-from tokenizer.evaluate import (
+from indicfm.tokenizer.config import TokenizerConfig
+from indicfm.tokenizer.evaluate import (
     Tokenized,
     evaluate_tokenizers,
     measure_lines,
@@ -21,7 +21,7 @@ from tokenizer.evaluate import (
     write_report,
     zero_width_kept,
 )
-from tokenizer.train import train_tokenizer
+from indicfm.tokenizer.train import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

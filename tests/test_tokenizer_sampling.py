@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenizer.sampling import allocate, choose_indices
+from indicfm.tokenizer.sampling import allocate, choose_indices
 
 
 def test_counts_follow_power_law_computed_by_hand():

@@ -12,11 +12,11 @@ import pytest
 import sentencepiece as spm
 from typer.testing import CliRunner
 
-from data_pipeline.sources import InputError
+from indicfm.data.sources import InputError
 from helpers import akshara_splits
 from indicfm.cli import app
-from tokenizer.config import TokenizerConfig
-from tokenizer.train import minimum_vocab_size, train_tokenizer
+from indicfm.tokenizer.config import TokenizerConfig
+from indicfm.tokenizer.train import minimum_vocab_size, train_tokenizer
 
 VOCAB = 3000  # smallest comfortable size: ~1,700 required script letters + 256 bytes + merges
 

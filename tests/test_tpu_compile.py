@@ -5,7 +5,7 @@ the compiled train step), an independent program; the collective counter is chec
 hand-written HLO text whose counts and bytes are worked out by hand below.
 
 Every compile here runs on CPU: ``tests/conftest.py`` keeps JAX on its CPU backend, and
-``launch.compile.topology_devices`` asks libtpu only for a *description* of the slice's chips.
+``indicfm.launch.compile.topology_devices`` asks libtpu only for a *description* of the slice's chips.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from indicfm.config import load_config
 from indicfm.hardware import GIB, parse_slice
-from launch.hlo_stats import collective_stats
+from indicfm.launch.hlo_stats import collective_stats
 
 # the collective counter and topology names need no libtpu; everything that compiles does
 try:
@@ -59,8 +59,8 @@ RATIO_CASES = [
 def compiled(hardware: str, mesh: str, remat: str, extra: tuple[str, ...] = ()):
     """(planner bytes per chip, XLA:TPU's CompileReport) for tiny-moe on ``hardware`` (cached: one
     compile serves the memory, collective and kernel checks)."""
-    from launch.compile import compile_train_step, with_layout
-    from launch.plan import memory_per_device
+    from indicfm.launch.compile import compile_train_step, with_layout
+    from indicfm.launch.plan import memory_per_device
 
     config, sets = TINY
     cfg = with_layout(load_config(config, [*sets, *extra]), MESHES[mesh], remat, 1)
@@ -117,8 +117,8 @@ def test_too_big_config_is_refused_with_xlas_number_and_the_suggestion_fits():
     """Three moe-8b-wide blocks (~1.3B parameters) replicated on 16 GiB v5e chips: parameters,
     gradients and AdamW moments alone are ~20 GiB per chip. XLA:TPU must refuse it with its own
     figure, and the planner's suggested layout must compile and fit."""
-    from launch.compile import compile_plan
-    from launch.plan import make_plan
+    from indicfm.launch.compile import compile_plan
+    from indicfm.launch.plan import make_plan
 
     cfg = load_config(
         "configs/model/moe-8b.yaml",
@@ -138,7 +138,7 @@ def test_too_big_config_is_refused_with_xlas_number_and_the_suggestion_fits():
 
 
 def test_topology_names_of_every_tpu_generation_and_multi_slice():
-    from launch.compile import CompileError, topology_name
+    from indicfm.launch.compile import CompileError, topology_name
 
     assert topology_name(parse_slice("v4-8")) == "v4:2x2x1"  # v4 counts TensorCores: 4 chips
     assert topology_name(parse_slice("v5e-4")) == "v5e:2x2"
@@ -155,7 +155,7 @@ def test_topology_names_of_every_tpu_generation_and_multi_slice():
 
 @needs_libtpu
 def test_multi_slice_topology_lists_every_chip():
-    from launch.compile import topology_devices
+    from indicfm.launch.compile import topology_devices
 
     devices = topology_devices(parse_slice("2xv5p-8"))
     assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}

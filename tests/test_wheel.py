@@ -136,7 +136,7 @@ def test_installed_wheel_uses_its_own_files_not_the_checkouts(venv, outside):
 
 def test_installed_wheel_plans_a_shipped_pod_config_from_outside_the_repo(venv, outside):
     from indicfm.config import CONFIG_DIR, load_config
-    from launch.plan import make_plan
+    from indicfm.launch.plan import make_plan
 
     proc = _run([str(venv / "indicfm"), "plan", "--config", "model/moe-8b", "--hardware", "v5p-128", *POD_SETTINGS,
                  "--json"], cwd=outside)  # fmt: skip

@@ -1,4 +1,4 @@
-"""data_pipeline.workers.OrderedMap: input order, work shared with the caller, errors surfaced."""
+"""indicfm.data.workers.OrderedMap: input order, work shared with the caller, errors surfaced."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from data_pipeline.workers import OrderedMap, WorkerDied
+from indicfm.data.workers import OrderedMap, WorkerDied
 
 
 def _slow_square(caller_pid: int, task: int) -> tuple[int, bool]:

@@ -3,13 +3,13 @@
 One path, four steps, each a function:
 
 1. :func:`scan_inputs` reads every input with the project's one reader
-   (:mod:`data_pipeline.sources`, which NFC-normalises and rejects undecodable, control-character,
+   (:mod:`indicfm.data.sources`, which NFC-normalises and rejects undecodable, control-character,
    empty and too long lines), counting accepted documents per language and dropped ones per file
    and reason.
-2. :func:`tokenizer.sampling.allocate` decides how many documents each language contributes.
+2. :func:`indicfm.tokenizer.sampling.allocate` decides how many documents each language contributes.
 3. :func:`sampled_sentences` reads the inputs a second time and yields the chosen documents, so
    memory holds only SentencePiece's own copy of the sample, never the whole corpus.
-4. Training: by default BPE whose merges keep aksharas whole (:mod:`tokenizer.akshara_bpe`, saved
+4. Training: by default BPE whose merges keep aksharas whole (:mod:`indicfm.tokenizer.akshara_bpe`, saved
    as a SentencePiece model), otherwise SentencePiece's own trainer.  Either way the options of
    :func:`sentencepiece_options` hold: no normalisation of its own (the text is already NFC; its
    default NFKC would delete ZWJ/ZWNJ), byte fallback, split digits and every letter of the 22
@@ -32,13 +32,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_pipeline.sources import InputFile, find_input_files, iter_documents
+from indicfm.data.sources import InputFile, find_input_files, iter_documents
 from indicfm import __version__
 from indicfm.storage import file_sha256
 from indicfm.text import SCRIPT_RANGES, script_letters
-from tokenizer import akshara_bpe
-from tokenizer.config import TokenizerConfig
-from tokenizer.sampling import allocate, choose_indices
+from indicfm.tokenizer import akshara_bpe
+from indicfm.tokenizer.config import TokenizerConfig
+from indicfm.tokenizer.sampling import allocate, choose_indices
 
 #: Fixed ids of the special pieces; the data pipeline and the model rely on them.
 SPECIAL_IDS: dict[str, int] = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
@@ -164,7 +164,7 @@ def sampled_sentences(
 def train_akshara_bpe(
     sentences: list[str], output_prefix: Path, cfg: TokenizerConfig, options: dict, on_progress=None
 ) -> None:
-    """Write ``P.model``/``P.vocab`` whose BPE merges keep aksharas whole (:mod:`tokenizer.akshara_bpe`).
+    """Write ``P.model``/``P.vocab`` whose BPE merges keep aksharas whole (:mod:`indicfm.tokenizer.akshara_bpe`).
 
     SentencePiece still provides everything but the merges: a tiny model trained with the same options
     gives the normaliser spec, special and byte pieces and the required characters.
@@ -213,7 +213,7 @@ def train_tokenizer(
 ) -> TrainResult:
     """Train a tokenizer on ``inputs`` (files and directories) and write ``output_prefix``.{model,vocab,json}.
 
-    Raises :class:`data_pipeline.sources.InputError` for a missing path or (unless
+    Raises :class:`indicfm.data.sources.InputError` for a missing path or (unless
     ``allow_unknown``) a file whose name is not a FLORES-200 language code; bad lines are skipped
     and counted per file, never fatal.  ``ValueError`` if no document survives.
     """

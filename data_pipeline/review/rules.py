@@ -2,7 +2,7 @@
 
 :meth:`FeatureTable.verdicts` gives every document the reason prepare would give it under a
 changed config, without reading the corpus: the same rules in the same order as
-``data_pipeline.prepare`` (too_long, too_short, too_many_symbols, repeated_lines, repeated_ngrams,
+``indicfm.data.prepare`` (too_long, too_short, too_many_symbols, repeated_lines, repeated_ngrams,
 wrong_script, wrong_language), then exact deduplication in input order over the documents that
 pass (each document's key is stored).  Read-time reasons (invalid_utf8, empty, ...) don't depend
 on thresholds and stay.
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.config import DataConfig, FilterConfig
-from data_pipeline.filters import filters_for
-from data_pipeline.lid import BACKEND_CODES, shares_script
-from data_pipeline.report import DROP_REASONS
-from data_pipeline.sources import READ_REASONS
+from indicfm.data.config import DataConfig, FilterConfig
+from indicfm.data.filters import filters_for
+from indicfm.data.lid import BACKEND_CODES, shares_script
+from indicfm.data.report import DROP_REASONS
+from indicfm.data.sources import READ_REASONS
 from indicfm.text import is_known_language, script_of_language
 
 KEPT = -1  # verdict code of a kept document; otherwise an index into DROP_REASONS
@@ -58,7 +58,7 @@ class Rule:
 
 def rules_for(config: DataConfig) -> list[Rule]:
     """Every tunable rule of a cache made with ``config``, in the order prepare applies them."""
-    from data_pipeline.features import ngram_sizes
+    from indicfm.data.features import ngram_sizes
 
     top_ns, dup_ns = ngram_sizes(config)
     rules = [
@@ -164,8 +164,8 @@ class FeatureTable:
 
     @classmethod
     def load(cls, cache_dir: str | Path) -> FeatureTable:
-        from data_pipeline.cache import METADATA
-        from data_pipeline.features import read_features
+        from indicfm.data.cache import METADATA
+        from indicfm.data.features import read_features
 
         meta = json.loads((Path(cache_dir) / METADATA).read_text(encoding="utf-8"))
         return cls(read_features(cache_dir), DataConfig.model_validate(meta["config"]))

@@ -24,11 +24,11 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from data_pipeline.cache import METADATA, STATE_DIR
-from data_pipeline.features import FEATURES_FILE, FeaturesError
-from data_pipeline.report import DROP_REASONS, REPORT_FILE
-from data_pipeline.review.rules import KEPT, FeatureTable, Rule, apply_overrides, export_overrides
-from data_pipeline.review.texts import TextReader
+from indicfm.data.cache import METADATA, STATE_DIR
+from indicfm.data.features import FEATURES_FILE, FeaturesError
+from indicfm.data.report import DROP_REASONS, REPORT_FILE
+from indicfm.data.review.rules import KEPT, FeatureTable, Rule, apply_overrides, export_overrides
+from indicfm.data.review.texts import TextReader
 
 JUDGEMENTS_FILE = "judgements.jsonl"
 EXPORT_FILE = "review_overrides.yaml"
@@ -79,7 +79,7 @@ class Review:
             raise ReviewError(str(err)) from None
         self.report = json.loads((self.cache_dir / REPORT_FILE).read_text(encoding="utf-8"))
         config = self.table.config
-        from data_pipeline.prepare import reader_max_chars
+        from indicfm.data.prepare import reader_max_chars
 
         self.texts = TextReader(reader_max_chars(config), config.text_field, config.lang_field)
         self._write_lock = threading.Lock()
@@ -158,7 +158,7 @@ class Review:
         for lang in self.table.langs:
             rows = self.table.lang_rows[lang]
             cached = self.report["languages"].get(lang, {"docs_in": 0, "docs_kept": 0, "tokens": 0, "dropped": {}})
-            from data_pipeline.filters import filters_for
+            from indicfm.data.filters import filters_for
 
             f = filters_for(config, lang)
             base = filters_for(self.table.config, lang)
@@ -183,7 +183,7 @@ class Review:
             bins = min(max(int(query.get("bins", ["40"])[0]), 2), 200)
         except ValueError:
             raise BadRequest("bins must be an integer") from None
-        from data_pipeline.filters import filters_for
+        from indicfm.data.filters import filters_for
 
         threshold = rule.threshold(filters_for(config, lang), config)
         if rule.column in _FRACTION_COLUMNS or "ngram" in rule.column:
@@ -243,7 +243,7 @@ class Review:
         out = {"lang": lang, "reason": reason, "dropped": self._documents(dropped, page, size), "near": None}
         rules = [r for r in self.table.rules if r.reason == reason and r.column in self.table.columns]
         if rules:
-            from data_pipeline.filters import filters_for
+            from indicfm.data.filters import filters_for
 
             name = query.get("rule", [rules[0].name])[0]
             rule = next((r for r in rules if r.name == name), rules[0])
@@ -332,7 +332,7 @@ class Review:
 
 
 def _handler(review: Review):
-    page_html = resources.files("data_pipeline.review").joinpath("page.html").read_bytes()
+    page_html = resources.files("indicfm.data.review").joinpath("page.html").read_bytes()
     routes_get = {"/api/summary": review.summary, "/api/histogram": review.histogram, "/api/effect": review.effect,
                   "/api/examples": review.examples, "/api/duplicates": review.duplicates,
                   "/api/judgements": review.judgements}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.sources import LINE_FORMATS, InputError, LineRange, find_input_files, read_line_range
+from indicfm.data.sources import LINE_FORMATS, InputError, LineRange, find_input_files, read_line_range
 
 #: Characters of a document the page gets (longer ones are cut, and say so).
 SHOW_CHARS = 3000

@@ -102,10 +102,10 @@ def prepare_cmd(
     if ray_address and engine != "ray":
         fail("--ray-address needs --engine ray")
 
-    from data_pipeline.cache import CacheError
-    from data_pipeline.prepare import PrepareError, prepare
-    from data_pipeline.ray_engine import RayNotInstalled, RayRunError
-    from data_pipeline.sources import InputError
+    from indicfm.data.cache import CacheError
+    from indicfm.data.prepare import PrepareError, prepare
+    from indicfm.data.ray_engine import RayNotInstalled, RayRunError
+    from indicfm.data.sources import InputError
     from indicfm.storage import StorageError
 
     try:
@@ -146,7 +146,7 @@ def inspect_cmd(
     """
     import json
 
-    from data_pipeline.report import DROP_REASONS, load_examples, render_table
+    from indicfm.data.report import DROP_REASONS, load_examples, render_table
     from indicfm.storage import as_path
 
     cache_dir = as_path(cache_dir)
@@ -174,9 +174,9 @@ def inspect_cmd(
 
 
 def _print_rows(cache_dir: Path, n: int) -> None:
-    from data_pipeline.cache import CacheError, read_metadata, read_rows
+    from indicfm.data.cache import CacheError, read_metadata, read_rows
     from indicfm.storage import as_path
-    from tokenizer.load import load_sentencepiece
+    from indicfm.tokenizer.load import load_sentencepiece
 
     try:
         info = read_metadata(cache_dir)
@@ -217,7 +217,7 @@ def review_cmd(
 
         indicfm data review out/cache --open
     """
-    from data_pipeline.review.server import ReviewError, make_server
+    from indicfm.data.review.server import ReviewError, make_server
 
     try:
         server = make_server(cache_dir, host, port)

@@ -62,9 +62,9 @@ def tpu(
 
         indicfm launch tpu --delete --name indicfm-v5p-128 --zone us-east5-a --project my-proj
     """
-    from launch.commands import Shell
+    from indicfm.launch.commands import Shell
     from indicfm.hardware import HardwareError
-    from launch.tpu import LaunchError, TpuJob, check_source_tree, delete_command, launch, parse_package
+    from indicfm.launch.tpu import LaunchError, TpuJob, check_source_tree, delete_command, launch, parse_package
 
     if spot and reserved:
         fail("--spot and --reserved exclude each other")
@@ -142,8 +142,8 @@ def gpu(
         indicfm launch gpu --config configs/model/small-moe.yaml --nodes 8 --gpus-per-node 8 \\
             --workdir /shared/runs/small --time 2-00:00:00 --dry-run
     """
-    from launch.commands import Shell
-    from launch.gpu import GpuJob, launch
+    from indicfm.launch.commands import Shell
+    from indicfm.launch.gpu import GpuJob, launch
 
     run_dir = (workdir or Path("runs") / name).absolute()
     resolved = _resolved_config_file(config, sets, name)
@@ -200,10 +200,10 @@ def plan(
         indicfm plan --config model/moe-8b --hardware v5p-128 --compile   # proof by XLA:TPU, on any machine
     """
     from indicfm.hardware import HardwareError
-    from launch.plan import PlanError, make_plan, render_plan
+    from indicfm.launch.plan import PlanError, make_plan, render_plan
 
     if compile_:
-        from launch.compile import prepare_libtpu_env
+        from indicfm.launch.compile import prepare_libtpu_env
 
         prepare_libtpu_env()  # before JAX starts its backends, so libtpu starts quietly
     cfg = load_config_or_exit(config, sets)
@@ -215,7 +215,7 @@ def plan(
         fail(str(err))
     compiled = None
     if compile_:
-        from launch.compile import CompileError, compile_plan
+        from indicfm.launch.compile import CompileError, compile_plan
 
         try:
             compiled = compile_plan(cfg, result)
@@ -231,6 +231,6 @@ def plan(
     else:
         render_plan(result)
         if compiled is not None:
-            from launch.compile import render_compiled
+            from indicfm.launch.compile import render_compiled
 
             render_compiled(compiled, result)

@@ -56,8 +56,8 @@ def train(
     except ValueError as err:
         fail(f"invalid option: {err}")
 
-    from data_pipeline.sources import InputError
-    from tokenizer.train import train_tokenizer
+    from indicfm.data.sources import InputError
+    from indicfm.tokenizer.train import train_tokenizer
 
     try:
         result = train_tokenizer(inputs, output_prefix, tok_cfg, allow_unknown=allow_unknown, progress=True)
@@ -107,7 +107,7 @@ def evaluate(
 
         indicfm tokenizer eval --model out/tok.model --parallel samples/heldout --compare gemma3=tokenizer.json --output out/report
     """
-    from tokenizer.evaluate import evaluate_tokenizers, write_report
+    from indicfm.tokenizer.evaluate import evaluate_tokenizers, write_report
 
     try:
         report = evaluate_tokenizers([str(model), *(compare or [])], parallel)
@@ -123,7 +123,7 @@ def _print_report(report) -> None:
     from rich.console import Console
 
     from indicfm.tables import print_table
-    from tokenizer.evaluate import _fmt, _pct
+    from indicfm.tokenizer.evaluate import _fmt, _pct
 
     out = Console()
     rows: list = []

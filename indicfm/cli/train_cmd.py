@@ -33,7 +33,7 @@ def train_command(
     in WORKDIR/tensorboard.
     """
     cfg = load_config_or_exit(config, set_)
-    from launch.distributed import DistributedError, initialize
+    from indicfm.launch.distributed import DistributedError, initialize
 
     try:  # before anything touches a device: join the other hosts (a no-op for one process)
         initialize(coordinator, num_processes, process_id)

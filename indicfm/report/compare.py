@@ -268,7 +268,7 @@ def run_compare(
     ``compare.json`` and the HTML report with the overlaid plots into ``output``."""
     from rich.console import Console
 
-    from data_pipeline.cache import read_metadata
+    from indicfm.data.cache import read_metadata
     from indicfm.report.runs import load_run
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.loop import train

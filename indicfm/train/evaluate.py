@@ -83,7 +83,7 @@ def load_heldout(
     directory: str | Path, tokenizer_file: str | Path, seq_len: int, max_lines: int, languages: Iterable[str] = ()
 ) -> list[HeldoutSet]:
     """Every language's held-out set, tokenized with the run's SentencePiece model."""
-    from tokenizer.load import load_sentencepiece
+    from indicfm.tokenizer.load import load_sentencepiece
 
     processor = load_sentencepiece(tokenizer_file)
     encode = lambda text: processor.encode(text, out_type=int)  # noqa: E731

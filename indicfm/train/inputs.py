@@ -4,7 +4,7 @@ names none (that is what lets ``configs/quickstart.yaml`` work from a fresh chec
 * ``tokenizer.model_file`` unset → train one from ``data.inputs`` into ``<workdir>/tokenizer/``
   (reused when it is already there).
 * ``data.cache_dir`` unset → ``<workdir>/data``.  A complete cache (its ``metadata.json`` exists) is
-  used as it is; otherwise ``data_pipeline.prepare`` builds it (or resumes an interrupted build).
+  used as it is; otherwise ``indicfm.data.prepare`` builds it (or resumes an interrupted build).
 
 Relative input paths are tried from the current directory first, then as the files indicfm ships
 (:mod:`indicfm.package_data`), so ``samples/train`` works wherever the command is started, from a
@@ -45,7 +45,7 @@ def ensure_tokenizer_and_cache(cfg: Config, workdir: Path, *, progress: bool = T
         prefix = workdir / "tokenizer" / "tokenizer"
         tokenizer_file = str(prefix.with_name("tokenizer.model"))
         if jax.process_index() == 0 and not Path(tokenizer_file).is_file():
-            from tokenizer.train import train_tokenizer
+            from indicfm.tokenizer.train import train_tokenizer
 
             if console is not None:
                 console.print(f"training a {cfg.tokenizer.vocab_size:,}-piece tokenizer on {', '.join(inputs)}")
@@ -57,7 +57,7 @@ def ensure_tokenizer_and_cache(cfg: Config, workdir: Path, *, progress: bool = T
     if jax.process_index() == 0 and not complete:
         if not (inputs or cfg.data.hub):
             raise FileNotFoundError(f"data.cache_dir: {cache_dir} holds no complete token cache and data.inputs is empty")
-        from data_pipeline.prepare import prepare
+        from indicfm.data.prepare import prepare
 
         prepare(inputs, tokenizer_file, cache_dir, config=cfg.data, show_progress=progress, console=console)
     _sync("indicfm_cache_ready")

@@ -335,7 +335,7 @@ def _set_up(
 ) -> Run | TrainResult:
     """Inputs, mesh, state (restored or fresh), the step, metrics, evaluation: a :class:`Run` at the
     step it starts from, or just the result when the workdir's run already completed ``trainer.steps``."""
-    from data_pipeline.loader import TokenLoader
+    from indicfm.data.loader import TokenLoader
     from indicfm.storage import file_sha256
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, logical_axis_rules, make_mesh
@@ -449,8 +449,8 @@ def _language_weights(cfg: Config) -> dict[str, float] | None:
     """``data.language_weights``, or weights from ``data.mixture_temperature`` and the cache's row counts."""
     if cfg.data.language_weights is not None or cfg.data.mixture_temperature is None:
         return cfg.data.language_weights
-    from data_pipeline.cache import read_metadata
-    from data_pipeline.loader import temperature_weights
+    from indicfm.data.cache import read_metadata
+    from indicfm.data.loader import temperature_weights
 
     rows = {lang: int(v["rows"]) for lang, v in read_metadata(cfg.data.cache_dir).languages.items()}
     return temperature_weights(rows, cfg.data.mixture_temperature)
@@ -464,7 +464,7 @@ def _check_inputs(cfg: Config, loader: Any, tokenizer_sha: str) -> None:
             f"the token cache {cfg.data.cache_dir} was built with tokenizer sha256 {cache_sha}, "
             f"but tokenizer.model_file {cfg.tokenizer.model_file} has sha256 {tokenizer_sha}"
         )
-    from tokenizer.load import load_sentencepiece
+    from indicfm.tokenizer.load import load_sentencepiece
 
     vocab = load_sentencepiece(cfg.tokenizer.model_file).get_piece_size()
     if vocab > cfg.model.vocab_size:
