@@ -1,7 +1,9 @@
 """indicfm as a wheel: built from the source tree, installed into a fresh virtual environment and run
 from a directory outside the repository, so nothing can lean on files next to the source.
 
-The venv reuses the installed dependencies (``--system-site-packages``) and the wheel is built and
+The venv reuses the dependencies this interpreter already has (a ``.pth`` file naming its
+site-packages folders, not ``--system-site-packages``: run from inside a virtual environment, that
+would reach the base interpreter's packages, not the environment's) and the wheel is built and
 installed offline (``--no-build-isolation``, ``--no-index``, ``--no-deps``): the test needs no
 network and takes seconds, not the minutes a full dependency install would.
 """
@@ -75,11 +77,17 @@ def wheel_file(tmp_path_factory) -> Path:
 def venv(wheel_file, tmp_path_factory) -> Path:
     """A fresh venv with the wheel installed; returns its bin/ (Scripts\\ on Windows) folder."""
     root = tmp_path_factory.mktemp("venv")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], cwd=root)
+    _run([sys.executable, "-m", "venv", str(root / "venv")], cwd=root)
     bin_dir = root / "venv" / ("Scripts" if os.name == "nt" else "bin")
-    # --force-reinstall: an editable install of indicfm in the base environment must not satisfy it.
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-          str(wheel_file)], cwd=root)  # fmt: skip
+    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel_file)], cwd=root)
+    # Then the dependencies: the site-packages folders this interpreter imports from (a virtual
+    # environment's own and, if it was made with --system-site-packages, the base's).  A path in a
+    # .pth file goes on sys.path after the venv's own site-packages, and .pth files inside it are
+    # not run, so an editable install of indicfm there cannot shadow the wheel.
+    purelib = _run([str(bin_dir / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                   cwd=root).stdout.strip()  # fmt: skip
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(purelib) / "indicfm_test_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     return bin_dir
 
 
@@ -107,6 +115,25 @@ def test_wheel_ships_every_config_and_the_quickstart_sample(wheel_file):
     assert not any(n.startswith(("configs/", "samples/")) for n in names), "data must live inside the indicfm package"
     assert "indicfm/samples/build_sample.py" not in names  # a maintainer's script, not package code
     assert "indicfm/package_data.py" in names and "indicfm/cli/__init__.py" in names
+
+
+def test_wheel_owns_one_top_level_name(wheel_file):
+    """Installed, indicfm puts only ``indicfm`` into site-packages (plus its own .dist-info): the
+    repository's tokenizer/, data_pipeline/ and launch/ are inside it, benchmarks/ is not shipped."""
+    with zipfile.ZipFile(wheel_file) as whl:
+        names = whl.namelist()
+        top_level = {n.split("/", 1)[0] for n in names}
+        (dist_info,) = [t for t in top_level if t.endswith(".dist-info")]
+        declared = whl.read(f"{dist_info}/top_level.txt").decode().split() if f"{dist_info}/top_level.txt" in names else []
+    assert top_level - {dist_info} == {"indicfm"}, sorted(top_level)
+    assert declared in ([], ["indicfm"]), declared
+    for folder, package in (("tokenizer", "tokenizer"), ("data_pipeline", "data"), ("launch", "launch")):
+        code = sorted(p.relative_to(REPO / folder).as_posix() for p in (REPO / folder).rglob("*.py"))
+        shipped = sorted(n.removeprefix(f"indicfm/{package}/") for n in names
+                         if n.startswith(f"indicfm/{package}/") and n.endswith(".py"))  # fmt: skip
+        assert shipped == code, (folder, sorted(set(code) ^ set(shipped)))
+    assert "indicfm/data/review/page.html" in names  # served by `data review`, read as package data
+    assert not any("benchmarks" in n.split("/") for n in names)
 
 
 FIND_QUICKSTART_FILES = """
