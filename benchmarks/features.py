@@ -81,12 +81,12 @@ def _accounted(input_dir: Path, model: Path, out: Path) -> dict[str, float]:
 
     import pyarrow.compute as pc
 
-    import indicfm.data.prepare as prepare_mod
+    import indicfm.data.stages as stages
     from indicfm.data.features import FeatureCollector, read_features
     from indicfm.data.lid import LanguageIdentifier
 
     batch, collector, lid = _CpuClock(), _CpuClock(), _CpuClock()
-    patches = [mock.patch.object(prepare_mod, "batch_features", batch.wrap(prepare_mod.batch_features)),
+    patches = [mock.patch.object(stages, "batch_features", batch.wrap(stages.batch_features)),
                mock.patch.object(LanguageIdentifier, "predict", lid.wrap(LanguageIdentifier.predict))]
     patches += [mock.patch.object(FeatureCollector, name, collector.wrap(getattr(FeatureCollector, name)))
                 for name in ("add", "save_part", "finish")]

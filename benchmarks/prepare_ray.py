@@ -165,8 +165,8 @@ def _estimate(result, measured: dict, tokens_target: float, nodes: int, cores: i
     it for long documents (an upper bound)."""
     from indicfm.data.config import DataConfig
     from indicfm.data.dedup import lsh_bands
-    from indicfm.data.prepare import BATCH_DOCS, RANGE_BYTES
     from indicfm.data.ray_engine import MAX_PARTITIONS, SHARD_RANGES
+    from indicfm.data.stages import BATCH_DOCS, RANGE_BYTES
 
     cpu = result.stage_cpu_seconds
     docs_target = tokens_target / tokens_per_doc

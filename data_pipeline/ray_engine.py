@@ -13,7 +13,7 @@ or token passes through it)::
 
   scan      a task per text / JSON-lines file: cut it into line ranges (a newline scan)
   process   a task per shard (consecutive line ranges of one file; a parquet file; a hub dataset):
-            the local engine's per-document work (DocumentProcessor: read, NFC, read-time reasons,
+            the stages the local engine runs too (indicfm.data.stages: read, NFC, read-time reasons,
             filters, LID, exact key, MinHash, LSH band keys, BOS + ids + EOS).  Each document gets
             its global position (input number << 40 | line), the order the local engine reads in.
             Its exact keys, and its band keys with its fingerprint, are split into P partitions
@@ -66,15 +66,19 @@ from pathlib import Path
 
 import numpy as np
 
+from indicfm.data import stages  # BATCH_DOCS, RANGE_BYTES: read at call time (tests change them)
 from indicfm.data.cache import ROWS_PER_SHARD, STATE_DIR, create_language_arrays, write_rows_block
 from indicfm.data.config import DataConfig, HubSource
 from indicfm.data.dedup import matches_needed
 from indicfm.data.pack import PackedRows
-from indicfm.data.report import Report
+from indicfm.data.report import DROP_LOG, EXAMPLE_CHARS, LanguageCounts, Report, drop_log_line
 from indicfm.data.sources import LINE_FORMATS, InputFile, LineRange, iter_documents, iter_hub_dataset, line_ranges
+from indicfm.data.stages import (
+    DocumentProcessor, DocumentsTask, RangeTask, document_batches, make_processor, read_task, reader_max_chars,
+)
 from indicfm.storage import as_path, make_dirs, open_for_reading
 
-#: Line ranges (of at most prepare.BATCH_DOCS lines each) per process task: large enough that a
+#: Line ranges (of at most stages.BATCH_DOCS lines each) per process task: large enough that a
 #: task's fixed costs (scheduling, fetching the processor, the shuffle's per-partition objects)
 #: are small against its ≈0.1 s of work per range.
 SHARD_RANGES = 16
@@ -141,9 +145,7 @@ class Shard:
         return (self.input_index << _LINE_BITS) | first_line
 
     def tasks(self, config: DataConfig):
-        """The shard as the local engine's batches (RangeTask / DocumentsTask)."""
-        from indicfm.data.prepare import DocumentsTask, RangeTask, _document_batches, reader_max_chars
-
+        """The shard as the stages' batches (RangeTask / DocumentsTask), those the local engine reads."""
         if self.ranges:
             yield from (RangeTask(self.file, r) for r in self.ranges)
             return
@@ -156,7 +158,7 @@ class Shard:
         else:
             docs = iter_documents(self.file, max_chars=max_chars, text_field=config.text_field,
                                   lang_field=config.lang_field)
-        yield from (DocumentsTask(batch) for batch in _document_batches(docs))
+        yield from (DocumentsTask(batch) for batch in document_batches(docs))
 
 
 @dataclass
@@ -229,16 +231,14 @@ def _make_shards(files: Sequence[InputFile], ranges: dict[int, list[LineRange]],
 
 # -- task bodies (plain functions, wrapped as Ray tasks in _remote) ------------------------------
 
-_PROCESSORS: dict = {}  # per worker process: (config, tokenizer) -> DocumentProcessor
+_PROCESSORS: dict[tuple[str, str], DocumentProcessor] = {}  # per worker process: (config, tokenizer) -> it
 
 
-def _processor(config_json: str, tokenizer: str):
-    from indicfm.data.prepare import _make_processor
-
+def _processor(config_json: str, tokenizer: str) -> DocumentProcessor:
     key = (config_json, tokenizer)
     if key not in _PROCESSORS:
         _PROCESSORS.clear()
-        _PROCESSORS[key] = _make_processor(config_json, tokenizer)
+        _PROCESSORS[key] = make_processor(config_json, tokenizer)
     return _PROCESSORS[key]
 
 
@@ -453,7 +453,7 @@ def finalize_shard(docs: ShardDocs, duplicates: tuple[np.ndarray, np.ndarray], d
             continue
         c[3][reason] += 1
         source, line = docs.sources[i], int(docs.lines[i])
-        drop_lines.append(f"{source}\t{line}\t{lang}\t{reason}\n")
+        drop_lines.append(drop_log_line(source, line, lang, reason))
         if per_reason[reason] < examples_per_reason:
             per_reason[reason] += 1
             text = None if reason in _DEDUP_REASONS else docs.previews[i]
@@ -474,8 +474,6 @@ def finalize_shard(docs: ShardDocs, duplicates: tuple[np.ndarray, np.ndarray], d
 
 def example_texts(shard: Shard, config_json: str, positions: list[int]) -> dict[int, str]:
     """The text a report example shows of these (duplicate) documents of a shard: read again."""
-    from indicfm.data.prepare import EXAMPLE_CHARS, read_task, reader_max_chars
-
     config = DataConfig.model_validate_json(config_json)
     wanted, out = set(positions), {}
     for task in shard.tasks(config):
@@ -610,8 +608,6 @@ def prepare_with_ray(
     ``.prepare_state``; returns {"report", "languages", "documents", "tokens", "times", "nodes", "placement"}
     (placement: per shard, (source, first line, last line, node id)).
     The caller writes metadata.json."""
-    from indicfm.data.prepare import BATCH_DOCS, DROP_LOG, RANGE_BYTES
-
     ray = import_ray()
     times = StageTimes()
     clock = time.perf_counter()
@@ -630,7 +626,7 @@ def prepare_with_ray(
         partitions = partitions or min(cpus, MAX_PARTITIONS)
         scan = _remote(ray, _scan)
         line_files = [i for i, f in enumerate(files) if f.format in LINE_FORMATS]
-        scanned = ray.get([scan.remote(str(files[i].path), BATCH_DOCS, RANGE_BYTES) for i in line_files])
+        scanned = ray.get([scan.remote(str(files[i].path), stages.BATCH_DOCS, stages.RANGE_BYTES) for i in line_files])
         shards = _make_shards(files, dict(zip(line_files, scanned)), config.hub, shard_ranges or SHARD_RANGES)
         shard_starts = np.array([s.first_position for s in shards], np.int64)
         lap("scan")
@@ -739,8 +735,6 @@ def prepare_with_ray(
 
 def _merge_summaries(summaries: Sequence[ShardSummary], config: DataConfig) -> tuple[Report, dict, list]:
     """The run's Report (counts; examples, those of duplicates without text yet) and languages."""
-    from indicfm.data.report import LanguageCounts
-
     report = Report(config.examples_per_reason)
     for s in summaries:
         for lang, (docs_in, kept, tokens, dropped) in s.counts.items():
@@ -776,4 +770,4 @@ def _fill_example_texts(ray, examples: list, shards: Sequence[Shard], shard_star
         texts.update(found)
     for position, reason, lang, source, line, text in examples:
         text = texts[position] if text is None else text
-        report.examples[reason].append({"lang": lang, "source": source, "line": line, "text": text[:300]})
+        report.examples[reason].append({"lang": lang, "source": source, "line": line, "text": text[:EXAMPLE_CHARS]})

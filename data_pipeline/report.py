@@ -5,7 +5,8 @@
     {"languages": {LANG: {"docs_in": int, "docs_kept": int, "tokens": int, "dropped": {REASON: int}}}}
 
 with ``docs_in == docs_kept + sum(dropped.values())`` for every language (checked before writing).
-``examples.json`` keeps the first few dropped documents per reason for ``indicfm data inspect``.
+``examples.json`` keeps the first few dropped documents per reason for ``indicfm data inspect``;
+``dropped.tsv`` lists every dropped document (source, line, language, reason).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ DROP_REASONS = (
 )
 REPORT_FILE = "report.json"
 EXAMPLES_FILE = "examples.json"
+#: Every dropped document, one line each: source, line, language, reason (tab-separated; see
+#: :func:`drop_log_line`).  Both engines write it, so it is named and formatted here once.
+DROP_LOG = "dropped.tsv"
+#: Characters of a dropped document a report example keeps (see :meth:`Report.dropped`).
+EXAMPLE_CHARS = 300
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Report:
         counts.dropped[reason] += 1
         if self.wants_example(reason):
             self.examples[reason].append(
-                {"lang": lang, "source": source, "line": line, "text": text[:300]}
+                {"lang": lang, "source": source, "line": line, "text": text[:EXAMPLE_CHARS]}
             )
 
     def totals(self) -> LanguageCounts:
@@ -108,6 +114,12 @@ class Report:
 
         write_json_atomic(directory / REPORT_FILE, self.to_dict())
         write_json_atomic(directory / EXAMPLES_FILE, dict(self.examples))
+
+
+def drop_log_line(source: str, line: int, lang: str, reason: str) -> str:
+    """One dropped document's line of :data:`DROP_LOG`: one format, so that the local and the Ray
+    engine's logs of the same run are the same bytes."""
+    return f"{source}\t{line}\t{lang}\t{reason}\n"
 
 
 def render_table(report: dict, console) -> None:

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import indicfm.data.prepare as prepare_mod
+import indicfm.data.local_engine as local_engine
+import indicfm.data.stages as stages
 from indicfm.data.cache import CacheError, read_metadata, read_rows
 from indicfm.data.config import DataConfig
-from indicfm.data.prepare import DROP_LOG, PrepareError, prepare
+from indicfm.data.prepare import PrepareError, prepare
+from indicfm.data.report import DROP_LOG
 from indicfm.data.testing import make_injected_corpus, train_tiny_tokenizer
 
 SEQ_LEN = 128
@@ -143,7 +145,7 @@ def test_duplicate_examples_from_json_lines_and_parquet(tmp_path, sample_train_d
 def test_which_languages_are_complete_after_a_file(tmp_path):
     """A text file's language is complete after its last line when no later input can hold it: no
     later file of that language, and no later file whose languages are per record."""
-    from indicfm.data.prepare import _languages_complete_after
+    from indicfm.data.local_engine import _languages_complete_after
     from indicfm.data.sources import InputFile
 
     files = []
@@ -202,11 +204,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_d
 
     # Interrupt a few batches after the 2nd checkpoint, with rows written since then (small
     # PACK_ROWS and WRITE_ROWS): the resumed run must overwrite those, not append after them.
-    monkeypatch.setattr(prepare_mod, "PACK_ROWS", 2)
-    monkeypatch.setattr(prepare_mod, "WRITE_ROWS", 2)
+    monkeypatch.setattr(local_engine, "PACK_ROWS", 2)
+    monkeypatch.setattr(local_engine, "WRITE_ROWS", 2)
     checkpoints = []
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", checkpoints.append)
-    original_consume = prepare_mod._Run.consume
+    monkeypatch.setattr(local_engine, "_checkpoint_hook", checkpoints.append)
+    original_consume = local_engine._Run.consume
     batches_after = []
 
     def consume(self, batch, result):
@@ -217,12 +219,12 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, sample_train_d
                 raise Interrupted
         return tokens
 
-    monkeypatch.setattr(prepare_mod._Run, "consume", consume)
+    monkeypatch.setattr(local_engine._Run, "consume", consume)
     with pytest.raises(Interrupted):
         prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     with pytest.raises(CacheError, match="incomplete"):
         read_metadata(out)  # a partial run never looks complete
-    monkeypatch.setattr(prepare_mod._Run, "consume", original_consume)
+    monkeypatch.setattr(local_engine._Run, "consume", original_consume)
     result = prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     assert result.resumed and 0 < result.documents < 11191
     a, b = read_metadata(out), read_metadata(clean_cache)
@@ -282,11 +284,11 @@ def test_main_process_shares_the_work_and_keeps_input_order(tmp_path, sample_tra
     for name in ("hin_Deva.txt", "tam_Taml.txt", "urd_Arab.txt"):
         lines = (sample_train_dir / name).read_bytes().splitlines(keepends=True)[:700]
         (corpus / name).write_bytes(b"".join(lines + lines[:50]))  # with duplicates to decide in order
-    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 64)
+    monkeypatch.setattr(stages, "BATCH_DOCS", 64)
     one = prepare([corpus], tokenizer, tmp_path / "one", seq_len=SEQ_LEN, workers=1, show_progress=False)
     local_batches = []
-    original_call = prepare_mod.DocumentProcessor.__call__
-    monkeypatch.setattr(prepare_mod.DocumentProcessor, "__call__",
+    original_call = stages.DocumentProcessor.__call__
+    monkeypatch.setattr(stages.DocumentProcessor, "__call__",
                         lambda self, task: local_batches.append(task) or original_call(self, task))
     several = prepare([corpus], tokenizer, tmp_path / "several", seq_len=SEQ_LEN, workers=3, show_progress=False)
     batches = -(-750 // 64) * 3
@@ -311,7 +313,7 @@ def test_worker_processes_give_the_same_cache(tmp_path, sample_train_dir, tokeni
 
 
 def test_per_language_limits_apply_in_order(tokenizer):
-    from indicfm.data.prepare import DocumentProcessor
+    from indicfm.data.stages import DocumentProcessor
 
     config = DataConfig.model_validate({"language_filters": {"tam_Taml": {"max_chars": 20}}})
     proc = DocumentProcessor(config, str(tokenizer))
@@ -371,7 +373,7 @@ def test_a_prepare_interrupted_by_an_older_version_is_not_resumed_with_its_dedup
     def stop(checkpoints_done):
         raise Interrupted
 
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", stop)
+    monkeypatch.setattr(local_engine, "_checkpoint_hook", stop)
     with pytest.raises(Interrupted):
         prepare([sample_train_dir], tokenizer, out, seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     state_file = out / ".prepare_state" / "state.json"
@@ -386,7 +388,8 @@ def test_a_prepare_interrupted_by_an_older_version_is_not_resumed_with_its_dedup
 def test_resume_point_inside_a_line_range_skips_exactly_the_done_documents(sample_train_dir, tokenizer):
     """Workers read line ranges; a resume may start inside one (e.g. after a checkpoint written with
     another batch size): the documents read must be exactly the rest of the input, in order."""
-    from indicfm.data.prepare import DocumentProcessor, _tasks
+    from indicfm.data.local_engine import _tasks
+    from indicfm.data.stages import DocumentProcessor
     from indicfm.data.sources import find_input_files, iter_documents
 
     config = DataConfig()

@@ -169,10 +169,10 @@ def test_inspect_cli_reads_a_bucket_cache(bucket, tmp_path):
 @pytest.mark.timeout(300)
 def test_ray_engine_writes_the_bucket_cache_in_place(bucket, from_bucket_inputs, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    import indicfm.data.prepare as prepare_mod
     import indicfm.data.ray_engine as ray_engine
+    import indicfm.data.stages as stages
 
-    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, so duplicates cross them
+    monkeypatch.setattr(stages, "BATCH_DOCS", 96)  # many shards, so duplicates cross them
     monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
     # started here, after the emulator's variables are set, so every Ray worker inherits them
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 << 20, log_to_driver=False,
@@ -223,8 +223,8 @@ def test_two_node_ray_cluster_prepares_from_and_into_the_bucket(bucket, from_buc
     with _two_node_cluster() as (address, _):  # its nodes inherit the emulator's variables
         driver = (
             "import json, sys\n"
-            "import indicfm.data.prepare as p, indicfm.data.ray_engine as r\n"
-            "p.BATCH_DOCS, r.SHARD_RANGES = 96, 2  # many shards, spread over both nodes\n"
+            "import indicfm.data.prepare as p, indicfm.data.ray_engine as r, indicfm.data.stages as s\n"
+            "s.BATCH_DOCS, r.SHARD_RANGES = 96, 2  # many shards, spread over both nodes\n"
             "a = sys.argv[1:]\n"
             "done = p.prepare([a[0]], a[1], a[2], seq_len=int(a[3]), engine='ray', ray_address=a[4],\n"
             "                 show_progress=False)\n"

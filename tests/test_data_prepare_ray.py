@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import indicfm.data.prepare as prepare_mod
+import indicfm.data.local_engine as local_engine
 import indicfm.data.ray_engine as ray_engine
+import indicfm.data.stages as stages
 from indicfm.data.config import DataConfig
 from indicfm.data.pack import Packer
-from indicfm.data.prepare import prepare
+from indicfm.data.prepare import PrepareError, prepare
 from indicfm.data.testing import train_tiny_tokenizer
 from prepare_checks import assert_same_cache, drop_reasons, make_crossing_corpus
 
@@ -118,7 +119,7 @@ def local_ray():
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", SMALL_BATCH)
+    monkeypatch.setattr(stages, "BATCH_DOCS", SMALL_BATCH)
     monkeypatch.setattr(ray_engine, "SHARD_RANGES", SMALL_SHARD)
 
 
@@ -181,11 +182,11 @@ def test_ray_engine_refuses_to_take_over_an_interrupted_local_prepare(corpus_and
     def stop(done):
         raise Interrupted
 
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", stop)
+    monkeypatch.setattr(local_engine, "_checkpoint_hook", stop)
     with pytest.raises(Interrupted):
         prepare([corpus], tokenizer, out, seq_len=SEQ_LEN, workers=1, show_progress=False,
                 config=DataConfig(checkpoint_every_docs=2000))
-    with pytest.raises(prepare_mod.PrepareError, match="--engine local"):
+    with pytest.raises(PrepareError, match="--engine local"):
         prepare([corpus], tokenizer, out, seq_len=SEQ_LEN, engine="ray", show_progress=False)
     assert (out / ".prepare_state" / "state.json").is_file()
 

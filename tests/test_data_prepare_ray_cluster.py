@@ -71,14 +71,16 @@ def _two_node_cluster():
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--block", "--disable-usage-stats",
               f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     logs = Path(temp)
+    # the `ray` command of this interpreter's environment (a virtual environment's bin/ need not be on PATH)
+    ray_cli = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
     processes = []
     try:
         processes.append(subprocess.Popen(
-            ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common],
+            [ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common],
             env=_env(), start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT))
         _wait_for_port(port, processes[0], logs / "head.log")
         processes.append(subprocess.Popen(
-            ["ray", "start", f"--address={address}", "--resources={\"second_node\": 1}", *common],
+            [ray_cli, "start", f"--address={address}", "--resources={\"second_node\": 1}", *common],
             env=_env(), start_new_session=True, stdout=open(logs / "node2.log", "w"), stderr=subprocess.STDOUT))
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -140,11 +142,11 @@ def test_two_nodes_build_the_local_engines_cache_and_survive_a_killed_worker(clu
                                                                               tmp_path, monkeypatch):
     import ray
 
-    import indicfm.data.prepare as prepare_mod
     import indicfm.data.ray_engine as ray_engine
+    import indicfm.data.stages as stages
 
     corpus, tokenizer, reference, copies = corpus_and_reference
-    monkeypatch.setattr(prepare_mod, "BATCH_DOCS", 96)  # many shards, spread over both nodes
+    monkeypatch.setattr(stages, "BATCH_DOCS", 96)  # many shards, spread over both nodes
     monkeypatch.setattr(ray_engine, "SHARD_RANGES", 2)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     marker = tmp_path / "killed"

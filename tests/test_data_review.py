@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import indicfm.data.prepare as prepare_mod
+import indicfm.data.local_engine as local_engine
 from indicfm.data.config import DataConfig
 from indicfm.data.features import FEATURES_FILE
 from indicfm.data.filters import duplicate_line_fraction, filters_for, non_letter_ratio
@@ -178,7 +178,7 @@ def test_an_interrupted_prepare_resumes_to_the_same_features(tmp_path, corpus, t
             raise Interrupted
 
     config = DataConfig(checkpoint_every_docs=300)
-    monkeypatch.setattr(prepare_mod, "_checkpoint_hook", stop)
+    monkeypatch.setattr(local_engine, "_checkpoint_hook", stop)
     with pytest.raises(Interrupted):
         prepare([corpus], tokenizer, tmp_path / "c", seq_len=SEQ_LEN, config=config, workers=1, show_progress=False)
     monkeypatch.undo()

@@ -2,7 +2,7 @@
 
 :meth:`FeatureTable.verdicts` gives every document the reason prepare would give it under a
 changed config, without reading the corpus: the same rules in the same order as
-``indicfm.data.prepare`` (too_long, too_short, too_many_symbols, repeated_lines, repeated_ngrams,
+``indicfm.data.stages`` (too_long, too_short, too_many_symbols, repeated_lines, repeated_ngrams,
 wrong_script, wrong_language), then exact deduplication in input order over the documents that
 pass (each document's key is stored).  Read-time reasons (invalid_utf8, empty, ...) don't depend
 on thresholds and stay.

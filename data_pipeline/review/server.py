@@ -79,7 +79,7 @@ class Review:
             raise ReviewError(str(err)) from None
         self.report = json.loads((self.cache_dir / REPORT_FILE).read_text(encoding="utf-8"))
         config = self.table.config
-        from indicfm.data.prepare import reader_max_chars
+        from indicfm.data.stages import reader_max_chars
 
         self.texts = TextReader(reader_max_chars(config), config.text_field, config.lang_field)
         self._write_lock = threading.Lock()
