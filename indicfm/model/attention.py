@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from indicfm.model.config import ModelConfig
-from indicfm.model.layers import compute_dtype, make_param, param_dtype, rope
+from indicfm.model.layers import RMSNorm, compute_dtype, make_param, param_dtype, rope, rope_frequencies
 from indicfm.model.platform import target_platform
 from indicfm.sharding import constrain
 
@@ -132,7 +132,16 @@ class Attention(nnx.Module):
         self.w_k_DxKxG = make_param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), pdt)
         self.w_v_DxKxG = make_param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), pdt)
         self.w_o_HxGxD = make_param(rngs, (H, G, D), ("heads", "head_dim", "embed"), pdt, fan_in=H * G)
-        self.rope_theta = cfg.rope_theta
+        if cfg.attention_bias:
+            self.b_q_HxG = make_param(rngs, (H, G), ("heads", "head_dim"), pdt, init="zeros")
+            self.b_k_KxG = make_param(rngs, (K, G), ("kv_heads", "head_dim"), pdt, init="zeros")
+            self.b_v_KxG = make_param(rngs, (K, G), ("kv_heads", "head_dim"), pdt, init="zeros")
+        else:
+            self.b_q_HxG = self.b_k_KxG = self.b_v_KxG = None
+        # Qwen3: one RMSNorm over each head's G features, shared by all heads (before RoPE)
+        self.q_norm = RMSNorm(G, cfg.norm_eps, pdt, rngs=rngs, names=("head_dim",)) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(G, cfg.norm_eps, pdt, rngs=rngs, names=("head_dim",)) if cfg.qk_norm else None
+        self.rope_cfg = cfg
         self.impl = cfg.attention_impl
         self.dtype = compute_dtype(cfg)
 
@@ -142,8 +151,15 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhg->blhg", x_BxLxD, self.w_q_DxHxG[...].astype(dt))
         k = jnp.einsum("bld,dkg->blkg", x_BxLxD, self.w_k_DxKxG[...].astype(dt))
         v = jnp.einsum("bld,dkg->blkg", x_BxLxD, self.w_v_DxKxG[...].astype(dt))
-        q_BxLxHxG = constrain(rope(q, positions_BxL, self.rope_theta), ("batch", "length", "act_heads", None))
-        k_BxLxKxG = constrain(rope(k, positions_BxL, self.rope_theta), ("batch", "length", "act_kv_heads", None))
+        if self.b_q_HxG is not None:
+            q = q + self.b_q_HxG[...].astype(dt)
+            k = k + self.b_k_KxG[...].astype(dt)
+            v = v + self.b_v_KxG[...].astype(dt)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_frequencies(self.rope_cfg)
+        q_BxLxHxG = constrain(rope(q, positions_BxL, inv_freq), ("batch", "length", "act_heads", None))
+        k_BxLxKxG = constrain(rope(k, positions_BxL, inv_freq), ("batch", "length", "act_kv_heads", None))
         v_BxLxKxG = constrain(v, ("batch", "length", "act_kv_heads", None))
         return q_BxLxHxG, k_BxLxKxG, v_BxLxKxG
 

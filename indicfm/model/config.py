@@ -62,6 +62,30 @@ class ModelConfig(Section):
     bias_update_rate: float = Field(0.001, ge=0, description="step size of the loss-free balancing bias update")
     tie_embeddings: bool = Field(True, description="reuse the input embedding as the output projection")
     rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
+    rope_scaling: Literal["none", "llama3"] = Field(
+        "none",
+        description="none: plain RoPE frequencies; llama3: Llama 3.1's frequency-dependent scaling (long "
+        "wavelengths divided by rope_factor, short ones kept, a smooth blend between)",
+    )
+    rope_factor: float = Field(8.0, gt=0, description="llama3 RoPE scaling: factor for the long wavelengths")
+    rope_low_freq_factor: float = Field(1.0, gt=0, description="llama3 RoPE scaling: low_freq_factor")
+    rope_high_freq_factor: float = Field(4.0, gt=0, description="llama3 RoPE scaling: high_freq_factor")
+    rope_original_max_len: int = Field(
+        8192, gt=0, description="llama3 RoPE scaling: the context length the frequencies were trained for"
+    )
+    attention_bias: bool = Field(False, description="learned biases on the q/k/v projections (Qwen2)")
+    qk_norm: bool = Field(False, description="RMSNorm over each query and key head before RoPE (Qwen3)")
+    norm_topk_prob: bool = Field(
+        False,
+        description="softmax router: renormalise the chosen experts' probabilities to sum to one (Mixtral, "
+        "Qwen2/3-MoE's norm_topk_prob); false: gates are the plain softmax probabilities",
+    )
+    d_shared: int = Field(
+        0, ge=0, description="hidden width of the shared experts' one SwiGLU; 0 = num_shared_experts x d_expert"
+    )
+    shared_expert_gate: bool = Field(
+        False, description="scale the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)"
+    )
     norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon")
     param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype parameters are stored in")
     compute_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="dtype matmuls run in")
@@ -92,6 +116,13 @@ class ModelConfig(Section):
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         return self
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared experts' SwiGLU (0: no shared experts)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.d_shared or self.num_shared_experts * self.d_expert
 
     @property
     def num_moe_layers(self) -> int:

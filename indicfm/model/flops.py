@@ -30,19 +30,21 @@ from indicfm.model.config import ModelConfig
 
 def _attention_params(cfg: ModelConfig) -> int:
     D, H, K, G = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return D * H * G + 2 * D * K * G + H * G * D
+    biases = (H + 2 * K) * G if cfg.attention_bias else 0
+    return D * H * G + 2 * D * K * G + H * G * D + biases
 
 
 def _moe_params(cfg: ModelConfig, experts: int) -> int:
     D, Fe = cfg.d_model, cfg.d_expert
-    return D * cfg.num_experts + 3 * experts * D * Fe + 3 * cfg.num_shared_experts * D * Fe
+    shared_gate = D if cfg.num_shared_experts and cfg.shared_expert_gate else 0
+    return D * cfg.num_experts + 3 * experts * D * Fe + 3 * D * cfg.shared_width + shared_gate
 
 
 def _params(cfg: ModelConfig, experts_per_moe_layer: int) -> int:
     D, V = cfg.d_model, cfg.vocab_size
     n_dense, n_moe = cfg.first_dense_layers, cfg.num_moe_layers
     embeddings = V * D * (1 if cfg.tie_embeddings else 2)
-    per_block = _attention_params(cfg) + 2 * D
+    per_block = _attention_params(cfg) + 2 * D + (2 * cfg.head_dim if cfg.qk_norm else 0)
     return (
         embeddings
         + cfg.num_layers * per_block
@@ -67,7 +69,9 @@ def count_matmul_params(cfg: ModelConfig) -> int:
     the output projection counted once even when tied."""
     D, V = cfg.d_model, cfg.vocab_size
     embeddings = V * D * (1 if cfg.tie_embeddings else 2)
-    norms = (2 * cfg.num_layers + 1) * D
+    norms = (2 * cfg.num_layers + 1) * D + (2 * cfg.num_layers * cfg.head_dim if cfg.qk_norm else 0)
+    biases = cfg.num_layers * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim if cfg.attention_bias else 0
+    norms += biases  # added, not multiplied: no matmul FLOPs
     return count_active_params(cfg) - embeddings - norms + D * V
 
 

@@ -48,8 +48,9 @@ def make_param(
 class RMSNorm(nnx.Module):
     """Root-mean-square layer norm with a learned scale; statistics in float32 for stability."""
 
-    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, *, rngs: nnx.Rngs):
-        self.scale = make_param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, *, rngs: nnx.Rngs,
+                 names: tuple[str | None, ...] = ("norm",)):
+        self.scale = make_param(rngs, (dim,), names, param_dtype, init="ones")
         self.eps = eps
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -58,14 +59,37 @@ class RMSNorm(nnx.Module):
         return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
-def rope(x_BxLxNxG: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[G/2]`` of the rotary embedding, with the config's scaling.
+
+    ``theta ** (-i / (G/2))``; ``rope_scaling="llama3"`` rescales them as Llama 3.1 does: wavelengths
+    longer than ``rope_original_max_len / rope_low_freq_factor`` are divided by ``rope_factor``,
+    those shorter than ``rope_original_max_len / rope_high_freq_factor`` kept, and the band between
+    blended linearly in ``rope_original_max_len / wavelength``.  Computed in float32 like the
+    reference implementation, so imported Llama 3 checkpoints give the same angles.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original = cfg.rope_original_max_len
+    wavelength = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = ~(wavelength < original / high) & ~(wavelength > original / low)
+    return jnp.where(in_band, blended, scaled)
+
+
+def rope(x_BxLxNxG: jax.Array, positions_BxL: jax.Array, inv_freq_G2: jax.Array) -> jax.Array:
     """Rotary position embedding (half-split layout) at explicit per-token positions.
 
     Positions come from the data pipeline and restart at 0 for each packed document, so a
-    document's encoding does not depend on where it landed in the pack.
+    document's encoding does not depend on where it landed in the pack.  ``inv_freq_G2``:
+    :func:`rope_frequencies`.
     """
     half = x_BxLxNxG.shape[-1] // 2
-    inv_freq_G2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BxLxG2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_G2
     sin = jnp.sin(angle_BxLxG2)[:, :, None, :]
     cos = jnp.cos(angle_BxLxG2)[:, :, None, :]

@@ -97,7 +97,11 @@ class MoE(nnx.Module):
         self.w_gate_ExDxF = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pdt, fan_in=D)
         self.w_up_ExDxF = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pdt, fan_in=D)
         self.w_down_ExFxD = make_param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), pdt, fan_in=F)
-        self.shared = SwiGLU(D, cfg.num_shared_experts * F, pdt, rngs=rngs) if cfg.num_shared_experts else None
+        self.shared = SwiGLU(D, cfg.shared_width, pdt, rngs=rngs) if cfg.num_shared_experts else None
+        # Qwen2-MoE scales the shared experts' output per token by sigmoid(x . w)
+        self.shared_gate_D = (
+            make_param(rngs, (D,), ("embed",), pdt) if cfg.num_shared_experts and cfg.shared_expert_gate else None
+        )
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32)) if cfg.loss_free_bias else None
 
     def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> tuple[jax.Array, Routing]:
@@ -109,7 +113,11 @@ class MoE(nnx.Module):
         y_BxLxD = run_experts(x_BxLxD, routing, self.w_gate_ExDxF[...], self.w_up_ExDxF[...],
                               self.w_down_ExFxD[...], cfg, capacity)
         if self.shared is not None:
-            y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
+            shared_BxLxD = self.shared(x_BxLxD)
+            if self.shared_gate_D is not None:
+                gate_BxL = jnp.einsum("bld,d->bl", x_BxLxD.astype(jnp.float32), self.shared_gate_D[...].astype(jnp.float32))
+                shared_BxLxD = shared_BxLxD * jax.nn.sigmoid(gate_BxL)[..., None].astype(shared_BxLxD.dtype)
+            y_BxLxD = y_BxLxD + shared_BxLxD
         return y_BxLxD, routing
 
 

@@ -61,7 +61,7 @@ def route(
     select_BxLxE = scores_BxLxE if bias_E is None else scores_BxLxE + jax.lax.stop_gradient(bias_E)
     _, expert_BxLxk = jax.lax.top_k(select_BxLxE, k)
     chosen_BxLxk = jnp.take_along_axis(scores_BxLxE, expert_BxLxk, axis=-1)
-    if cfg.router == "sigmoid":
+    if cfg.router == "sigmoid" or cfg.norm_topk_prob:
         chosen_BxLxk = chosen_BxLxk / jnp.sum(chosen_BxLxk, axis=-1, keepdims=True)
     valid = valid_BxL.astype(jnp.float32)
     gate_BxLxk = chosen_BxLxk * valid[..., None]

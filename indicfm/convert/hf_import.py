@@ -1,0 +1,175 @@
+"""A Hugging Face model directory as an indicfm model, each tensor placed straight into its sharding.
+
+``load_hf_model(src, mesh)`` reads ``config.json`` (:func:`~indicfm.convert.hf_arch.model_fields`),
+builds the model abstractly (nothing allocated) and creates every parameter with
+``jax.make_array_from_callback``: JAX asks, per device, for the slice that device holds, and the
+callback reads the tensor from the memory-mapped safetensors file, changes its layout and cuts the
+slice.  So:
+
+* there is never a second copy of the model in host memory: one tensor (the one being placed) is
+  read at a time and dropped when its shards are on the devices;
+* with several processes each process is asked only for its own devices' slices; expert weights
+  are read per expert, so a process reads only the experts its devices hold (dense tensors are read
+  whole, once per process, and sliced);
+* the layout follows the one sharding rules table (:mod:`indicfm.sharding`), whatever the mesh.
+
+Embedding rows may exceed the tokenizer's size (Qwen pads its vocabulary to a round number); fewer
+rows than tokenizer entries is an error, checked by the caller that knows the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from indicfm.convert.hf_arch import ConversionError, TensorSource, architecture_of, model_fields, tensor_table
+from indicfm.convert.safetensors_files import SafetensorsCheckpoint
+from indicfm.model.config import ModelConfig
+from indicfm.sharding import Rules, state_shardings
+
+#: tensors some checkpoints carry that are not weights of the function (buffers, caches)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_hf_config(src: str | Path) -> dict:
+    """``SRC/config.json`` as a dict; a missing or unreadable file is a :class:`ConversionError`."""
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{Path(src)}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConversionError(f"{path}: not valid JSON: {err}") from None
+
+
+def imported_model_config(src: str | Path, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of the checkpoint in ``src`` (``overrides``: fields the source does not
+    decide, e.g. ``param_dtype``, ``scan_layers``, ``remat``, ``attention_impl``)."""
+    hf = read_hf_config(src)
+    fields = model_fields(hf, str(Path(src) / "config.json"))
+    clash = sorted(set(overrides) & set(fields) - {"max_seq_len"})
+    if clash:
+        raise ConversionError(f"model.{clash[0]} is set by the source checkpoint's config.json and cannot be overridden")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _path_of(key_path: tuple) -> tuple:
+    """A jax key path of an nnx state leaf -> the plain path used by the tensor table."""
+    out = []
+    for key in key_path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            continue  # the Variable's .value
+        out.append(key.key if isinstance(key, jax.tree_util.DictKey) else getattr(key, "idx", key))
+    return tuple(out)
+
+
+def _placed(source: TensorSource, checkpoint: SafetensorsCheckpoint, shape: tuple, dtype: Any, sharding: Any,
+            path: tuple) -> jax.Array:
+    """One parameter created on its devices from the checkpoint, each device reading its own slice."""
+    whole: dict[str, np.ndarray] = {}
+
+    def check(value: np.ndarray, expected: tuple) -> np.ndarray:
+        if value.shape != expected:
+            raise ConversionError(
+                f"{checkpoint.directory}: {source.names[0]} has shape {value.shape} after conversion, but "
+                f"{'.'.join(map(str, path))} needs {expected} (config.json and the weights disagree)"
+            )
+        return value
+
+    def slice_for(index: tuple) -> np.ndarray:
+        if source.stacked:
+            experts = range(*index[0].indices(shape[0]))
+            value = check(source.read(checkpoint.get, experts), (len(experts), *shape[1:]))
+            return value[(slice(None), *index[1:])].astype(dtype)
+        if "value" not in whole:  # read once per parameter per process, dropped when placed
+            whole["value"] = check(source.read(checkpoint.get), shape)
+        return whole["value"][index].astype(dtype)
+
+    array = jax.make_array_from_callback(shape, sharding, slice_for)
+    whole.clear()
+    return array
+
+
+def load_hf_model(
+    src: str | Path,
+    mesh: jax.sharding.Mesh,
+    model_cfg: ModelConfig | None = None,
+    rules: Rules | None = None,
+) -> Any:
+    """The checkpoint in ``src`` as an indicfm ``Transformer`` whose parameters live on ``mesh``.
+
+    ``model_cfg`` defaults to :func:`imported_model_config`; it must describe the source (the
+    parameter layout may be scanned: the model is imported unrolled and then stacked).
+    """
+    from indicfm.model.layout import with_layout
+    from indicfm.model.transformer import Transformer
+
+    src = Path(src)
+    hf = read_hf_config(src)
+    arch = architecture_of(hf, str(src / "config.json"))
+    cfg = model_cfg or imported_model_config(src)
+    unrolled_cfg = cfg.model_copy(update={"scan_layers": False})
+    table = tensor_table(arch, unrolled_cfg)
+
+    abstract = nnx.eval_shape(lambda: Transformer(unrolled_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+    with SafetensorsCheckpoint(src) as checkpoint:
+        _check_names(checkpoint, table, cfg)
+        _check_vocab(checkpoint, cfg)
+
+        def place(key_path: tuple, leaf: Any, sharding: Any) -> Any:
+            path = _path_of(key_path)
+            if path not in table:  # non-parameter state (the loss-free router bias): its initial zeros
+                return jax.device_put(np.zeros(leaf.shape, leaf.dtype), sharding)
+            return _placed(table[path], checkpoint, tuple(leaf.shape), leaf.dtype, sharding, path)
+
+        placed = jax.tree_util.tree_map_with_path(place, state, shardings)
+    model = nnx.merge(graphdef, placed)
+    if cfg.scan_layers:
+        # stacking makes new arrays: place them by the rules table like every other parameter
+        model = with_layout(model, scan_layers=True)
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return model
+
+
+def _check_names(checkpoint: SafetensorsCheckpoint, table: dict[tuple, TensorSource], cfg: ModelConfig) -> None:
+    """Every tensor the model needs is there, and every weight the checkpoint has is used."""
+    needed = {name for source in table.values() for name in source.names}
+    missing = sorted(needed - checkpoint.names())
+    if missing:
+        raise ConversionError(f"{checkpoint.directory}: tensors missing from the checkpoint: {missing[:5]}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    unused = sorted(
+        name for name in checkpoint.names() - needed
+        if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_embeddings and name == "lm_head.weight")
+    )
+    if unused:
+        raise ConversionError(
+            f"{checkpoint.directory}: tensors indicfm would not use, so the imported model would compute something "
+            f"else: {unused[:5]}" + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        )
+
+
+def _check_vocab(checkpoint: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
+    rows = checkpoint.shape("model.embed_tokens.weight")[0]
+    if rows != cfg.vocab_size:
+        raise ConversionError(
+            f"{checkpoint.directory}: model.embed_tokens.weight has {rows} rows but config.json says vocab_size "
+            f"{cfg.vocab_size}"
+        )
+
+
+def check_tokenizer_fits(cfg: ModelConfig, tokenizer_size: int, tokenizer_file: str) -> None:
+    """More embedding rows than tokenizer entries is fine (padding); fewer is an error."""
+    if cfg.vocab_size < tokenizer_size:
+        raise ConversionError(
+            f"the model has {cfg.vocab_size} embedding rows but {tokenizer_file} has {tokenizer_size} entries: "
+            "tokens past the table would have no embedding"
+        )
