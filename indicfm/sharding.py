@@ -6,9 +6,11 @@ to mesh axes of the 4-axis mesh ``(data, fsdp, expert, tensor)``.  Changing the 
 means editing that table, not the layers.
 
 What lives here: the table, :func:`logical_to_spec` / :func:`constrain` (used by the layers),
-:func:`state_shardings` / :func:`batch_sharding` (jit and Orbax targets), and the mesh
-(:func:`resolve_mesh_sizes`, shared with the planner, and :func:`make_mesh`).  Building a sharded
-model and the train state from them is ``indicfm.train.state`` (``create_model``,
+:func:`state_shardings` / :func:`batch_sharding` (jit and Orbax targets), the mesh
+(:func:`resolve_mesh_sizes`, shared with the planner, and :func:`make_mesh`), and the table read
+as arithmetic for the planner (:func:`batch_shards`, :func:`weight_shards`: how many ways the batch
+and FSDP-sharded weights are split), so a plan follows the table as training does.  Building a
+sharded model and the train state from them is ``indicfm.train.state`` (``create_model``,
 ``init_train_state``, ``abstract_train_state``); the jitted step is ``indicfm.train.step``.
 
 Flax's own ``nnx.get_partition_spec`` would return the *logical* names; use :func:`state_shardings`
@@ -65,6 +67,39 @@ def logical_axis_rules(shard_weights_over_data: bool = False) -> dict[str, Any]:
     if shard_weights_over_data:
         rules["embed"] = ("data", "fsdp")
     return rules
+
+
+def rule_axes(logical: str, rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes the rules table splits the logical axis ``logical`` over, in order (empty:
+    replicated).  Unknown names are an error: a typo would silently replicate."""
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    if logical not in rules:
+        raise KeyError(f"logical axis {logical!r} has no rule in indicfm.sharding.LOGICAL_AXIS_RULES")
+    target = rules[logical]
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes the batch is split over: the ``batch`` rule (every data-like axis)."""
+    return rule_axes("batch", rules)
+
+
+def batch_shards(sizes: Mapping[str, int], rules: Rules | None = None) -> int:
+    """Into how many parts the batch is split on a mesh of ``sizes`` (axis name -> size): the product
+    of the sizes of the :func:`batch_axes`.  Pure arithmetic, for the planner's per-device rows."""
+    return math.prod(sizes[axis] for axis in batch_axes(rules))
+
+
+def weight_axes(rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes FSDP splits weights over: the ``embed`` rule (the ``d_model`` dimension every
+    weight has), ``fsdp`` and, with ``mesh.shard_weights_over_data``, also ``data``."""
+    return rule_axes("embed", rules)
+
+
+def weight_shards(sizes: Mapping[str, int], rules: Rules | None = None) -> int:
+    """Into how many parts FSDP splits every weight on a mesh of ``sizes``: the product of the sizes
+    of the :func:`weight_axes`, which is also how many devices an all-gather of a weight spans."""
+    return math.prod(sizes[axis] for axis in weight_axes(rules))
 
 
 def resolve_mesh_sizes(mesh_cfg: "MeshConfig", num_devices: int) -> dict[str, int]:
@@ -130,7 +165,6 @@ def logical_to_spec(
     """
     if not names:
         return PartitionSpec()
-    rules = LOGICAL_AXIS_RULES if rules is None else rules
     axis_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     used: set[str] = set()
     spec: list[Any] = []
@@ -138,11 +172,7 @@ def logical_to_spec(
         if name is None:
             spec.append(None)
             continue
-        if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule in indicfm.sharding.LOGICAL_AXIS_RULES")
-        target = rules[name]
-        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if a in axis_sizes and axis_sizes[a] > 1 and a not in used)
+        axes = tuple(a for a in rule_axes(name, rules) if a in axis_sizes and axis_sizes[a] > 1 and a not in used)
         if shape is not None:
             # drop axes from the end until the product divides the dimension
             while axes and shape[dim] % math.prod(axis_sizes[a] for a in axes):

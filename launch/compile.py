@@ -286,7 +286,8 @@ def compile_plan(cfg: Any, plan: Any) -> list[CompiledCandidate]:
     """Compile the layout the plan priced; when it does not fit (by the planner or by XLA), also the
     planner's suggested layout, so the suggestion is checked by the compiler before anyone uses it."""
     from indicfm.hardware import parse_slice
-    from indicfm.launch.plan import memory_per_device, suggest_mesh
+    from indicfm.launch.plan_memory import memory_per_device
+    from indicfm.launch.plan_search import suggest_mesh
 
     slice_ = parse_slice(plan.hardware)
     candidates = [CompiledCandidate("as planned", plan.mesh, plan.remat, plan.micro_batches, plan.memory.total)]
@@ -322,7 +323,7 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
     from rich.console import Console
     from rich.table import Table
 
-    from indicfm.launch.plan import describe_mesh
+    from indicfm.launch.plan_render import describe_mesh
 
     console = console or Console(soft_wrap=True)
     for c in candidates:

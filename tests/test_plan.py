@@ -14,8 +14,12 @@ from typer.testing import CliRunner
 
 from indicfm.cli import app
 from indicfm.config import load_config
-from indicfm.launch import plan
 from indicfm.hardware import GIB, parse_slice
+from indicfm.launch.plan import make_plan
+from indicfm.launch.plan_layout import PlanError, mesh_sizes
+from indicfm.launch.plan_memory import activation_bytes_per_device, memory_per_device, overflow_round_bytes
+from indicfm.launch.plan_roofline import step_time
+from indicfm.launch.plan_trace import _conditional_output_bytes, saved_residuals
 
 # Small MoE configs unlike the shipped ones: odd widths, 3 layers, a shared expert, untied output.
 SMALL = [
@@ -54,8 +58,8 @@ def xla_memory_per_device(cfg) -> tuple[int, int]:
 
 
 def planned(cfg):
-    sizes = plan.mesh_sizes(cfg.mesh, jax.device_count())
-    return plan.memory_per_device(cfg, sizes, parse_slice("cpux8").chip)
+    sizes = mesh_sizes(cfg.mesh, jax.device_count())
+    return memory_per_device(cfg, sizes, parse_slice("cpux8").chip)
 
 
 def assert_close_to_xla(cfg, tolerance: float = 0.25) -> None:
@@ -103,11 +107,11 @@ def test_parameter_counts_agree_with_the_instantiated_model_and_flops():
     cfg = small_config("mesh.data=1")
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    result = plan.make_plan(cfg, "cpu")
+    result = make_plan(cfg, "cpu")
     assert result.params == real == count_params(cfg.model)
     assert result.flops_per_token == train_flops_per_token(cfg.model, cfg.data.seq_len)
     # one device with a replicated model holds every parameter in float32
-    one = plan.memory_per_device(load_config(None, [*SMALL, "mesh.data=1"]), {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, parse_slice("cpu").chip)
+    one = memory_per_device(load_config(None, [*SMALL, "mesh.data=1"]), {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, parse_slice("cpu").chip)
     assert one.params == real * 4 and one.optimizer == 2 * real * 4
 
 
@@ -137,7 +141,7 @@ def test_full_remat_keeps_one_block_input_per_layer():
     """Hand-computed: with remat=full each extra block saves only its input, B x L x D in bf16."""
     base = ["model.remat=full", "model.compute_dtype=bfloat16", "mesh.data=1"]
     three, four = (
-        sum(r.nbytes for r in plan.saved_residuals(small_config(*base, f"model.num_layers={n}").model, 16, 64, (1, 1, 1, 1)))
+        sum(r.nbytes for r in saved_residuals(small_config(*base, f"model.num_layers={n}").model, 16, 64, (1, 1, 1, 1)))
         for n in (3, 4)
     )
     assert four - three == 16 * 64 * 96 * 2
@@ -145,7 +149,7 @@ def test_full_remat_keeps_one_block_input_per_layer():
     attention = small_config("model.remat=attention", "mesh.data=1")
     full = small_config("model.remat=full", "mesh.data=1")
     sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
-    saved = [plan.activation_bytes_per_device(c, sizes)[0] for c in (none, attention, full)]
+    saved = [activation_bytes_per_device(c, sizes)[0] for c in (none, attention, full)]
     assert saved[0] > saved[1] > saved[2]
 
 
@@ -167,7 +171,7 @@ def test_a_conditional_writes_out_each_computed_output_once():
     (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
     # output 0: sin(x) or x (64 x 48 float32); output 1: y again or zeros: never a new buffer;
     # output 2: zeros in both; output 3: a float32 scalar
-    assert plan._conditional_output_bytes(cond) == 64 * 48 * 4 + 4
+    assert _conditional_output_bytes(cond) == 64 * 48 * 4 + 4
 
 
 def test_overflow_rounds_are_priced_only_with_an_expert_axis():
@@ -180,19 +184,19 @@ def test_overflow_rounds_are_priced_only_with_an_expert_axis():
     M = cfg.trainer.global_batch_size * cfg.data.seq_len // 4 * model.top_k  # rows one device sends
     W = -(-math.ceil(1.25 * M) // 8) * 8
     item = {"float32": 4, "bfloat16": 2}[model.compute_dtype]
-    assert plan.overflow_round_bytes(cfg, {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}, "tpu") == 0
+    assert overflow_round_bytes(cfg, {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}, "tpu") == 0
     # traced as on TPU (ragged_all_to_all, megablox); the CPU's emulated exchange sends n-fold chunks
-    four = plan.overflow_round_bytes(cfg, {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}, "tpu")
+    four = overflow_round_bytes(cfg, {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}, "tpu")
     assert (2 * W + M) * model.d_model * item <= four < 20 * W * max(model.d_model, model.d_expert) * item
 
 
 def test_activations_per_device_depend_on_the_rows_each_device_holds():
     """8-way data parallelism over an 8x larger batch leaves each device the same rows and the
     same activations; weights in compute dtype are not split by the batch."""
-    one = plan.activation_bytes_per_device(
+    one = activation_bytes_per_device(
         small_config("mesh.data=1", "trainer.global_batch_size=4"), {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
     )
-    eight = plan.activation_bytes_per_device(
+    eight = activation_bytes_per_device(
         small_config("mesh.data=8", "trainer.global_batch_size=32"), {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
     )
     assert eight == pytest.approx(one, rel=1e-5)  # a few scalar residuals (loss normalisers) do not split
@@ -200,7 +204,7 @@ def test_activations_per_device_depend_on_the_rows_each_device_holds():
 
 def test_too_big_config_is_reported_as_not_fitting_with_the_reason():
     cfg = load_config("configs/model/moe-8b.yaml", ["mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "trainer.global_batch_size=8"])
-    result = plan.make_plan(cfg, "h100x1")
+    result = make_plan(cfg, "h100x1")
     assert not result.memory.fits
     reason = result.memory.reason()
     assert "does not fit" in reason and "80.0 GiB" in reason
@@ -217,7 +221,7 @@ def test_a_mesh_that_fits_is_suggested_when_the_configs_does_not():
         ["model.num_layers=4", "mesh.data=-1", "mesh.fsdp=1", "mesh.expert=1", "trainer.global_batch_size=64",
          "data.seq_len=1024"],
     )
-    result = plan.make_plan(cfg, "v5e-64")
+    result = make_plan(cfg, "v5e-64")
     assert not result.memory.fits
     suggestion = result.suggestion
     assert suggestion is not None and suggestion.memory.fits
@@ -229,12 +233,12 @@ def test_a_mesh_that_fits_is_suggested_when_the_configs_does_not():
             "trainer": cfg.trainer.model_copy(update={"micro_batches": suggestion.micro_batches}),
         }
     )
-    assert plan.memory_per_device(trial, suggestion.sizes, parse_slice("v5e-64").chip).fits
+    assert memory_per_device(trial, suggestion.sizes, parse_slice("v5e-64").chip).fits
 
 
 def test_costs_and_chips_for_a_deadline_follow_from_throughput():
     cfg = load_config("configs/model/small-moe.yaml", ["trainer.global_batch_size=128", "data.seq_len=2048"])
-    result = plan.make_plan(cfg, "v5p-16", tokens=1e11, days=10, mfu=0.4)
+    result = make_plan(cfg, "v5p-16", tokens=1e11, days=10, mfu=0.4)
     chips = parse_slice("v5p-16").num_chips
     assert chips == 8
     tokens_per_s = 128 * 2048 / result.time.total
@@ -253,24 +257,24 @@ def test_costs_and_chips_for_a_deadline_follow_from_throughput():
 def test_communication_grows_with_the_mesh_axes_that_move_data():
     cfg = load_config("configs/model/small-moe.yaml", ["trainer.global_batch_size=64", "data.seq_len=1024"])
     slice_ = parse_slice("h100x16")  # two nodes: an axis spanning both goes over InfiniBand
-    within = plan.step_time(cfg, {"data": 2, "fsdp": 1, "expert": 8, "tensor": 1}, slice_, 0.35)
-    across = plan.step_time(cfg, {"data": 1, "fsdp": 1, "expert": 16, "tensor": 1}, slice_, 0.35)
+    within = step_time(cfg, {"data": 2, "fsdp": 1, "expert": 8, "tensor": 1}, slice_, 0.35)
+    across = step_time(cfg, {"data": 1, "fsdp": 1, "expert": 16, "tensor": 1}, slice_, 0.35)
     assert within.all_to_all > 0 and across.all_to_all > within.all_to_all * 4  # NVLink 450 GB/s vs IB 50 GB/s
-    none = plan.step_time(cfg, {"data": 16, "fsdp": 1, "expert": 1, "tensor": 1}, slice_, 0.35)
+    none = step_time(cfg, {"data": 16, "fsdp": 1, "expert": 1, "tensor": 1}, slice_, 0.35)
     assert none.all_to_all == 0 and none.fsdp == 0 and none.data_parallel > 0
 
 
 def test_mesh_errors_name_the_problem():
     # a mesh for another device count: the problem is named and a mesh of 8 devices is planned instead
     cfg = small_config("mesh.data=3")
-    result = plan.make_plan(cfg, "cpux8")
+    result = make_plan(cfg, "cpux8")
     assert "8 devices" in result.mesh_note and "mesh" in result.mesh_note
     assert math.prod(result.mesh.values()) == 8 and result.memory.fits
     assert result.suggestion is not None and result.suggestion.sizes == result.mesh
     assert result.to_dict()["mesh_note"] == result.mesh_note
     cfg = small_config("mesh.data=-1", "trainer.global_batch_size=12")
-    with pytest.raises(plan.PlanError, match="global_batch_size"):
-        plan.make_plan(cfg, "cpux8")
+    with pytest.raises(PlanError, match="global_batch_size"):
+        make_plan(cfg, "cpux8")
 
 
 def test_cli_prints_the_plan(tmp_path):

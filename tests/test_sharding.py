@@ -14,7 +14,20 @@ from indicfm.config import MeshConfig
 from indicfm.model.config import ModelConfig
 from indicfm.model.moe import update_router_bias
 from indicfm.model.transformer import Transformer
-from indicfm.sharding import batch_sharding, logical_to_spec, make_mesh, resolve_mesh_sizes, state_shardings
+from indicfm import sharding
+from indicfm.sharding import (
+    MESH_AXES,
+    batch_axes,
+    batch_shards,
+    batch_sharding,
+    logical_axis_rules,
+    logical_to_spec,
+    make_mesh,
+    resolve_mesh_sizes,
+    state_shardings,
+    weight_axes,
+    weight_shards,
+)
 from indicfm.train.state import abstract_train_state, create_model
 
 MESHES = {
@@ -164,6 +177,38 @@ def test_logical_to_spec_falls_back_to_replication():
     assert logical_to_spec(("batch", "length"), (3, 16), mesh) == P(None, None)
     with pytest.raises(KeyError, match="no rule"):
         logical_to_spec(("embedd",), (4,), mesh)
+
+
+def test_batch_and_weight_shards_are_read_from_the_rules_table():
+    """Hand-computed on data=2 fsdp=4 expert=8 tensor=2: the batch splits 2 x 4 x 8 = 64 ways (every
+    data-like axis), FSDP splits weights 4 ways, or 2 x 4 = 8 ways when they are also sharded over data."""
+    sizes = {"data": 2, "fsdp": 4, "expert": 8, "tensor": 2}
+    assert batch_axes() == ("data", "fsdp", "expert") and batch_shards(sizes) == 64
+    assert weight_axes() == ("fsdp",) and weight_shards(sizes) == 4
+    over_data = logical_axis_rules(shard_weights_over_data=True)
+    assert weight_axes(over_data) == ("data", "fsdp") and weight_shards(sizes, over_data) == 8
+    assert batch_shards(sizes, over_data) == 64  # sharding weights over data leaves the batch as it was
+    # the same split as the PartitionSpec training places on a batch (no devices needed)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    assert logical_to_spec(("batch", "length"), (128, 16), mesh) == P(("data", "fsdp", "expert"), None)
+    assert logical_to_spec(("embed", "mlp"), (32, 64), mesh, over_data) == P(("data", "fsdp"), "tensor")
+
+
+def test_the_planners_batch_split_follows_the_rules_table(monkeypatch):
+    """Edit the table's ``batch`` rule and the planner's rows per device follow, with no planner change."""
+    from indicfm.config import load_config
+    from indicfm.launch.plan_layout import PlanError, per_device_batch
+
+    cfg = load_config(None, ["trainer.global_batch_size=64", "trainer.micro_batches=1"])
+    sizes = {"data": 2, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert per_device_batch(cfg, sizes) == 64 // (2 * 2 * 4)
+    # expert-parallel devices sharing their rows: the batch then splits over data x fsdp only
+    monkeypatch.setitem(sharding.LOGICAL_AXIS_RULES, "batch", ("data", "fsdp"))
+    assert batch_shards(sizes) == 4
+    assert per_device_batch(cfg, sizes) == 64 // (2 * 2)
+    odd = load_config(None, ["trainer.global_batch_size=6", "trainer.micro_batches=1"])
+    with pytest.raises(PlanError, match="over data x fsdp = 4 devices"):
+        per_device_batch(odd, sizes)
 
 
 def test_trainer_recipe_jits_a_sharded_step():

@@ -60,7 +60,7 @@ def compiled(hardware: str, mesh: str, remat: str, extra: tuple[str, ...] = ()):
     """(planner bytes per chip, XLA:TPU's CompileReport) for tiny-moe on ``hardware`` (cached: one
     compile serves the memory, collective and kernel checks)."""
     from indicfm.launch.compile import compile_train_step, with_layout
-    from indicfm.launch.plan import memory_per_device
+    from indicfm.launch.plan_memory import memory_per_device
 
     config, sets = TINY
     cfg = with_layout(load_config(config, [*sets, *extra]), MESHES[mesh], remat, 1)

@@ -200,12 +200,15 @@ def plan(
         indicfm plan --config model/moe-8b --hardware v5p-128 --compile   # proof by XLA:TPU, on any machine
     """
     from indicfm.hardware import HardwareError
-    from indicfm.launch.plan import PlanError, make_plan, render_plan
 
     if compile_:
         from indicfm.launch.compile import prepare_libtpu_env
 
-        prepare_libtpu_env()  # before JAX starts its backends, so libtpu starts quietly
+        prepare_libtpu_env()  # before JAX (which the planner imports) starts, so libtpu starts quietly
+    from indicfm.launch.plan import make_plan
+    from indicfm.launch.plan_layout import PlanError
+    from indicfm.launch.plan_render import render_plan
+
     cfg = load_config_or_exit(config, sets)
     if days is not None and tokens is None:
         fail("--days needs --tokens (how many tokens to finish in that time)")
