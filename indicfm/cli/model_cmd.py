@@ -81,7 +81,8 @@ def generate_command(
 
     _quiet_orbax()
     from indicfm.inference.generate import generate_text
-    from indicfm.inference.load import CheckpointNotFound, inference_mesh, load_for_inference
+    from indicfm.inference.load import inference_mesh, load_for_inference
+    from indicfm.train.saved_model import CheckpointNotFound
 
     try:
         loaded = load_for_inference(workdir, step, mesh=inference_mesh(tensor, expert))
@@ -133,7 +134,7 @@ def export_hf_command(
         fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     _quiet_orbax()
     from indicfm.export.hf import ExportError, export_hf
-    from indicfm.inference.load import CheckpointNotFound
+    from indicfm.train.saved_model import CheckpointNotFound
 
     try:
         result = export_hf(workdir, output, step=step, dtype=dtype, max_shard_size=max_shard_size)

@@ -168,6 +168,23 @@ def model_fields(hf: dict, source: str = "config.json") -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ tensor names
 
+
+def plain_path(key_path: tuple) -> tuple:
+    """A jax key path of an nnx state leaf (``DictKey('blocks'), DictKey(0), ..., GetAttrKey('value')``)
+    -> the plain path the tables here use (``("blocks", 0, ...)``)."""
+    import jax
+
+    out = []
+    for key in key_path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            continue  # the Variable's .value
+        if isinstance(key, jax.tree_util.DictKey):
+            out.append(key.key)
+        else:
+            out.append(getattr(key, "idx", key))
+    return tuple(out)
+
+
 Transform = Callable[[np.ndarray], np.ndarray]
 
 

@@ -27,7 +27,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from indicfm.convert.hf_arch import ConversionError, TensorSource, architecture_of, model_fields, tensor_table
+from indicfm.convert.hf_arch import (
+    ConversionError,
+    TensorSource,
+    architecture_of,
+    model_fields,
+    plain_path,
+    tensor_table,
+)
 from indicfm.convert.safetensors_files import SafetensorsCheckpoint
 from indicfm.model.config import ModelConfig
 from indicfm.sharding import Rules, state_shardings
@@ -56,16 +63,6 @@ def imported_model_config(src: str | Path, **overrides: Any) -> ModelConfig:
     if clash:
         raise ConversionError(f"model.{clash[0]} is set by the source checkpoint's config.json and cannot be overridden")
     return ModelConfig(**{**fields, **overrides})
-
-
-def _path_of(key_path: tuple) -> tuple:
-    """A jax key path of an nnx state leaf -> the plain path used by the tensor table."""
-    out = []
-    for key in key_path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            continue  # the Variable's .value
-        out.append(key.key if isinstance(key, jax.tree_util.DictKey) else getattr(key, "idx", key))
-    return tuple(out)
 
 
 def _placed(source: TensorSource, checkpoint: SafetensorsCheckpoint, shape: tuple, dtype: Any, sharding: Any,
@@ -124,7 +121,7 @@ def load_hf_model(
         _check_vocab(checkpoint, cfg)
 
         def place(key_path: tuple, leaf: Any, sharding: Any) -> Any:
-            path = _path_of(key_path)
+            path = plain_path(key_path)
             if path not in table:  # non-parameter state (the loss-free router bias): its initial zeros
                 return jax.device_put(np.zeros(leaf.shape, leaf.dtype), sharding)
             return _placed(table[path], checkpoint, tuple(leaf.shape), leaf.dtype, sharding, path)

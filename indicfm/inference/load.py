@@ -17,15 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from flax import nnx
 
 from indicfm.model.config import ModelConfig
-
-DEFAULT_CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointNotFound(FileNotFoundError):
-    """No usable checkpoint where one was expected (the message says where and what exists)."""
+from indicfm.train.saved_model import read_meta, restore_model
 
 
 @dataclass
@@ -51,20 +45,6 @@ class LoadedModel:
         return self.meta.get("config", {})
 
 
-def checkpoint_directory(workdir: str | Path) -> Path:
-    """``<workdir>/<checkpoint.dir_name>``; the directory name is read from ``<workdir>/config.yaml``
-    when the run saved one (``indicfm train`` does), else the default ``checkpoints``."""
-    workdir = Path(workdir)
-    dir_name = DEFAULT_CHECKPOINT_DIR
-    saved = workdir / "config.yaml"
-    if saved.is_file():
-        import yaml
-
-        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        dir_name = (data.get("checkpoint") or {}).get("dir_name") or dir_name
-    return workdir / dir_name
-
-
 def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None) -> jax.sharding.Mesh:
     """A mesh of ``tensor`` x ``expert`` devices (default: the first local device alone).
 
@@ -82,36 +62,9 @@ def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None
     return make_mesh(MeshConfig(data=1, fsdp=1, expert=expert, tensor=tensor), devices[:wanted])
 
 
-def _open_manager(workdir: str | Path):
-    import orbax.checkpoint as ocp
-
-    directory = checkpoint_directory(workdir).resolve()
-    if not directory.is_dir():
-        raise CheckpointNotFound(f"no checkpoint directory {directory} (has `indicfm train --workdir {workdir}` run?)")
-    return directory, ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-
-
-def _choose_step(directory: Path, manager: Any, step: int | None) -> int:
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise CheckpointNotFound(f"{directory} holds no checkpoint")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise CheckpointNotFound(f"{directory} has no checkpoint for step {step}; available: {steps}")
-    return step
-
-
 def read_checkpoint_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
-    """``(step, meta)`` of a checkpoint without reading any array (step None = the newest)."""
-    import orbax.checkpoint as ocp
-
-    directory, manager = _open_manager(workdir)
-    with manager:
-        step = _choose_step(directory, manager, step)
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    if "config" not in meta or "model" not in meta["config"]:
-        raise ValueError(f"checkpoint {directory / str(step)}: its metadata has no resolved config")
+    """``(step, meta)`` of a run's checkpoint without reading any array (step None = the newest)."""
+    _, step, meta = read_meta(workdir, step)
     return step, meta
 
 
@@ -127,43 +80,16 @@ def load_for_inference(
     and its parameters are placed on ``mesh`` (default: :func:`inference_mesh`).  The tokenizer is
     the copy stored *in the checkpoint* (checked against its sha256).
     """
-    import orbax.checkpoint as ocp
-
     from indicfm.inference.decode import inference_config
-    from indicfm.model.transformer import Transformer
-    from indicfm.sharding import state_shardings
     from indicfm.train.checkpoint import tokenizer_bytes
 
-    directory, manager = _open_manager(workdir)
-    with manager:
-        step = _choose_step(directory, manager, step)
-        side = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
-        meta = dict(side["meta"])
-        if "config" not in meta or "model" not in meta["config"]:
-            raise ValueError(f"checkpoint {directory / str(step)}: its metadata has no resolved config")
-        train_cfg = ModelConfig(**meta["config"]["model"])
-        cfg = inference_config(train_cfg)
-
-        abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-        graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
-        mesh = mesh or inference_mesh()
-        target = {"params": params, "model_state": model_state}
-        shardings = state_shardings(target, mesh)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-            ),
-        )["state"]
-    model = nnx.merge(graphdef, restored["params"], restored["model_state"])
-
-    tokenizer = side.get("tokenizer")
-    if not tokenizer:
-        raise ValueError(f"checkpoint {directory / str(step)} holds no tokenizer")
+    _, step, meta = read_meta(workdir, step)
+    saved = restore_model(workdir, mesh or inference_mesh(), inference_config(ModelConfig(**meta["config"]["model"])),
+                          step=step)
+    if not saved.tokenizer:
+        raise ValueError(f"checkpoint {saved.directory / str(step)} holds no tokenizer")
     try:
-        tokenizer_file = tokenizer_bytes(tokenizer)
+        tokenizer_file = tokenizer_bytes(saved.tokenizer)
     except ValueError as err:
-        raise ValueError(f"checkpoint {directory / str(step)}: {err}") from None
-    return LoadedModel(model, train_cfg, meta, step, tokenizer_file, directory)
+        raise ValueError(f"checkpoint {saved.directory / str(step)}: {err}") from None
+    return LoadedModel(saved.model, saved.saved_model_config, saved.meta, step, tokenizer_file, saved.directory)
