@@ -191,3 +191,26 @@ def test_goldens_regenerate_identically_with_transformers():
     proc = subprocess.run([sys.executable, str(GOLDEN / "make_goldens.py"), "--check"], capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+EXPORTED_AS = {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "mistral": "LlamaForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "Qwen2MoeForCausalLM",
+               "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_export_of_an_imported_model_imports_back_to_the_same_logits(name, tmp_path):
+    """Export writes the source family's architecture; importing the export reproduces transformers'
+    golden logits (so the export is what transformers computes too)."""
+    from indicfm.export.hf import hf_config, hf_tensors, write_safetensors
+
+    cfg = imported_model_config(GOLDEN / name, **FLOAT32)
+    model = load_hf_model(GOLDEN / name, _mesh(), cfg)
+    config = hf_config(cfg, bos_id=1, eos_id=2, pad_id=0, dtype="float32")
+    assert config["architectures"] == [EXPORTED_AS[name]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_safetensors(hf_tensors(model), tmp_path)
+    again = load_hf_model(tmp_path, _mesh(), imported_model_config(tmp_path, **FLOAT32))
+    golden = np.load(GOLDEN / name / "golden.npz")
+    got = _logits(again, golden["tokens"])
+    assert np.max(np.abs(got - golden["logits"])) / np.max(np.abs(golden["logits"])) <= 1e-4

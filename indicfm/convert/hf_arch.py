@@ -190,12 +190,20 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class TensorSource:
-    """Where one indicfm parameter comes from: one checkpoint tensor, or (``experts``) one per expert
-    stacked on a leading axis, each changed by ``transform`` into indicfm's layout."""
+    """Where one indicfm parameter comes from: one checkpoint tensor, or (``stacked``) one per expert
+    stacked on a leading axis, each changed by ``transform`` into indicfm's layout (``inverse``: back
+    into the checkpoint's, for export)."""
 
     names: tuple[str, ...]
     transform: Transform
+    inverse: Transform
     stacked: bool = False  # True: names[e] is expert e of an [E, ...] parameter
+
+    def write(self, value: np.ndarray) -> dict[str, np.ndarray]:
+        """The checkpoint tensors holding ``value`` (the indicfm parameter)."""
+        if not self.stacked:
+            return {self.names[0]: self.inverse(value)}
+        return {name: self.inverse(value[e]) for e, name in enumerate(self.names)}
 
     def read(self, get: Callable[[str], np.ndarray], experts: range | None = None) -> np.ndarray:
         """The parameter's value (only the experts in ``experts`` for a stacked one)."""
@@ -205,26 +213,39 @@ class TensorSource:
         return np.stack([self.transform(get(self.names[e])) for e in chosen])
 
 
-def _linear(*out_axes: int) -> Transform:
-    """``[out, in]`` -> ``[in, *out_axes]`` (``out_axes`` split the output features head-major)."""
+def _linear(*out_axes: int) -> tuple[Transform, Transform]:
+    """``[out, in]`` <-> ``[in, *out_axes]`` (``out_axes`` split the output features head-major)."""
 
-    def transform(w: np.ndarray) -> np.ndarray:
+    def to_ours(w: np.ndarray) -> np.ndarray:
         return w.T.reshape(w.shape[1], *out_axes) if out_axes else w.T
 
-    return transform
+    def to_theirs(a: np.ndarray) -> np.ndarray:
+        return a.reshape(a.shape[0], -1).T
+
+    return to_ours, to_theirs
 
 
-def _output_projection(heads: int, head_dim: int) -> Transform:
-    """``o_proj.weight [D, H*G]`` -> ``[H, G, D]``."""
-    return lambda w: w.T.reshape(heads, head_dim, w.shape[0])
+def _output_projection(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+    """``o_proj.weight [D, H*G]`` <-> ``[H, G, D]``."""
+    return (lambda w: w.T.reshape(heads, head_dim, w.shape[0]),
+            lambda a: a.reshape(heads * head_dim, a.shape[-1]).T)
 
 
-def _reshape(*shape: int) -> Transform:
-    return lambda w: w.reshape(shape)
+def _reshape(*shape: int) -> tuple[Transform, Transform]:
+    return lambda w: w.reshape(shape), lambda a: a.reshape(-1)
 
 
 def _same(w: np.ndarray) -> np.ndarray:
     return w
+
+
+SAME = (_same, _same)
+#: a ``[1, D]`` linear weight (Qwen2-MoE's shared-expert gate) <-> indicfm's ``[D]`` vector
+ROW_VECTOR = (lambda w: w.reshape(-1), lambda a: a.reshape(1, -1))
+
+
+def _source(names: str | tuple[str, ...], transforms: tuple[Transform, Transform], stacked: bool = False) -> TensorSource:
+    return TensorSource((names,) if isinstance(names, str) else names, *transforms, stacked=stacked)
 
 
 def tensor_table(arch: Architecture, cfg: Any) -> dict[tuple, TensorSource]:
@@ -232,40 +253,40 @@ def tensor_table(arch: Architecture, cfg: Any) -> dict[tuple, TensorSource]:
     its source in a checkpoint of ``arch``, for the model config ``cfg`` made by :func:`model_fields`."""
     H, K, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     table: dict[tuple, TensorSource] = {
-        ("embed_VxD",): TensorSource(("model.embed_tokens.weight",), _same),
-        ("final_norm", "scale"): TensorSource(("model.norm.weight",), _same),
+        ("embed_VxD",): _source("model.embed_tokens.weight", SAME),
+        ("final_norm", "scale"): _source("model.norm.weight", SAME),
     }
     if not cfg.tie_embeddings:
-        table[("unembed_DxV",)] = TensorSource(("lm_head.weight",), _linear())
+        table[("unembed_DxV",)] = _source("lm_head.weight", _linear())
     for i in range(cfg.num_layers):
         p, b = f"model.layers.{i}", ("blocks", i)
         attn = f"{p}.self_attn"
-        table[(*b, "attn_norm", "scale")] = TensorSource((f"{p}.input_layernorm.weight",), _same)
-        table[(*b, "mlp_norm", "scale")] = TensorSource((f"{p}.post_attention_layernorm.weight",), _same)
-        table[(*b, "attn", "w_q_DxHxG")] = TensorSource((f"{attn}.q_proj.weight",), _linear(H, G))
-        table[(*b, "attn", "w_k_DxKxG")] = TensorSource((f"{attn}.k_proj.weight",), _linear(K, G))
-        table[(*b, "attn", "w_v_DxKxG")] = TensorSource((f"{attn}.v_proj.weight",), _linear(K, G))
-        table[(*b, "attn", "w_o_HxGxD")] = TensorSource((f"{attn}.o_proj.weight",), _output_projection(H, G))
+        table[(*b, "attn_norm", "scale")] = _source(f"{p}.input_layernorm.weight", SAME)
+        table[(*b, "mlp_norm", "scale")] = _source(f"{p}.post_attention_layernorm.weight", SAME)
+        table[(*b, "attn", "w_q_DxHxG")] = _source(f"{attn}.q_proj.weight", _linear(H, G))
+        table[(*b, "attn", "w_k_DxKxG")] = _source(f"{attn}.k_proj.weight", _linear(K, G))
+        table[(*b, "attn", "w_v_DxKxG")] = _source(f"{attn}.v_proj.weight", _linear(K, G))
+        table[(*b, "attn", "w_o_HxGxD")] = _source(f"{attn}.o_proj.weight", _output_projection(H, G))
         if cfg.attention_bias:
-            table[(*b, "attn", "b_q_HxG")] = TensorSource((f"{attn}.q_proj.bias",), _reshape(H, G))
-            table[(*b, "attn", "b_k_KxG")] = TensorSource((f"{attn}.k_proj.bias",), _reshape(K, G))
-            table[(*b, "attn", "b_v_KxG")] = TensorSource((f"{attn}.v_proj.bias",), _reshape(K, G))
+            table[(*b, "attn", "b_q_HxG")] = _source(f"{attn}.q_proj.bias", _reshape(H, G))
+            table[(*b, "attn", "b_k_KxG")] = _source(f"{attn}.k_proj.bias", _reshape(K, G))
+            table[(*b, "attn", "b_v_KxG")] = _source(f"{attn}.v_proj.bias", _reshape(K, G))
         if cfg.qk_norm:
-            table[(*b, "attn", "q_norm", "scale")] = TensorSource((f"{attn}.q_norm.weight",), _same)
-            table[(*b, "attn", "k_norm", "scale")] = TensorSource((f"{attn}.k_norm.weight",), _same)
+            table[(*b, "attn", "q_norm", "scale")] = _source(f"{attn}.q_norm.weight", SAME)
+            table[(*b, "attn", "k_norm", "scale")] = _source(f"{attn}.k_norm.weight", SAME)
         if i < cfg.first_dense_layers:
             for ours, theirs in (("w_gate_DxF", "gate_proj"), ("w_up_DxF", "up_proj"), ("w_down_FxD", "down_proj")):
-                table[(*b, "mlp", ours)] = TensorSource((f"{p}.mlp.{theirs}.weight",), _linear())
+                table[(*b, "mlp", ours)] = _source(f"{p}.mlp.{theirs}.weight", _linear())
             continue
         moe = f"{p}.{arch.moe_module}"
-        table[(*b, "mlp", "router_DxE")] = TensorSource((f"{moe}.gate.weight",), _linear())
+        table[(*b, "mlp", "router_DxE")] = _source(f"{moe}.gate.weight", _linear())
         experts = range(cfg.num_experts)
         for ours, theirs in zip(("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"), arch.expert_projections):
             names = tuple(f"{moe}.experts.{e}.{theirs}.weight" for e in experts)
-            table[(*b, "mlp", ours)] = TensorSource(names, _linear(), stacked=True)
+            table[(*b, "mlp", ours)] = _source(names, _linear(), stacked=True)
         if cfg.num_shared_experts:
             for ours, theirs in (("w_gate_DxF", "gate_proj"), ("w_up_DxF", "up_proj"), ("w_down_FxD", "down_proj")):
-                table[(*b, "mlp", "shared", ours)] = TensorSource((f"{moe}.shared_expert.{theirs}.weight",), _linear())
+                table[(*b, "mlp", "shared", ours)] = _source(f"{moe}.shared_expert.{theirs}.weight", _linear())
             if cfg.shared_expert_gate:
-                table[(*b, "mlp", "shared_gate_D")] = TensorSource((f"{moe}.shared_expert_gate.weight",), _reshape(-1))
+                table[(*b, "mlp", "shared_gate_D")] = _source(f"{moe}.shared_expert_gate.weight", ROW_VECTOR)
     return table

@@ -1,38 +1,38 @@
-"""Export a trained indicfm model as a Hugging Face ``Qwen2MoeForCausalLM`` directory.
+"""Export an indicfm model as a Hugging Face directory transformers loads (``AutoModelForCausalLM``).
 
-Why Qwen2-MoE (transformers ``model_type: qwen2_moe``) and not its neighbours:
+Which architecture (:func:`export_architecture`), the one that expresses the model exactly:
 
-* **Qwen3-MoE** always applies RMSNorm to queries and keys per head (q_norm/k_norm); indicfm has
-  no qk-norm, and no weight setting turns that normalisation into the identity.
-* **Mixtral** has no dense layers (indicfm's ``first_dense_layers``), no shared experts, and always
-  renormalises the top-k router probabilities, whereas indicfm's softmax gates are the plain
-  probabilities of the chosen experts.
-* **Qwen2-MoE** matches: pre-norm RMSNorm blocks, RoPE in the rotate-half layout, GQA, SwiGLU,
-  dense layers listed in ``mlp_only_layers``, a softmax router over all experts with
-  ``norm_topk_prob: false`` (gates = softmax probabilities of the top-k), optional tied embeddings.
+* a dense model (every layer a dense SwiGLU, e.g. one imported from Llama, Qwen2 or Qwen3): **Qwen3**
+  when it has per-head q/k RMSNorm, **Qwen2** when it has q/k/v biases, else **Llama** (with Llama 3's
+  RoPE scaling when it uses it);
+* an MoE with per-head q/k RMSNorm: **Qwen3-MoE** (it has no shared experts and no attention biases,
+  so a model with either is refused);
+* any other MoE: **Qwen2-MoE**, the one that fits indicfm's own layers best: pre-norm RMSNorm blocks,
+  RoPE in the rotate-half layout, GQA, SwiGLU, dense layers listed in ``mlp_only_layers``, a softmax
+  router over all experts with ``norm_topk_prob`` (plain or renormalised top-k probabilities),
+  optional tied embeddings.  (Mixtral has no dense layers nor shared experts and always
+  renormalises.)
 
-How the differences are bridged, exactly (no approximation):
+How Qwen2-MoE's differences are bridged, exactly (no approximation):
 
-* Qwen2-MoE's attention has q/k/v biases: they are written as zeros.
-* Qwen2-MoE always has one shared expert, scaled by ``sigmoid(shared_expert_gate · x)``; indicfm's
-  ``S`` shared experts are one ungated SwiGLU of width ``S * d_expert``.  The gate weight is written
-  as zeros, so the gate is ``sigmoid(0) = 0.5`` for every token, and the shared expert's
-  ``down_proj`` is multiplied by 2 (exact in binary floating point).  A model without shared
-  experts gets a width-1 shared expert whose weights are all zero (its output is exactly 0).
-* Capacity dispatch (training-time token dropping) has no inference counterpart: the export, like
+* its attention has q/k/v biases: a model without them gets zeros;
+* it always has one shared expert, scaled by ``sigmoid(shared_expert_gate · x)``: a model whose
+  shared experts have no gate gets a zero gate weight (``sigmoid(0) = 0.5`` for every token) and a
+  doubled ``down_proj`` (exact in binary floating point); a model without shared experts a width-1
+  shared expert whose weights are all zero (its output is exactly 0);
+* capacity dispatch (training-time token dropping) has no inference counterpart: the export, like
   ``indicfm generate``, computes every chosen expert (dropless).
 
-Refused (the architecture cannot express them): the sigmoid router, and the loss-free balancing
-bias (it changes which experts are chosen).
+Refused (no architecture expresses them): the sigmoid router, and the loss-free balancing bias (it
+changes which experts are chosen).
 
-Tensor layout: ``nn.Linear.weight`` is ``[out, in]``; indicfm stores ``[in, out]`` (with heads as
-separate axes), so projections are reshaped head-major and transposed.  Experts are written one
-per module (``mlp.experts.{e}.gate_proj.weight`` ...), the layout of published Qwen2-MoE
-checkpoints, which every transformers version loads.  Layers are written one per
-``model.layers.{i}`` whatever the parameter layout: a model trained with ``model.scan_layers``
-exports exactly the tensors of its unrolled equivalent.  Weights are written with ``safetensors``
-(sharded like ``save_pretrained``: shard plan from ``huggingface_hub``, an index file when there is
-more than one shard).
+Tensor names and layouts come from the one table of :mod:`indicfm.convert.hf_arch` (the one import
+reads), so an exported model imports back to the same parameters.  Experts are written one per
+module (``mlp.experts.{e}.gate_proj.weight`` ...), the layout of published checkpoints, which every
+transformers version loads.  Layers are written one per ``model.layers.{i}`` whatever the parameter
+layout: a model trained with ``model.scan_layers`` exports exactly the tensors of its unrolled
+equivalent.  Weights are written with ``safetensors`` (sharded like ``save_pretrained``: shard plan
+from ``huggingface_hub``, an index file when there is more than one shard).
 """
 
 from __future__ import annotations
@@ -44,57 +44,96 @@ from typing import Any, Callable
 
 import numpy as np
 
+from indicfm.convert.hf_arch import ARCHITECTURES, Architecture, plain_path, tensor_table
 from indicfm.model.config import ModelConfig
 
-ARCHITECTURE = "Qwen2MoeForCausalLM"
-MODEL_TYPE = "qwen2_moe"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+               "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 
 class ExportError(ValueError):
     """The model uses something the target architecture cannot express (the message says what)."""
 
 
+def export_architecture(cfg: ModelConfig) -> Architecture:
+    """The Hugging Face architecture that expresses ``cfg`` exactly (see the module docstring)."""
+    if cfg.num_moe_layers == 0:
+        name = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"
+    else:
+        name = "Qwen3MoeForCausalLM" if cfg.qk_norm else "Qwen2MoeForCausalLM"
+    return ARCHITECTURES[name]
+
+
 def check_exportable(cfg: ModelConfig) -> list[str]:
-    """Raise :class:`ExportError` naming every config option Qwen2-MoE cannot express; return notes
+    """Raise :class:`ExportError` naming every config option the target cannot express; return notes
     about options that are mapped (printed by the CLI and written into the model card)."""
+    arch = export_architecture(cfg)
     problems = []
-    if cfg.router == "sigmoid":
+    if cfg.num_moe_layers and cfg.router == "sigmoid":
         problems.append(
-            "model.router=sigmoid: Qwen2-MoE routes with a softmax over all experts; sigmoid scores "
+            "model.router=sigmoid: Qwen-MoE routes with a softmax over all experts; sigmoid scores "
             "renormalised over the chosen experts cannot be expressed"
         )
-    if cfg.loss_free_bias:
+    if cfg.num_moe_layers and cfg.loss_free_bias:
         problems.append(
             "model.loss_free_bias=true: the per-expert bias that changes which experts are chosen has no "
-            "counterpart in Qwen2-MoE's router"
+            "counterpart in a Qwen-MoE router"
         )
+    if cfg.qk_norm and cfg.attention_bias:
+        problems.append("model.qk_norm with model.attention_bias: Qwen3's attention_bias also biases o_proj")
+    if arch.name == "Qwen3MoeForCausalLM" and cfg.num_shared_experts:
+        problems.append("model.num_shared_experts with model.qk_norm: Qwen3-MoE has no shared experts")
     if problems:
-        raise ExportError("cannot export to Qwen2-MoE:\n  - " + "\n  - ".join(problems))
-    notes = ["q/k/v projection biases are zeros (indicfm has none)"]
-    if cfg.num_shared_experts:
-        notes.append(
-            f"{cfg.num_shared_experts} shared expert(s) → one Qwen2-MoE shared expert of width "
-            f"{cfg.num_shared_experts * cfg.d_expert}; its sigmoid gate is fixed at 0.5 (zero weights) and its "
-            "down_proj doubled"
-        )
-    else:
-        notes.append("no shared experts → a width-1 all-zero Qwen2-MoE shared expert (output exactly 0)")
-    if cfg.dispatch == "capacity":
+        raise ExportError(f"cannot export to {arch.name}:\n  - " + "\n  - ".join(problems))
+    notes = [f"written as {arch.name}"]
+    if arch.name == "Qwen2MoeForCausalLM":
+        if not cfg.attention_bias:
+            notes.append("q/k/v projection biases are zeros (the model has none)")
+        if cfg.num_shared_experts and not cfg.shared_expert_gate:
+            notes.append(
+                f"{cfg.num_shared_experts} shared expert(s) → one Qwen2-MoE shared expert of width "
+                f"{cfg.shared_width}; its sigmoid gate is fixed at 0.5 (zero weights) and its down_proj doubled"
+            )
+        elif not cfg.num_shared_experts:
+            notes.append("no shared experts → a width-1 all-zero Qwen2-MoE shared expert (output exactly 0)")
+    if cfg.num_moe_layers and cfg.dispatch == "capacity":
         notes.append("trained with capacity dispatch (tokens over capacity skipped the layer); served dropless")
     if cfg.num_heads * cfg.head_dim != cfg.d_model:
         notes.append(
             f"head_dim {cfg.head_dim} x {cfg.num_heads} heads != d_model {cfg.d_model}: needs a transformers "
-            "version whose Qwen2-MoE attention reads config.head_dim"
+            "version whose attention reads config.head_dim"
         )
     return notes
 
 
+def _target_config(cfg: ModelConfig, arch: Architecture) -> ModelConfig:
+    """``cfg`` as the target architecture states it (Qwen2-MoE: biases and one gated shared expert)."""
+    if arch.name != "Qwen2MoeForCausalLM":
+        return cfg
+    return cfg.model_copy(update={"attention_bias": True, "num_shared_experts": 1, "shared_expert_gate": True,
+                                  "d_shared": cfg.shared_width or 1})
+
+
+def _rope(cfg: ModelConfig) -> dict[str, Any]:
+    """RoPE keys in both spellings (transformers 4: rope_theta/rope_scaling, 5: rope_parameters)."""
+    scaling = None
+    if cfg.rope_scaling == "llama3":
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+                   "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_len}
+    parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta} if scaling is None else {
+        **scaling, "rope_theta": cfg.rope_theta}
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": parameters}
+
+
 def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict[str, Any]:
-    """``config.json`` for ``Qwen2MoeForCausalLM``."""
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
+    """``config.json`` for the architecture :func:`export_architecture` picks."""
+    arch = export_architecture(cfg)
+    target = _target_config(cfg, arch)
+    config: dict[str, Any] = {
+        "architectures": [arch.name],
+        "model_type": MODEL_TYPES[arch.name],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
@@ -105,24 +144,10 @@ def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_rope(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "qkv_bias": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": cfg.num_layers,
         "attention_dropout": 0.0,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": list(range(cfg.first_dense_layers)),
-        "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.top_k,
-        "moe_intermediate_size": cfg.d_expert,
-        "shared_expert_intermediate_size": cfg.num_shared_experts * cfg.d_expert or 1,
-        "norm_topk_prob": False,
-        "output_router_logits": False,
-        "router_aux_loss_coef": cfg.aux_loss_weight,
+        "attention_bias": False,
         "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": bos_id,
@@ -130,12 +155,26 @@ def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype:
         "pad_token_id": pad_id,
         "torch_dtype": dtype,
     }
-
-
-def _get(variable: Any) -> np.ndarray:
-    import jax
-
-    return np.asarray(jax.device_get(variable[...]))
+    if arch.name == "LlamaForCausalLM":
+        config["mlp_bias"] = False
+    if arch.name != "LlamaForCausalLM":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    if arch.name == "Qwen2ForCausalLM":
+        config["qkv_bias"] = True
+    if arch.moe:
+        config.update(
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(cfg.first_dense_layers)),
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k,
+            moe_intermediate_size=cfg.d_expert,
+            norm_topk_prob=cfg.norm_topk_prob,
+            output_router_logits=False,
+            router_aux_loss_coef=cfg.aux_loss_weight,
+        )
+    if arch.name == "Qwen2MoeForCausalLM":
+        config.update(qkv_bias=True, shared_expert_intermediate_size=target.shared_width)
+    return config
 
 
 def unrolled_on_host(model: Any) -> Any:
@@ -157,53 +196,54 @@ def unrolled_on_host(model: Any) -> Any:
     return with_layout(nnx.merge(graphdef, jax.device_get(state)), scan_layers=False)
 
 
+def _bridged_values(model: Any, cfg: ModelConfig, target: ModelConfig) -> dict[tuple, np.ndarray]:
+    """The model's parameters by path, plus what the target states that the model lacks (zeros,
+    or a doubled shared-expert down projection under a fixed 0.5 gate; see the module docstring)."""
+    import jax
+    from flax import nnx
+
+    values = {plain_path(path): np.asarray(_host(leaf))
+              for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+    H, K, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    for layer in range(cfg.num_layers):
+        attn, mlp = ("blocks", layer, "attn"), ("blocks", layer, "mlp")
+        if target.attention_bias and not cfg.attention_bias:
+            for name, heads in (("b_q_HxG", H), ("b_k_KxG", K), ("b_v_KxG", K)):
+                values[(*attn, name)] = np.zeros((heads, G), np.float32)
+        if layer < cfg.first_dense_layers or not target.num_shared_experts:
+            continue
+        if not cfg.num_shared_experts:
+            for name, shape in (("w_gate_DxF", (D, 1)), ("w_up_DxF", (D, 1)), ("w_down_FxD", (1, D))):
+                values[(*mlp, "shared", name)] = np.zeros(shape, np.float32)
+        elif not cfg.shared_expert_gate:
+            down = (*mlp, "shared", "w_down_FxD")
+            values[down] = 2 * values[down]  # sigmoid(0) = 0.5 below; doubling is exact in binary floating point
+        if not cfg.shared_expert_gate:
+            values[(*mlp, "shared_gate_D")] = np.zeros((D,), np.float32)
+    return values
+
+
+def _host(value: Any) -> np.ndarray:
+    import jax
+
+    return np.asarray(jax.device_get(value))
+
+
 def hf_tensors(model: Any, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Every weight of an indicfm ``Transformer`` (either parameter layout) under its Qwen2-MoE
-    name, in ``nn.Linear`` layout."""
+    """Every weight of an indicfm ``Transformer`` (either parameter layout) under its name in the
+    architecture :func:`export_architecture` picks, in that architecture's layout."""
     import ml_dtypes
 
     model = unrolled_on_host(model)
     cfg: ModelConfig = model.cfg
-    D, H, K, G = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": _get(model.embed_VxD)}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}"
-        attn = block.attn
-        out[f"{p}.input_layernorm.weight"] = _get(block.attn_norm.scale)
-        out[f"{p}.self_attn.q_proj.weight"] = _get(attn.w_q_DxHxG).reshape(D, H * G).T
-        out[f"{p}.self_attn.k_proj.weight"] = _get(attn.w_k_DxKxG).reshape(D, K * G).T
-        out[f"{p}.self_attn.v_proj.weight"] = _get(attn.w_v_DxKxG).reshape(D, K * G).T
-        for name, width in (("q", H * G), ("k", K * G), ("v", K * G)):
-            out[f"{p}.self_attn.{name}_proj.bias"] = np.zeros((width,), np.float32)
-        out[f"{p}.self_attn.o_proj.weight"] = _get(attn.w_o_HxGxD).reshape(H * G, D).T
-        out[f"{p}.post_attention_layernorm.weight"] = _get(block.mlp_norm.scale)
-        mlp = block.mlp
-        if not block.is_moe:
-            out[f"{p}.mlp.gate_proj.weight"] = _get(mlp.w_gate_DxF).T
-            out[f"{p}.mlp.up_proj.weight"] = _get(mlp.w_up_DxF).T
-            out[f"{p}.mlp.down_proj.weight"] = _get(mlp.w_down_FxD).T
-            continue
-        out[f"{p}.mlp.gate.weight"] = _get(mlp.router_DxE).T
-        gate_ExDxF, up_ExDxF, down_ExFxD = _get(mlp.w_gate_ExDxF), _get(mlp.w_up_ExDxF), _get(mlp.w_down_ExFxD)
-        for e in range(cfg.num_experts):
-            out[f"{p}.mlp.experts.{e}.gate_proj.weight"] = gate_ExDxF[e].T
-            out[f"{p}.mlp.experts.{e}.up_proj.weight"] = up_ExDxF[e].T
-            out[f"{p}.mlp.experts.{e}.down_proj.weight"] = down_ExFxD[e].T
-        if mlp.shared is not None:
-            out[f"{p}.mlp.shared_expert.gate_proj.weight"] = _get(mlp.shared.w_gate_DxF).T
-            out[f"{p}.mlp.shared_expert.up_proj.weight"] = _get(mlp.shared.w_up_DxF).T
-            # sigmoid(0) = 0.5 below; doubling is exact in binary floating point
-            out[f"{p}.mlp.shared_expert.down_proj.weight"] = 2 * _get(mlp.shared.w_down_FxD).T
-        else:
-            out[f"{p}.mlp.shared_expert.gate_proj.weight"] = np.zeros((1, D), np.float32)
-            out[f"{p}.mlp.shared_expert.up_proj.weight"] = np.zeros((1, D), np.float32)
-            out[f"{p}.mlp.shared_expert.down_proj.weight"] = np.zeros((D, 1), np.float32)
-        out[f"{p}.mlp.shared_expert_gate.weight"] = np.zeros((1, D), np.float32)
-    out["model.norm.weight"] = _get(model.final_norm.scale)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = _get(model.unembed_DxV).T
-    target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-    return {name: np.ascontiguousarray(value.astype(target)) for name, value in out.items()}
+    arch = export_architecture(cfg)
+    target = _target_config(cfg, arch)
+    values = _bridged_values(model, cfg, target)
+    out: dict[str, np.ndarray] = {}
+    for path, source in tensor_table(arch, target).items():
+        out.update(source.write(values[path]))
+    kind = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    return {name: np.ascontiguousarray(value.astype(kind)) for name, value in out.items()}
 
 
 def write_safetensors(
