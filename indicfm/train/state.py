@@ -63,6 +63,25 @@ def create_model(
     return nnx.merge(graphdef, state)
 
 
+def initial_model(
+    cfg: Any, workdir: Any, mesh: jax.sharding.Mesh, seed: int, rules: Rules | None = None
+) -> tuple["Transformer", str]:
+    """The model a fresh run starts from, and where it came from (for the log): random parameters
+    (:func:`create_model`), or those ``trainer.init_from`` names (a path relative to the workdir:
+    another run, the initial parameters of ``indicfm import hf``/``upcycle``, or one checkpoint step),
+    restored straight into this run's sharding and parameter layout."""
+    from pathlib import Path
+
+    from indicfm.train.saved_model import restore_model
+
+    if not cfg.trainer.init_from:
+        return create_model(cfg.model, mesh, seed, rules), "random initialisation"
+    source = Path(cfg.trainer.init_from)
+    source = source if source.is_absolute() else Path(workdir) / source
+    saved = restore_model(source, mesh, cfg.model, rules=rules)
+    return saved.model, f"the parameters of {saved.directory / str(saved.step)} (trainer.init_from)"
+
+
 def _fresh_optimizer_and_rng(tx: optax.GradientTransformation, seed: int) -> Any:
     def fresh(params: Any) -> dict[str, Any]:
         return {"opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(seed))}
