@@ -54,3 +54,10 @@ def fail(message: str, code: int = 2) -> None:
     """Print a user-facing error (no traceback) and exit."""
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def quiet_orbax() -> None:
+    """Orbax logs through absl at WARNING for routine events (opening a checkpoint read-only)."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)

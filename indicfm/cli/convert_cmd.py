@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
+from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit, quiet_orbax
 
 import_app = typer.Typer(help="Start a run from a published model.", no_args_is_help=True)
 
@@ -41,16 +41,15 @@ def _source_directory(src: str) -> Path:
     raise AssertionError  # fail() exits
 
 
-def _tokenizer_size(src: Path) -> tuple[int, str] | None:
-    """Entries of the source's tokenizer and its file (tokenizer.json preferred), if it has one."""
-    if (src / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+def _source_tokenizer(src: Path) -> tuple[Any, Path] | None:
+    """The source's tokenizer and its file, if it has one: ``tokenizer.json`` where there is one (what
+    transformers loads by default, with the special tokens its tokenizer_config.json names), else a
+    SentencePiece ``tokenizer.model``.  A continued run prepares its data with exactly this file."""
+    from indicfm.tokenizer.load import load_tokenizer
 
-        return Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True), "tokenizer.json"
-    if (src / "tokenizer.model").is_file():
-        from indicfm.tokenizer.load import load_sentencepiece
-
-        return load_sentencepiece(src / "tokenizer.model").get_piece_size(), "tokenizer.model"
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (src / name).is_file():
+            return load_tokenizer(src / name), src / name
     return None
 
 
@@ -84,7 +83,9 @@ def import_hf_command(
     from indicfm.convert.initial_run import check_output, write_initial_run
     from indicfm.model.flops import count_params
     from indicfm.sharding import logical_axis_rules, make_mesh
+    from indicfm.tokenizer.load import TokenizerError
 
+    quiet_orbax()
     cfg = load_config_or_exit(config, sets)
     source = _source_directory(src)
     started = time.perf_counter()
@@ -92,21 +93,24 @@ def import_hf_command(
         hf = read_hf_config(source)
         arch = architecture_of(hf, str(source / "config.json"))
         model_cfg = imported_model_config(source, **_run_choices(cfg.model))
-        tokenizer = _tokenizer_size(source)
+        tokenizer = _source_tokenizer(source)
         if tokenizer:
-            check_tokenizer_fits(model_cfg, tokenizer[0], str(source / tokenizer[1]))
+            check_tokenizer_fits(model_cfg, tokenizer[0].vocab_size, str(tokenizer[1]))
         check_output(output, overwrite)
         cfg = cfg.model_copy(update={"model": model_cfg})
         mesh = make_mesh(cfg.mesh)
         model = load_hf_model(source, mesh, model_cfg, logical_axis_rules(cfg.mesh.shard_weights_over_data))
         files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-        sentencepiece = source / "tokenizer.model" if (source / "tokenizer.model").is_file() else None
         write_initial_run(output, cfg, model, source={"hf": str(src), "architecture": arch.name},
-                          tokenizer_files=files, tokenizer_model_file=sentencepiece)
-    except ConversionError as err:
+                          tokenizer_files=files, tokenizer_model_file=tokenizer[1] if tokenizer else None)
+    except (ConversionError, TokenizerError) as err:
         fail(str(err))
+    if tokenizer:
+        console.print(f"tokenizer {tokenizer[0].describe()}", highlight=False, markup=False)
+        for warning in tokenizer[0].normalizer_warnings():
+            console.print(f"[yellow]warning:[/] tokenizer {tokenizer[1]}: {warning.detail}", highlight=False)
     console.print(
-        f"imported {arch.name} ({count_params(model_cfg) / 1e6:,.1f}M parameters, "
+        f"imported {arch.name} ({count_params(model_cfg):,} parameters, "
         f"{'scanned' if model_cfg.scan_layers else 'unrolled'} layout) from {source} into {output} "
         f"in {time.perf_counter() - started:.1f} s\n"
         f"continue pretraining: indicfm train --workdir {output}",
@@ -146,9 +150,10 @@ def upcycle_command(
     from indicfm.convert.initial_run import check_output, write_initial_run
     from indicfm.convert.upcycle import UpcycleError, upcycle, upcycled_config
     from indicfm.sharding import logical_axis_rules, make_mesh
-    from indicfm.train.checkpoint import tokenizer_bytes
+    from indicfm.train.checkpoint import stored_tokenizer
     from indicfm.train.saved_model import CheckpointNotFound, restore_model
 
+    quiet_orbax()
     parent_config = source / "config.yaml"
     base = load_config_or_exit(config or (parent_config if parent_config.is_file() else None), sets)
     try:
@@ -167,9 +172,9 @@ def upcycle_command(
         cfg = base.model_copy(update={"model": moe_cfg})
         with tempfile.TemporaryDirectory() as tmp:
             files: list[Path] = []
-            if parent.tokenizer:  # the parent's own tokenizer, as its checkpoint stored it
-                files = [Path(tmp) / parent.tokenizer.get("file_name", "tokenizer.model")]
-                files[0].write_bytes(tokenizer_bytes(parent.tokenizer))
+            if parent.tokenizer:  # the parent's own tokenizer (and special tokens), as its checkpoint stored it
+                files = [stored_tokenizer(parent.tokenizer).write(Path(tmp))]
+                files += [p for p in Path(tmp).iterdir() if p != files[0]]
             write_initial_run(output, cfg, model, source={"upcycled_from": str(source.resolve()), "step": parent.step,
                                                           "granularity": granularity},
                               tokenizer_files=files, tokenizer_model_file=files[0] if files else None)

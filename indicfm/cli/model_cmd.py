@@ -8,18 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from indicfm.cli.common import console, fail
+from indicfm.cli.common import console, fail, quiet_orbax
 
 export_app = typer.Typer(help="Export a trained model to other ecosystems.", no_args_is_help=True)
 
 WorkdirOption = Annotated[Path, typer.Option("--workdir", "-w", help="Run directory written by `indicfm train`.")]
 StepOption = Annotated[Optional[int], typer.Option("--step", help="Checkpoint step (default: the newest).")]
-
-
-def _quiet_orbax() -> None:
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def generate_command(
@@ -79,7 +73,7 @@ def generate_command(
         if warning:
             console.print(f"[yellow]warning:[/] {warning}")
 
-    _quiet_orbax()
+    quiet_orbax()
     from indicfm.inference.generate import generate_text
     from indicfm.inference.load import inference_mesh, load_for_inference
     from indicfm.train.saved_model import CheckpointNotFound
@@ -89,12 +83,12 @@ def generate_command(
     except (CheckpointNotFound, ValueError) as err:
         fail(str(err))
     console.print(f"step {loaded.step} from {loaded.checkpoint_dir}")
-    sp = loaded.sentencepiece()
+    tokenizer = loaded.tokenizer()
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         try:
-            results = generate_text(loaded.model, sp, [p.text for p in chunk], **options)
+            results = generate_text(loaded.model, tokenizer, [p.text for p in chunk], **options)
         except ValueError as err:
             fail(f"{chunk[0].source}: {err}")
         for p, r in zip(chunk, results):
@@ -124,15 +118,17 @@ def export_hf_command(
 
         indicfm export hf --workdir runs/quickstart --output exports/quickstart-hf
 
-    OUTPUT gets config.json, model*.safetensors (sharded, with an index), tokenizer.json (fast,
-    NFC built in) with tokenizer_config.json and the raw tokenizer.model, and a README model card
+    OUTPUT gets config.json, model*.safetensors (sharded, with an index), the tokenizer (from a
+    SentencePiece run: tokenizer.json, fast, NFC built in, with tokenizer_config.json and the raw
+    tokenizer.model; from a tokenizer.json run: that file as it is, with tokenizer_config.json
+    naming its special tokens), and a README model card
     with per-language bits per byte from the run's evaluation.  Models using a sigmoid router or
     the loss-free balancing bias are refused: Qwen2-MoE cannot express them.  Load with
     AutoModelForCausalLM.from_pretrained(OUTPUT) and AutoTokenizer.from_pretrained(OUTPUT).
     """
     if dtype not in (None, "float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    _quiet_orbax()
+    quiet_orbax()
     from indicfm.export.hf import ExportError, export_hf
     from indicfm.train.saved_model import CheckpointNotFound
 
