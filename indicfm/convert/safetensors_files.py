@@ -2,17 +2,22 @@
 by ``model.safetensors.index.json``.
 
 Why this shape: a checkpoint may be larger than a host's memory, so nothing reads the whole file.
-``safetensors.safe_open`` memory-maps a file and returns one tensor on request (NumPy, no torch);
-a tensor is read when the parameter it fills is placed on the devices and dropped right after.
-Every problem is a :class:`~indicfm.convert.hf_arch.ConversionError` that names the file: a
-missing or truncated shard, an index that points at a file that is not there, a tensor the
-index promises that the shard lacks.
+Each tensor is read with one positioned read of its byte range (the safetensors header gives dtype,
+shape and offsets) when the parameter it fills is placed on the devices, and dropped right after.
+The ``safetensors`` library's own reader memory-maps the file: the pages it touched stay resident
+(and count as the process's memory) until the file is closed, so by the end of an import the whole
+checkpoint would sit in memory beside the placed model, two copies.  Every problem is a
+:class:`~indicfm.convert.hf_arch.ConversionError` that names the file: a missing or truncated
+shard, a damaged header, an index that points at a file that is not there, a tensor the index
+promises that the shard lacks.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +29,56 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+#: safetensors dtype names -> NumPy dtypes (bfloat16 through ml_dtypes, which jax already needs)
+def _dtypes() -> dict[str, Any]:
+    import ml_dtypes
+
+    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, _Entry]:
+    """The tensors of one safetensors file (name -> where its bytes are), checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a file of {size}")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error) as err:
+        raise ConversionError(f"{path}: not a readable safetensors file (truncated or damaged?): {err}") from None
+    base = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise ConversionError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has {size} "
+                                  "(truncated?)")
+        entries[name] = _Entry(path, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    return entries
+
+
 class SafetensorsCheckpoint:
     """Lazy access to every tensor of a checkpoint directory (use as a context manager)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._stack = ExitStack()
-        self._open: dict[Path, Any] = {}
-        self._where: dict[str, Path] = self._locate()
+        self._where: dict[str, _Entry] = self._locate()
 
-    def _locate(self) -> dict[str, Path]:
-        """Tensor name -> the file that holds it (from the index, or the one file's own header)."""
+    def _locate(self) -> dict[str, _Entry]:
+        """Tensor name -> its bytes (from the index's shards, or the one file's own header)."""
         index = self.directory / INDEX_FILE
         if index.is_file():
             try:
@@ -44,21 +88,17 @@ class SafetensorsCheckpoint:
             missing = sorted({f for f in weight_map.values() if not (self.directory / f).is_file()})
             if missing:
                 raise ConversionError(f"{index} names shard files that are not in {self.directory}: {missing}")
-            return {name: self.directory / file for name, file in weight_map.items()}
+            entries: dict[str, _Entry] = {}
+            for file in sorted(set(weight_map.values())):
+                entries.update(read_header(self.directory / file))
+            absent = sorted(n for n, f in weight_map.items() if n not in entries or entries[n].file.name != f)
+            if absent:
+                raise ConversionError(f"{index}: tensors not in the shard it names: {absent[:5]}")
+            return entries
         single = self.directory / SINGLE_FILE
         if not single.is_file():
             raise ConversionError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} is there")
-        return {name: single for name in self._handle(single).keys()}
-
-    def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        if path not in self._open:
-            try:
-                self._open[path] = self._stack.enter_context(safe_open(str(path), framework="numpy"))
-            except Exception as err:  # safetensors raises its own SafetensorError for a damaged header/size
-                raise ConversionError(f"{path}: cannot read it as safetensors (truncated or damaged?): {err}") from None
-        return self._open[path]
+        return read_header(single)
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -66,33 +106,33 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._where:
+            raise ConversionError(f"{self.directory}: the checkpoint has no tensor {name!r}")
+        return self._where[name]
+
     def get(self, name: str) -> np.ndarray:
         """One tensor as float32 NumPy (bfloat16/float16 sources are widened exactly)."""
-        if name not in self._where:
-            raise ConversionError(f"{self.directory}: the checkpoint has no tensor {name!r}")
-        path = self._where[name]
-        handle = self._handle(path)
-        try:
-            value = handle.get_tensor(name)
-        except Exception as err:
-            raise ConversionError(f"{path}: cannot read tensor {name!r} (truncated file or wrong index?): {err}") from None
-        return np.asarray(value, dtype=np.float32)
+        entry = self._entry(name)
+        dtype = _dtypes().get(entry.dtype)
+        if dtype is None:
+            raise ConversionError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, which indicfm cannot read")
+        with open(entry.file, "rb") as f:
+            data = os.pread(f.fileno(), entry.end - entry.start, entry.start)
+        if len(data) != entry.end - entry.start:
+            raise ConversionError(f"{entry.file}: tensor {name!r} is cut short (truncated file?)")
+        value = np.frombuffer(data, dtype=dtype).reshape(entry.shape)
+        return value.astype(np.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._where:
-            raise ConversionError(f"{self.directory}: the checkpoint has no tensor {name!r}")
-        return tuple(self._handle(self._where[name]).get_slice(name).get_shape())
+        return self._entry(name).shape
 
     def nbytes(self) -> int:
         """Bytes of the checkpoint's files (what import is measured against)."""
-        return sum(p.stat().st_size for p in set(self._where.values()))
-
-    def close(self) -> None:
-        self._stack.close()
-        self._open.clear()
+        return sum(p.stat().st_size for p in {e.file for e in self._where.values()})
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        pass  # every read opens and closes its file: nothing stays mapped or open
