@@ -7,9 +7,11 @@ tokens) as a user would, in child processes, alternating baseline / this tree ``
 a change of the machine's load hits both alike.  The tokenizer and token cache are built once (by
 this tree) and shared, and so is JAX's compilation cache; evaluation is off (it is not step time).
 
-A step's time is ``step_seconds`` in ``metrics.jsonl``: the time between consecutive steps' metrics
-reaching the host, without checkpoint or evaluation time, i.e. what the run's throughput is made of.
-The first ``--warmup`` steps (compilation) are left out.  Printed: the median step time of each
+A step's time is ``step_seconds`` in ``metrics.jsonl``: its time on the devices (from when it could
+start to when its outputs were ready, ``indicfm.train.goodput``), without checkpoint, evaluation or
+compilation time, i.e. what the run's throughput is made of.  A baseline older than that logged
+the time between two host reads of metrics instead, whose median is still comparable but whose
+single steps are not.  The first ``--warmup`` steps are left out.  Printed: the median step time of each
 side over all its runs, and this tree's ÷ the baseline's (below 1 = faster), with each run's
 median so the noise between runs of one side is visible.
 

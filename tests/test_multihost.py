@@ -105,7 +105,11 @@ def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, 
         # collectives across processes may sum in another order: close, not bitwise
         np.testing.assert_allclose([host["losses"][s] for s in steps], [reference["losses"][s] for s in steps], rtol=2e-5)
     metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == steps  # one log, written by process 0 only
+    assert [m["step"] for m in metrics if "loss" in m] == steps  # one log, written by process 0 only
+    # the run's goodput, once (process 0's): a record before the first step and one at the end
+    assert [m["step"] for m in metrics if "loss" not in m and "goodput/wall_s" in m] == [0, TOTAL_STEPS]
+    # each step's time is the slowest process's, and says which process that was
+    assert all(m["step_seconds"] > 0 and m["slowest_process"] in (0, 1) for m in metrics if "loss" in m)
 
     # as if both hosts were killed before the last save: the newest checkpoint is step STOP_AT
     shutil.rmtree(two / "checkpoints" / str(TOTAL_STEPS))

@@ -15,7 +15,7 @@ import yaml
 from indicfm.config import CONFIG_DIR, ConfigError, load_config
 from indicfm.model.flops import train_flops_per_token
 from indicfm.report.compare import PlannedRun, bpb_table, budget_steps, check_same_setup, flops_to_reach, plan_run, speedups, summarise, write_outputs
-from indicfm.report.runs import RunHistory
+from indicfm.report.runs import GoodputPoint, RunHistory
 from indicfm.train.metrics import expert_load_shares, read_metrics
 
 from helpers import tokenizer_and_cache
@@ -97,6 +97,52 @@ def test_summary_per_language_mean_and_geometric_mean_on_synthetic_curves(tmp_pa
     assert hin["language"] == "hin" and hin["speed-up moe"] == "1.33x" and hin["speed-up slow"].startswith("< 1.00x")
     write_outputs(result, [dense, moe, slow], tmp_path)
     assert "speedup.png" in _check_page(tmp_path)
+
+
+def test_compare_times_configs_by_the_median_step_not_the_fastest_tenth():
+    """The step times of the issue's quickstart: a read that waited gave one step two steps' time
+    and its neighbour almost none.  The fastest tenth picked the near-zero steps; the median does not."""
+    times = [0.25] * 10 + [0.518, 0.011] + [0.25] * 6 + [0.527, 0.0023]
+    dense = _history("dense", 1e10, [0, 10, 20], {"hin": [4.0, 3.0, 2.0], "mean": [4.0, 3.0, 2.0]})
+    dense.train["step_seconds"] = np.array(times)
+    dense.goodput = [GoodputPoint("s", 20, 10.0, {"productive": 5.0, "compile": 4.0, "other": 1.0})]
+    moe = _history("moe", 1e10, [0, 10, 20], {"hin": [4.0, 2.5, 1.5], "mean": [4.0, 2.5, 1.5]})  # an old log
+    moe.train["step_seconds"] = np.array([30.0] + [0.4] * 19)  # its first step compiled
+    planned = [PlannedRun(n, f"{n}.yaml", 20, 1e10, 1e7, 1000, 10**6, 10**6, 4 * 10**6, 12 * 10**6, n == "dense", 10) for n in ("dense", "moe")]
+    result = summarise(planned, [dense, moe], "dense", 2e11, {})
+    assert result.median_step_seconds == {"dense": pytest.approx(0.25), "moe": pytest.approx(0.4)}
+    assert result.productive_share["dense"] == pytest.approx(0.5) and math.isnan(result.productive_share["moe"])
+    from indicfm.report.compare import compute_table
+
+    header, rows = compute_table(result)
+    assert "p10 step s" not in header
+    assert [dict(zip(header, row))["median step s"] for row in rows] == ["0.250", "0.400"]
+    assert dict(zip(header, rows[0]))["productive"] == "50%"
+
+
+def test_goodput_of_a_run_sums_its_sessions_and_plots(tmp_path):
+    """Two sessions (a crash, then a resume): the run's breakdown is each session's latest point summed."""
+    from indicfm.report import plots
+    from indicfm.report.html import summary_rows
+
+    run = _history("run", 1e10, [0, 4], {"mean": [4.0, 3.0]})
+    run.goodput = [
+        GoodputPoint("a", 1, 3.0, {"startup": 1.0, "compile": 1.5, "productive": 0.5}),
+        GoodputPoint("a", 2, 3.5, {"startup": 1.0, "compile": 1.5, "productive": 1.0}),
+        GoodputPoint("b", 3, 2.5, {"restore": 1.0, "compile": 1.0, "recomputed": 0.5}),
+        GoodputPoint("b", 4, 3.0, {"restore": 1.0, "compile": 1.0, "recomputed": 0.5, "productive": 0.5}),
+    ]
+    totals = run.goodput_totals()
+    assert {c: v for c, v in totals.items() if v} == {"startup": 1.0, "compile": 2.5, "productive": 1.5, "restore": 1.0, "recomputed": 0.5}
+    assert run.goodput_wall() == pytest.approx(6.5) == pytest.approx(sum(totals.values()))
+    wall, series = run.goodput_over_time()
+    assert wall.tolist() == [3.0, 3.5, 6.0, 6.5]  # session b after session a's 3.5 s
+    assert series["productive"].tolist() == [0.5, 1.0, 1.0, 1.5]
+    assert series["compile"].tolist() == [1.5, 1.5, 2.5, 2.5]
+    assert plots.plot_goodput([run, _history("old", 1e10, [0, 4], {"mean": [4.0, 3.0]})], tmp_path / "goodput.png")
+    assert plots.plot_goodput([_history("old", 1e10, [0, 4], {"mean": [4.0, 3.0]})], tmp_path / "none.png") is None
+    row = summary_rows([run])[0]
+    assert row["wall clock (s)"] == "6" and row["productive"] == "23.1%" and row["median step (s)"] == "0.5000"
 
 
 # -- equal-FLOP budgeting -------------------------------------------------------------------------
@@ -255,8 +301,16 @@ def test_compare_trains_to_the_budget_and_writes_the_report(tiny_comparison):
     shares = np.array(moe_records[-1]["expert_load"])
     assert shares.shape == (1, 4) and shares.sum() == pytest.approx(1.0, abs=1e-4)
     assert set(result.final_bpb["moe"]) == set(LANGS) | {"mean"}
+    from indicfm.report.runs import load_run
+
+    for run in result.runs:  # each run's wall clock accounted, and timed by its steps on the devices
+        history = load_run(out / "runs" / run.name, run.name)
+        assert history.goodput_wall() == pytest.approx(sum(history.goodput_totals().values()))
+        assert history.goodput_wall() <= result.run_seconds[run.name]
+        assert result.median_step_seconds[run.name] == pytest.approx(float(np.median(history.train["step_seconds"])))
+        assert 0 < result.productive_share[run.name] < 1
     pngs = _check_page(out)
-    assert {"bpb_vs_flops.png", "bpb_vs_wall.png", "loss.png", "speedup.png", "expert_load_1_moe.png"} <= set(pngs)
+    assert {"bpb_vs_flops.png", "bpb_vs_wall.png", "loss.png", "speedup.png", "expert_load_1_moe.png", "goodput.png"} <= set(pngs)
     assert "speed-up moe" in (out / "compare.md").read_text(encoding="utf-8")
 
 
@@ -269,7 +323,7 @@ def test_report_command_overlays_workdirs(tiny_comparison, tmp_path):
     single = CliRunner().invoke(app, ["report", str(out / "runs" / "moe"), "--output", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     pngs = _check_page(tmp_path / "one")
-    assert {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "moe_balance.png", "bpb.png"} <= set(pngs)
+    assert {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "moe_balance.png", "bpb.png", "goodput.png"} <= set(pngs)
     both = CliRunner().invoke(app, ["report", str(out / "runs" / "dense"), str(out / "runs" / "moe"), "-o", str(tmp_path / "two")])
     assert both.exit_code == 0, both.output
     page = (tmp_path / "two" / "index.html").read_text(encoding="utf-8")

@@ -69,6 +69,28 @@ def test_crash_and_resume_reproduces_losses_bit_for_bit(prepared, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     # the loss falls on real text
     assert np.mean([logged[5], logged[6]]) < logged[1]
+    # the resumed call's wall clock, accounted: step 5 was logged before the crash, so redoing it is
+    # lost work; step 6 is new; each step's time on the devices is positive and in its record
+    assert set(resumed.step_seconds) == {5, 6} and all(s > 0 for s in resumed.step_seconds.values())
+    assert resumed.goodput["recomputed"] == pytest.approx(resumed.step_seconds[5])
+    assert resumed.goodput["productive"] == pytest.approx(resumed.step_seconds[6])
+    assert resumed.goodput["restore"] > 0 and resumed.goodput["startup"] > 0
+    assert sum(resumed.goodput.values()) == pytest.approx(resumed.wall_seconds)
+    import json
+
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 6 and "loss" not in final and final["goodput/wall_s"] == pytest.approx(resumed.wall_seconds, abs=1e-5)
+    assert resumed.peak is not None and resumed.peak.dtype == "float32" and resumed.peak.name.startswith("cpu: float32 matmul")
+
+
+def test_profile_steps_write_a_trace_of_those_steps(prepared, tmp_path):
+    cfg = load_config(None, prepared + ["trainer.steps=3", "logging.profile_steps=[2,3]", "logging.tensorboard=false"])
+    result = train(cfg, tmp_path)
+    assert result.stopped == "completed"
+    traces = sorted(p.name for p in (tmp_path / "profile").rglob("*") if p.is_file())
+    assert any(name.endswith(".xplane.pb") for name in traces), traces
+    assert any(name.endswith(".trace.json.gz") for name in traces), traces  # for Perfetto
+    assert result.goodput["profiler"] > 0  # starting and writing the trace, not step time
 
 
 def test_next_step_is_dispatched_before_the_last_ones_metrics_are_read_and_sigterm_saves_the_finished_step(

@@ -75,4 +75,13 @@ def _top_level(
 
 
 def main() -> None:
-    app()
+    """The ``indicfm`` console script (tests call ``app`` through ``CliRunner`` instead)."""
+    from indicfm.cli import common
+
+    common.RUN_AS_COMMAND, common.DONE_AND_CLOSED = True, False
+    try:
+        app()
+    except SystemExit as exit:
+        if common.DONE_AND_CLOSED:
+            common.end_without_teardown(exit.code)
+        raise

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from indicfm.cli import common
 from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_config_or_exit
 
 WorkdirOption = Annotated[Path, typer.Option("--workdir", "-w", help="Run directory: checkpoints, metrics, logs.")]
@@ -21,6 +22,15 @@ def train_command(
     ] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="multi-host: how many processes in the job")] = None,
     process_id: Annotated[Optional[int], typer.Option(help="multi-host: this process's index, 0..N-1")] = None,
+    profile_steps: Annotated[
+        Optional[str],
+        typer.Option(
+            "--profile-steps",
+            metavar="A:B",
+            help="write a jax.profiler trace of steps A to B to WORKDIR/profile (TensorBoard, Perfetto); "
+            "the same as --set logging.profile_steps=[A,B]",
+        ),
+    ] = None,
 ) -> None:
     """Train, or resume the run in WORKDIR from its latest good checkpoint.
 
@@ -28,11 +38,26 @@ def train_command(
 
         indicfm train --config configs/quickstart.yaml --workdir runs/qs --set trainer.steps=50
 
+    Without --config the run's own WORKDIR/config.yaml is used when there is one (a run made by
+    `indicfm import hf` or `indicfm upcycle`, or resumed), else the defaults.
+
     SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits 0; re-running the same
     command resumes exactly where it stopped.  Metrics: WORKDIR/metrics.jsonl and TensorBoard files
-    in WORKDIR/tensorboard.
+    in WORKDIR/tensorboard; at the end, where the run's wall clock went (goodput).
     """
-    cfg = load_config_or_exit(config, set_)
+    from indicfm.train.goodput import process_started_at
+
+    # the wall clock a user's stopwatch sees, imports included (in-process tests: from train() on)
+    started_at = process_started_at() if common.RUN_AS_COMMAND else None
+    sets = list(set_ or [])
+    if profile_steps is not None:
+        first, sep, last = profile_steps.partition(":")
+        if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+            fail(f"--profile-steps {profile_steps!r}: expected A:B, e.g. --profile-steps 10:12")
+        sets.append(f"logging.profile_steps=[{int(first)},{int(last)}]")
+    if config is None and (workdir / "config.yaml").is_file():
+        config = workdir / "config.yaml"  # the run's own config: what `import hf`/`upcycle` and earlier runs wrote
+    cfg = load_config_or_exit(config, sets)
     from indicfm.launch.distributed import DistributedError, initialize
 
     try:  # before anything touches a device: join the other hosts (a no-op for one process)
@@ -42,9 +67,10 @@ def train_command(
     from indicfm.train.loop import train
 
     try:
-        result = train(cfg, workdir, console=console)
+        result = train(cfg, workdir, console=console, started_at=started_at)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+    common.DONE_AND_CLOSED = True  # train() returned: metrics, logs and checkpoints are closed and on disk
     if result.stopped == "nonfinite":
         fail(result.message, code=1)
     console.print(

@@ -34,7 +34,8 @@ import numpy as np
 from indicfm.config import Config, ConfigError, load_config
 
 # Sections (and keys) a compared config may set differently from the others.
-MAY_DIFFER = ("model.", "mesh.", "checkpoint.", "logging.", "optimizer.learning_rate", "trainer.steps", "trainer.micro_batches")
+MAY_DIFFER = ("model.", "mesh.", "checkpoint.", "logging.", "optimizer.learning_rate", "trainer.steps", "trainer.micro_batches",
+              "trainer.init_from")  # where a run starts (upcycling compares starting points)
 ADAM_BYTES_PER_PARAM = 8  # two float32 moments
 
 
@@ -75,9 +76,10 @@ class CompareResult:
     run_seconds: dict[str, float]  # the whole train() call: compile, evaluation and saves included
     median_tokens_per_s: dict[str, float]
     languages: list[str] = field(default_factory=list)
-    # 10th percentile of step times (first step, which compiles, left out): on a shared machine the
-    # least-disturbed steps say more about each model's speed than the total does
-    fast_step_seconds: dict[str, float] = field(default_factory=dict)
+    # median of the steps' times on the devices (indicfm.train.goodput): robust to the few steps other
+    # work on a shared machine slows down, and, unlike the fastest steps, not picked from outliers
+    median_step_seconds: dict[str, float] = field(default_factory=dict)
+    productive_share: dict[str, float] = field(default_factory=dict)  # productive steps ÷ the run's wall clock
 
 
 def budget_steps(flops_per_step: float, budget_flops: float) -> int:
@@ -343,15 +345,23 @@ def summarise(
         run_seconds=run_seconds,
         median_tokens_per_s={h.name: float(np.nanmedian(h.train["tokens_per_s"][1:])) for h in histories},
         languages=languages,
-        fast_step_seconds={h.name: _fast_step_seconds(h) for h in histories},
+        median_step_seconds={h.name: _median_step_seconds(h) for h in histories},
+        productive_share={h.name: _productive_share(h) for h in histories},
     )
 
 
-def _fast_step_seconds(history: Any) -> float:
+def _median_step_seconds(history: Any) -> float:
+    """Median step time; an old log's first step (which included compilation) left out."""
     seconds = history.train.get("step_seconds")
-    if seconds is None or len(seconds) < 2:
+    if seconds is None or not len(seconds):
         return math.nan
-    return float(np.nanpercentile(seconds[1:], 10))
+    seconds = seconds if history.goodput else seconds[1:]
+    return float(np.nanmedian(seconds)) if len(seconds) else math.nan
+
+
+def _productive_share(history: Any) -> float:
+    wall = history.goodput_wall() if history.goodput else 0.0
+    return history.goodput_totals()["productive"] / wall if wall > 0 else math.nan
 
 
 def _speedup_text(value: float | None, bound: float) -> str:
@@ -385,7 +395,7 @@ def compute_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     """Header and rows: size, FLOPs, memory and time of each config."""
     header = [
         "config", "params", "active/token", "GFLOP/step", "steps", "training FLOPs", "tokens",
-        "param MiB", "params+Adam MiB", "tokens/s", "p10 step s", "train s", "run s",
+        "param MiB", "params+Adam MiB", "tokens/s", "median step s", "train s", "run s", "productive",
     ]
     rows = []
     for run in result.runs:
@@ -400,9 +410,10 @@ def compute_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
             f"{run.param_bytes / 2**20:.1f}",
             f"{run.train_state_bytes / 2**20:.1f}",
             f"{result.median_tokens_per_s[run.name]:,.0f}",
-            f"{result.fast_step_seconds.get(run.name, math.nan):.3f}",
+            f"{result.median_step_seconds.get(run.name, math.nan):.3f}",
             f"{result.train_seconds[run.name]:.0f}",
             f"{result.run_seconds.get(run.name, math.nan):.0f}",
+            f"{result.productive_share.get(run.name, math.nan):.0%}",
         ])
     return header, rows
 
@@ -429,8 +440,10 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
         f"Training-FLOP budget {result.budget_flops:.3e} per config; bits per byte on held-out text at each "
         f"config's last step (within one step of the budget). Speed-up = {result.reference}'s FLOPs ÷ the FLOPs "
         f"a config needs to reach {result.reference}'s final bits per byte (linear interpolation between evaluations). "
-        "Times are this machine's: tokens/s is the median step, p10 step s the fastest tenth of steps (the least "
-        "disturbed on a shared machine), train s the sum of step times, run s the whole run with compilation and evaluation."
+        "Times are this machine's, each step's time on the devices (not the host's reads): tokens/s and median step s "
+        "are the median step's, train s the sum of step times, run s the whole run with compilation and evaluation, "
+        "productive the share of the run's wall clock spent on training steps (the rest: compilation, evaluation, "
+        "saves, data, start-up; see goodput.png)."
     )
     (output / "compare.md").write_text(
         f"{intro}\n\n{markdown_table(bpb_header, bpb_rows)}\n\n{markdown_table(compute_header, compute_rows)}\n", encoding="utf-8"
@@ -439,7 +452,7 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
         Figure(p, c)
         for p, c in [
             (plots.plot_bpb(histories, output / "bpb_vs_flops.png", "flops"), "Held-out bits per byte against training FLOPs, per language (equal-compute view; y axes zoomed on the last three quarters of the evaluations)."),
-            (plots.plot_bpb(histories, output / "bpb_vs_wall.png", "wall"), "Held-out bits per byte against training wall-clock on this machine (a MoE can win per FLOP and lose per hour; on a shared machine other work slows some runs, compare p10 step s in the table)."),
+            (plots.plot_bpb(histories, output / "bpb_vs_wall.png", "wall"), "Held-out bits per byte against training wall-clock on this machine (a MoE can win per FLOP and lose per hour; on a shared machine other work slows some runs, compare median step s in the table)."),
         ]
         if p is not None
     ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from indicfm.report import plots
 from indicfm.report.runs import RunHistory, load_run
 
@@ -40,7 +42,8 @@ def write_figures(runs: Sequence[RunHistory], output: Path) -> list[Figure]:
         (plots.plot_loss, "loss.png", "Training loss against steps, training FLOPs and training wall-clock on this machine (faint: every step; solid: moving average)."),
         (plots.plot_learning_rate, "lr.png", "Learning rate."),
         (plots.plot_grad_norm, "grad_norm.png", "Global gradient norm before clipping (log scale)."),
-        (plots.plot_throughput, "throughput.png", "Training throughput (tokens/s) and model FLOPs utilisation; the first step, which compiles, is left out."),
+        (plots.plot_throughput, "throughput.png", "Training throughput (tokens/s) and model FLOPs utilisation, from each step's time on the devices (not the host's reads); MFU against the peak in the summary table."),
+        (plots.plot_goodput, "goodput.png", "Goodput: where each run's wall clock went (productive steps, steps recomputed after a restart, compilation, waiting for data, the blocking part of checkpoint saves, evaluation, restore, start-up, profiling, other), one bar per run and accumulating over its wall clock."),
         (plots.plot_moe_balance, "moe_balance.png", "MoE runs: expert load imbalance (max ÷ mean tokens per expert, worst layer; 1 = balanced) and dropped token fraction."),
         (plots.plot_bpb, "bpb.png", "Held-out bits per byte per language against steps (several runs: one panel per language, y axes zoomed on the last three quarters of the evaluations)."),
     ]
@@ -65,22 +68,41 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def summary_rows(runs: Sequence[RunHistory]) -> list[dict[str, str]]:
-    """One row per run: steps, training FLOPs, wall-clock, final loss and final mean bpb."""
+    """One row per run: steps, training FLOPs, step time on the devices (median), largest MFU and
+    its peak, training time, wall clock and its productive share, final loss and mean bpb."""
     rows = []
     for run in runs:
         last = lambda key: float(run.train[key][-1]) if key in run.train and len(run.train[key]) else math.nan  # noqa: E731
         seconds = run.cumulative_seconds()
+        step_seconds = run.train.get("step_seconds")
+        mfu = run.train.get("mfu")
+        peak = run.train.get("peak_flops")
+        wall = run.goodput_wall() if run.goodput else math.nan
         rows.append(
             {
                 "run": run.name,
                 "steps": str(int(run.steps[-1])) if len(run.steps) else "0",
                 "training FLOPs": _fmt(float(run.train_flops[-1]) if len(run.steps) else math.nan, ".3e"),
+                "median step (s)": _fmt(_nan_stat(np.nanmedian, step_seconds), ".4f"),
+                "largest MFU": _fmt(_nan_stat(np.nanmax, mfu), ".3f"),
+                "peak (TFLOP/s)": _fmt(_nan_stat(np.nanmax, peak) / 1e12, ".4f"),
                 "training time (s)": _fmt(float(seconds[-1]) if len(seconds) else math.nan, ".0f"),
+                "wall clock (s)": _fmt(wall, ".0f"),
+                "productive": _fmt(run.goodput_totals()["productive"] / wall if wall > 0 else math.nan, ".1%"),
                 "final loss": _fmt(last("loss"), ".4f"),
                 "final mean bpb": _fmt(float(run.bpb["mean"][-1]) if "mean" in run.bpb and len(run.eval_steps) else math.nan, ".4f"),
             }
         )
     return rows
+
+
+def _nan_stat(stat, values) -> float:
+    """``stat`` of the finite values, NaN when there are none (old logs lack some keys)."""
+    if values is None:
+        return math.nan
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(stat(finite)) if len(finite) else math.nan
 
 
 def html_table(rows: Sequence[dict[str, str]]) -> str:

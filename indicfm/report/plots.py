@@ -125,9 +125,63 @@ def plot_grad_norm(runs: Sequence[RunHistory], path: Path) -> Path | None:
 
 
 def plot_throughput(runs: Sequence[RunHistory], path: Path) -> Path | None:
-    """Tokens per second and MFU; the first step (compilation) is left out, it would flatten the scale."""
-    trimmed = [_without_first_step(run) for run in runs]
+    """Tokens per second and MFU, from each step's time on the devices.  Logs written before step
+    times were measured that way counted compilation in the first step: it is left out there."""
+    trimmed = [run if run.goodput else _without_first_step(run) for run in runs]
     return _metric_panels(trimmed, path, [("tokens_per_s", "tokens / s", "steps", False), ("mfu", "MFU", "steps", False)])
+
+
+GOODPUT_COLOURS = {
+    "productive": "tab:green", "recomputed": "tab:red", "compile": "tab:purple", "data": "tab:blue",
+    "checkpoint": "tab:brown", "evaluation": "tab:olive", "restore": "tab:pink", "startup": "tab:gray",
+    "profiler": "tab:cyan", "other": "lightgray",
+}  # fmt: skip
+
+
+def plot_goodput(runs: Sequence[RunHistory], path: Path) -> Path | None:
+    """Where each run's wall clock went (:mod:`indicfm.train.goodput`).
+
+    Top: one stacked bar per run, the categories summed over its sessions (a resumed run's
+    sessions one after another).  Below: per run, the same categories accumulating over its wall
+    clock, so a slow start-up, a long evaluation or the steps redone after a restart show where
+    they happened."""
+    from indicfm.train.goodput import CATEGORIES
+
+    shown = [run for run in runs if run.goodput]
+    if not shown:
+        return None
+    plt = pyplot()
+    columns = min(len(shown), 3)
+    rows = 1 + math.ceil(len(shown) / columns)
+    fig = plt.figure(figsize=(max(10.0, 4.6 * columns), 1.4 + 0.4 * len(shown) + 3.2 * (rows - 1)))
+    grid = fig.add_gridspec(rows, columns, height_ratios=[0.5 + 0.3 * len(shown)] + [1.0] * (rows - 1))
+    bars = fig.add_subplot(grid[0, :])
+    used = [c for c in CATEGORIES if any(run.goodput_totals()[c] > 0 for run in shown)]
+    longest = max(run.goodput_wall() for run in shown)
+    for y, run in enumerate(shown):
+        totals, wall, left = run.goodput_totals(), run.goodput_wall(), 0.0
+        for category in used:
+            bars.barh(y, totals[category], left=left, color=GOODPUT_COLOURS[category], label=category if y == 0 else None)
+            left += totals[category]
+        share = totals["productive"] / wall if wall > 0 else math.nan
+        bars.text(left + 0.01 * longest, y, f"{wall:,.0f} s, {100 * share:.0f}% productive", va="center", fontsize=8)
+    bars.set_xlim(0, 1.3 * longest)
+    bars.set_yticks(range(len(shown)), [run.name for run in shown], fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlabel("wall-clock seconds (all sessions of the run)")
+    bars.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    bars.grid(axis="x", alpha=0.3)
+    for index, run in enumerate(shown):
+        ax = fig.add_subplot(grid[1 + index // columns, index % columns])
+        wall, series = run.goodput_over_time()
+        wall = np.concatenate([[0.0], wall])  # every run starts with nothing spent
+        ax.stackplot(wall, [np.concatenate([[0.0], series[c]]) for c in used], colors=[GOODPUT_COLOURS[c] for c in used])
+        ax.set_title(run.name, fontsize=9)
+        ax.set_xlabel("wall clock (s)", fontsize=8)
+        ax.set_ylabel("cumulative seconds", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def _without_first_step(run: RunHistory) -> RunHistory:

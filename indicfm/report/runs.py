@@ -7,8 +7,15 @@ step (loss, lr, grad norm, throughput, MoE statistics) and an evaluation record 
 Training FLOPs at step s are ``s x model_flops_per_step`` (the model FLOPs of
 :mod:`indicfm.model.flops`, logged by the training loop); older logs without that key get it from
 the run's saved ``config.yaml``.  Training wall-clock at step s is the sum of the logged step
-times up to s, with the first step (which includes compilation) counted at the median step time:
-it is the time the machine spent training, not evaluating, checkpointing or compiling.
+times up to s: the time the devices spent on training steps, not evaluating, checkpointing or
+compiling.  (Logs written before step times were measured on the devices counted compilation in
+the first step; there it is counted at the median step time.)
+
+Goodput (:mod:`indicfm.train.goodput`): every training record and each ``train()`` call's last
+record carry that call's (session's) breakdown so far.  A run's breakdown is the sum over its
+sessions of each one's last record; a session that crashed counts up to its last record kept
+after the resume, and the steps it lost appear once, as ``recomputed``, in the session that redid
+them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from indicfm.train.goodput import CATEGORIES, PREFIX, breakdown_of
 from indicfm.train.metrics import read_metrics
+
+
+@dataclass
+class GoodputPoint:
+    """One session's breakdown as of one record (cumulative since the session started)."""
+
+    session: str
+    step: int
+    wall: float
+    seconds: dict[str, float]  # category → seconds
 
 
 @dataclass
@@ -36,6 +54,7 @@ class RunHistory:
     bpb: dict[str, np.ndarray]  # language (and "mean") → bits per byte at ``eval_steps``
     expert_load: np.ndarray | None = None  # [logged steps, MoE layers, experts] shares, None if not logged
     expert_load_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    goodput: list[GoodputPoint] = field(default_factory=list)  # in file order
 
     @property
     def train_flops(self) -> np.ndarray:
@@ -61,10 +80,45 @@ class RunHistory:
         if seconds is None or not len(seconds):
             return np.full(len(self.steps), np.nan)
         seconds = np.array(seconds, dtype=np.float64)
-        if len(seconds) > 1:
-            seconds[0] = np.nanmedian(seconds[1:])  # the first step also compiled the program
+        if len(seconds) > 1 and not self.goodput:
+            seconds[0] = np.nanmedian(seconds[1:])  # an old log: its first step also compiled the program
         gaps = np.diff(np.concatenate([[0], self.steps]))
         return np.cumsum(seconds * gaps)
+
+    def goodput_sessions(self) -> dict[str, list[GoodputPoint]]:
+        """Session → its points, sessions in the order they ran."""
+        sessions: dict[str, list[GoodputPoint]] = {}
+        for point in self.goodput:
+            sessions.setdefault(point.session, []).append(point)
+        return sessions
+
+    def goodput_totals(self) -> dict[str, float]:
+        """Category → seconds over the whole run (each session's latest point, summed)."""
+        totals = dict.fromkeys(CATEGORIES, 0.0)
+        for points in self.goodput_sessions().values():
+            last = max(points, key=lambda p: p.wall)
+            for category, value in last.seconds.items():
+                totals[category] += value
+        return totals
+
+    def goodput_wall(self) -> float:
+        """The run's accounted wall clock: its sessions' walls, summed."""
+        return sum(max(p.wall for p in points) for points in self.goodput_sessions().values())
+
+    def goodput_over_time(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(wall clock, category → cumulative seconds) at every point, sessions one after another."""
+        walls: list[float] = []
+        series: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+        offset, base = 0.0, dict.fromkeys(CATEGORIES, 0.0)
+        for points in self.goodput_sessions().values():
+            points = sorted(points, key=lambda p: p.wall)
+            for point in points:
+                walls.append(offset + point.wall)
+                for category in CATEGORIES:
+                    series[category].append(base[category] + point.seconds.get(category, 0.0))
+            offset += points[-1].wall
+            base = {c: base[c] + points[-1].seconds.get(c, 0.0) for c in CATEGORIES}
+        return np.array(walls), {c: np.array(v) for c, v in series.items()}
 
 
 def _float(value) -> float:
@@ -97,8 +151,12 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
         raise FileNotFoundError(f"{path}: no metrics.jsonl here; is {workdir} the workdir of an `indicfm train` run?")
     train_records: dict[int, dict] = {}
     eval_records: dict[int, dict] = {}
+    goodput: list[GoodputPoint] = []
     for record in read_metrics(path):
         step = int(record["step"])
+        if f"{PREFIX}wall_s" in record:
+            session = str(record.get(f"{PREFIX}session", ""))
+            goodput.append(GoodputPoint(session, step, _float(record[f"{PREFIX}wall_s"]), breakdown_of(record)))
         if any(key.startswith("bpb/") for key in record):
             eval_records.setdefault(step, {}).update(record)
         if "loss" in record:
@@ -133,4 +191,5 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
         bpb=bpb,
         expert_load=expert_load,
         expert_load_steps=np.array(load_steps, dtype=np.int64),
+        goodput=goodput,
     )

@@ -52,6 +52,12 @@ class TrainerConfig(Section):
     peak_flops: float | None = Field(
         None, gt=0, description="device peak FLOP/s for MFU; default: looked up (configs/hardware.yaml or built-in table)"
     )
+    init_from: str | None = Field(
+        None,
+        description="start a fresh run from these parameters instead of random ones (fresh optimizer, the "
+        "schedule from step 0): a run directory (its newest checkpoint, or the initial parameters `indicfm "
+        "import hf`/`upcycle` wrote) or one checkpoint step directory; relative to the workdir. Ignored on resume",
+    )
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainerConfig":
@@ -99,3 +105,15 @@ class LoggingConfig(Section):
     every_steps: int = Field(1, gt=0, description="write metrics every N steps")
     tensorboard: bool = Field(True, description="also write TensorBoard event files into the workdir")
     progress: bool = Field(True, description="show a live progress line (step, loss, tokens/s, MFU, ETA)")
+    profile_steps: tuple[int, int] | None = Field(
+        None,
+        description="[A, B]: write a jax.profiler trace of steps A to B (1-based, inclusive) to <workdir>/profile",
+    )
+
+    @model_validator(mode="after")
+    def _profile_window(self) -> "LoggingConfig":
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if not 1 <= first <= last:
+                raise ValueError(f"logging.profile_steps={list(self.profile_steps)}: expected [A, B] with 1 <= A <= B")
+        return self

@@ -12,7 +12,10 @@ What one call does, in order (:func:`_set_up`, then :class:`StepLoop`):
    the device is never left idle waiting for the host between steps (see :class:`StepLoop`);
 5. stop early, cleanly, on SIGTERM/SIGINT (save, return ``stopped="preempted"``) or after
    ``trainer.max_consecutive_nonfinite`` non-finite steps in a row (no save: the last good
-   checkpoint stays the latest; ``stopped="nonfinite"``).
+   checkpoint stays the latest; ``stopped="nonfinite"``);
+6. account the call's wall clock (``goodput.py``): every step's time on the devices in its record,
+   the breakdown (productive steps, compilation, data, checkpoints, evaluation, restore, start-up,
+   recomputed steps, other) cumulatively in every record and once more at the end.
 
 Step numbers count completed optimizer steps: the checkpoint "at step N" holds the state after N
 updates, and the metrics record with ``"step": N`` describes the N-th update.  With several
@@ -22,8 +25,12 @@ writes logs, metrics and TensorBoard files.
 
 from __future__ import annotations
 
+import contextlib
+
+import datetime
 import math
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +41,11 @@ import jax
 import numpy as np
 
 from indicfm.config import Config, save_config
-from indicfm.train.metrics import expert_load_shares, expert_load_stats, mfu
+from indicfm.train.device_time import ReadyTimes, compile_count
+from indicfm.train.goodput import Clock, Timeline, describe, last_logged_step
+from indicfm.train.hosts import HostStepTimes
+from indicfm.train.metrics import Peak, checked_mfu, expert_load_shares, expert_load_stats
+from indicfm.train.profiling import PROFILE_DIR, StepProfiler
 from indicfm.train.state import TrainState
 
 StepCallback = Callable[[int, dict], None]
@@ -54,6 +65,11 @@ class TrainResult:
     eval_bpb: dict[int, dict[str, float]] = field(default_factory=dict)  # step → {lang: bits per byte}
     damaged_checkpoints: list[int] = field(default_factory=list)
     message: str = ""
+    step_seconds: dict[int, float] = field(default_factory=dict)  # step → its time on the devices (goodput.py)
+    goodput: dict[str, float] = field(default_factory=dict)  # category → seconds of this call's wall clock
+    wall_seconds: float = 0.0  # this call's wall clock (from the process's start when train() is its first work)
+    max_mfu: float = math.nan
+    peak: Peak | None = None
 
 
 class PreemptionWatcher:
@@ -102,7 +118,7 @@ def _place_replicated_batch(batch: dict[str, np.ndarray], sharding: Any) -> dict
 
 
 def fetch_metrics(metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-    """One step's metrics on the host: the only place the loop waits for the device."""
+    """One step's metrics on the host: the only place the loop waits for a training step."""
     return jax.device_get(metrics)
 
 
@@ -126,8 +142,14 @@ class Run:
     tokenizer: dict
     tokens_per_step: int
     flops_per_step: float
-    peak: float
+    peak: Peak | float  # a bare float: FLOP/s of unknown origin (tests)
     say: Callable[..., None]
+    clock: Clock = time.perf_counter
+    timeline: Timeline | None = None  # None: a new one from ``clock``
+    ready: Any = None  # when each step finished (``device_time.ReadyTimes``; None: a new one)
+    hosts: HostStepTimes | None = None  # None: from jax.process_index()/process_count()
+    session: str = ""  # this train() call, in every goodput record
+    profile_dir: Path | None = None
 
 
 @dataclass
@@ -161,7 +183,10 @@ class StepLoop:
     A checkpoint or evaluation needs the state after step n, which the next (donating) step would
     overwrite, so on those steps (decided from host-side facts only) step n is read before step n+1
     is dispatched.  Every other step is read one step late, which changes when a record is written,
-    never what it says.
+    never what it says: a step's time is its time on the devices (:mod:`indicfm.train.goodput`),
+    whenever the host reads it.  Host work that may leave the devices idle is labelled for the
+    goodput breakdown: waiting for a batch (``data``), saves, evaluation, profiling, a dispatch
+    that compiled.
     """
 
     def __init__(self, run: Run, watcher: PreemptionWatcher, on_step: StepCallback | None, stop_at_step: int | None):
@@ -169,23 +194,28 @@ class StepLoop:
         self.watcher = watcher
         self.on_step = on_step
         self.stop_at_step = stop_at_step
-        self._since = time.perf_counter()  # the previous read, or the end of the last actions
+        self.timeline = run.timeline if run.timeline is not None else Timeline(run.clock)
+        self.ready = run.ready if run.ready is not None else ReadyTimes(run.clock)
+        self.hosts = run.hosts if run.hosts is not None else HostStepTimes(jax.process_index(), jax.process_count())
+        self.peak = run.peak if isinstance(run.peak, Peak) else Peak(float(run.peak), "given", "unknown")
+        steps = run.cfg.logging.profile_steps
+        self.profiler = StepProfiler(steps, run.profile_dir or Path(PROFILE_DIR), self.timeline, run.say)
+        self._mfu_problem_said = False
 
     # ---- the loop -------------------------------------------------------------------------
     def run_until(self, last_step: int) -> None:
         """Run steps ``run.step + 1 .. last_step``; sets ``run.result.stopped`` when stopping early."""
         run = self.run
-        batch = next(run.batches)
-        self._since = time.perf_counter()
+        batch = self._next_batch()
         unread: tuple[int, dict] | None = None  # a dispatched step whose metrics are still on the devices
         while run.step < last_step:
             step = run.step + 1
-            run.state, metrics = run.train_step(run.state, batch)
+            metrics = self._dispatch(step, batch)
             run.step = step
             for leaf in jax.tree.leaves(metrics):
                 leaf.copy_to_host_async()
             if step < last_step:
-                batch = next(run.batches)  # its transfer overlaps the step just dispatched
+                batch = self._next_batch()  # its transfer overlaps the step just dispatched
             if unread is not None:
                 finished = self.log_metrics(*unread)
                 if self.nonfinite_stop(finished):
@@ -213,7 +243,51 @@ class StepLoop:
                 run.result.message = f"{preempted}: saved a checkpoint at step {step}, stopping"
                 run.say(run.result.message)
                 return
-            self._since = time.perf_counter()  # checkpoint and eval time is not step time
+
+    def _next_batch(self) -> dict:
+        """The next step's batch; a wait here idles the devices only once they run out of steps."""
+        with self.timeline.host("data"):
+            return next(self.run.batches)
+
+    def _dispatch(self, step: int, batch: dict) -> dict:
+        """Queue step ``step`` on the devices; note when it could start and when it will be done.
+
+        A call that compiled is compilation until it returns (the step cannot start earlier); any
+        other call queued the step when it began, even if it then blocked behind earlier steps."""
+        run, timeline = self.run, self.timeline
+        self.profiler.before_dispatch(step)
+        compiles = compile_count()
+        began = run.clock()
+        with self.profiler.annotate(step):
+            run.state, metrics = run.train_step(run.state, batch)
+        if compile_count() != compiles:
+            ended = run.clock()
+            timeline.add("compile", began, ended)
+            began = ended
+        timeline.dispatched(step, began)
+        self.ready.watch(step, metrics)
+        return metrics
+
+    def finish(self) -> None:
+        """After the last step: account steps dispatched but never read (a non-finite stop) and
+        stop the profiler if the run ended inside its window."""
+        for step in self.timeline.in_flight:
+            not_before, ready_by = self.ready.completed_at(step)
+            self.timeline.completed(step, ready_by, not_before)
+        self.profiler.stop()
+
+    def close(self, finished: bool) -> None:
+        """End of the call, whatever happened: wait for background saves (labelled ``checkpoint``:
+        a returned run is on disk), and when the loop ended normally (completed, preempted,
+        non-finite) write the goodput summary; then close the log."""
+        run = self.run
+        self.ready.close()
+        run.bar.close()
+        with self.timeline.host("checkpoint"):
+            run.checkpointer.close()
+        if finished:
+            _summarise(run, self.timeline, run.say)
+        run.writer.close()
 
     def _after_actions(self, finished: Finished) -> None:
         self.run.result.final_step = finished.step
@@ -225,14 +299,37 @@ class StepLoop:
         """Read step ``step``'s metrics (waiting for it if needed) and log them."""
         run = self.run
         host = fetch_metrics(metrics)
-        now = time.perf_counter()
-        step_seconds, self._since = now - self._since, now
-        record = _record(host, step_seconds, run.tokens_per_step, run.flops_per_step, run.peak)
+        not_before, ready_by = self.ready.completed_at(step)
+        step_seconds = self.timeline.completed(step, ready_by, not_before)
+        step_error = self.timeline.last_error
+        logged = step % run.cfg.logging.every_steps == 0 or step == run.cfg.trainer.steps
+        slowest = None
+        if logged and self.hosts.count > 1:  # every process takes part, in the same steps
+            step_seconds, slowest, straggler = self.hosts.slowest(step, step_seconds)
+            if straggler is not None:
+                run.say(
+                    f"[yellow]straggler:[/] process {straggler.process} ({self.hosts.host_name(straggler.process)}) "
+                    f"took {straggler.median_ratio:.2f}x the other hosts' median step time, and at least "
+                    f"{self.hosts.watch.slower_by:.2f}x in {straggler.slower_steps} of the last {straggler.window} logged steps"
+                )
+        mfu_value, problem = checked_mfu(run.flops_per_step, step_seconds, self.peak)
+        if problem and not self._mfu_problem_said:
+            run.say(f"[bold red]bug:[/] step {step}: {problem}")
+            self._mfu_problem_said = True
+        record = _record(host, step_seconds, run.tokens_per_step, run.flops_per_step, mfu_value, self.peak)
+        record["step_seconds_error"] = step_error  # bound from when the step's end was seen (device_time.py)
+        if slowest is not None:
+            record["slowest_process"] = slowest
+        record.update(self.timeline.record(run.session))
         run.result.losses[step] = record["loss"]
         run.result.skipped_steps = record["skipped_steps"]
-        if step % run.cfg.logging.every_steps == 0 or step == run.cfg.trainer.steps:
+        run.result.step_seconds[step] = step_seconds
+        if not math.isnan(mfu_value):
+            run.result.max_mfu = mfu_value if math.isnan(run.result.max_mfu) else max(run.result.max_mfu, mfu_value)
+        if logged:
             run.writer.write(step, record)
         run.bar.update(step, record["loss"], record["tokens_per_s"], record["mfu"])
+        self.profiler.after_read(step)
         return Finished(step, host, record)
 
     def nonfinite_stop(self, finished: Finished) -> bool:
@@ -267,7 +364,9 @@ class StepLoop:
 
     def save(self, step: int) -> None:
         run = self.run
-        if run.checkpointer.save(step, run.state, run.save_meta(step), run.tokenizer):
+        with self.timeline.host("checkpoint"):  # the blocking part; the background write overlaps steps
+            saved = run.checkpointer.save(step, run.state, run.save_meta(step), run.tokenizer)
+        if saved:
             run.result.last_checkpoint_step = step
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -277,7 +376,8 @@ class StepLoop:
 
     def evaluate(self, step: int) -> None:
         run = self.run
-        bpb = run.evaluator(run.state)
+        with self.timeline.host("evaluation"):
+            bpb = run.evaluator(run.state)
         run.result.eval_bpb[step] = bpb
         run.writer.write(step, {f"bpb/{lang}": value for lang, value in bpb.items()})
         run.say(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
@@ -291,50 +391,86 @@ def train(
     stop_at_step: int | None = None,
     console: Any = None,
     progress: bool | None = None,
+    started_at: float | None = None,
 ) -> TrainResult:
     """Train (or resume training) ``cfg`` in ``workdir``; see the module docstring.
 
     ``on_step(step, record)`` is called after every step with the metrics record (tests use it to
     simulate a crash).  ``stop_at_step`` stops early as a preemption would (save, return
     ``stopped="preempted"``); the schedule still follows ``trainer.steps``.  ``progress`` overrides
-    ``logging.progress``.
+    ``logging.progress``.  ``started_at`` (``time.perf_counter()`` scale): where this call's wall
+    clock starts for the goodput breakdown, e.g. the process's start (``indicfm train`` passes it,
+    so imports count as start-up); default: now.
     """
     from rich.console import Console
 
+    entered = time.perf_counter()
+    timeline = Timeline(time.perf_counter, start=min(started_at, entered) if started_at is not None else entered)
+    timeline.add("startup", timeline.start, entered)
     workdir = Path(workdir).resolve()
     is_main = jax.process_index() == 0
     console = console or Console(stderr=True)
     say = console.print if is_main else (lambda *a, **k: None)
     show_progress = cfg.logging.progress if progress is None else progress
-    workdir.mkdir(parents=True, exist_ok=True)
-    _enable_compilation_cache(cfg.trainer.compilation_cache_dir, workdir)
-
-    run = _set_up(cfg, workdir, say, show_progress and is_main, console, is_main)
+    with timeline.host("startup"):
+        workdir.mkdir(parents=True, exist_ok=True)
+        _enable_compilation_cache(cfg.trainer.compilation_cache_dir, workdir)
+        run = _set_up(cfg, workdir, say, show_progress and is_main, console, is_main, timeline)
     if isinstance(run, TrainResult):
         return run  # nothing left to do
+    finished = False
+    loop: StepLoop | None = None
     try:
         with PreemptionWatcher() as watcher, jax.set_mesh(run.mesh):
             loop = StepLoop(run, watcher, on_step, stop_at_step)
             if run.evaluator and cfg.eval.at_start and run.step == 0:
                 loop.evaluate(0)
+            timeline.advance()  # no step in flight yet: start-up, restore and evaluation so far, on record
+            run.writer.write(run.step, timeline.record(run.session))
             say(
                 f"training {cfg.trainer.steps - run.step} steps · {run.tokens_per_step:,} tokens/step · "
-                f"{run.flops_per_step / 1e9:,.2f} GFLOP/step · peak {run.peak / 1e12:,.3f} TFLOP/s over "
-                f"{jax.device_count()} device(s)"
+                f"{run.flops_per_step / 1e9:,.2f} GFLOP/step · peak {loop.peak.describe()} over "
+                f"{jax.device_count()} device(s); the model computes in {cfg.model.compute_dtype}"
             )
             loop.run_until(cfg.trainer.steps)
+            loop.finish()
+            finished = True
     finally:
-        run.bar.close()
-        run.checkpointer.close()  # waits for background saves: a returned run is on disk
-        run.writer.close()
+        if loop is not None:
+            loop.close(finished)
+        else:
+            run.bar.close()
+            run.checkpointer.close()  # waits for background saves: a returned run is on disk
+            run.writer.close()
     return run.result
 
 
+def _summarise(run: Run, timeline: Timeline, say: Callable[..., None]) -> None:
+    """The end of a call: its goodput in the result, as the last record of metrics.jsonl (under the
+    final step, so a resume from that step keeps it) and as a few lines on the console."""
+    timeline.advance()
+    result = run.result
+    result.goodput, result.wall_seconds = timeline.totals(), timeline.wall()
+    result.peak = run.peak if isinstance(run.peak, Peak) else None
+    run.writer.write(result.final_step, timeline.record(run.session))
+    say(f"goodput: {describe(result.goodput, result.wall_seconds)}")
+    seconds = list(result.step_seconds.values())
+    if seconds:
+        median = statistics.median(seconds)
+        say(
+            f"step time on the devices: median {median:.4f} s, min {min(seconds):.4f} s, max {max(seconds):.4f} s "
+            f"over {len(seconds)} steps · largest MFU {result.max_mfu:.4f} of peak "
+            f"{result.peak.describe() if result.peak else run.peak} · the model computes in {run.cfg.model.compute_dtype}"
+        )
+
+
 def _set_up(
-    cfg: Config, workdir: Path, say: Callable, show_progress: bool, console: Any, is_main: bool
+    cfg: Config, workdir: Path, say: Callable, show_progress: bool, console: Any, is_main: bool, timeline: Timeline
 ) -> Run | TrainResult:
     """Inputs, mesh, state (restored or fresh), the step, metrics, evaluation: a :class:`Run` at the
-    step it starts from, or just the result when the workdir's run already completed ``trainer.steps``."""
+    step it starts from, or just the result when the workdir's run already completed ``trainer.steps``.
+    A restore is labelled ``restore`` on ``timeline``; steps an earlier call logged beyond the
+    restored checkpoint are marked as recomputed work."""
     from indicfm.data.loader import TokenLoader
     from indicfm.storage import file_sha256
     from indicfm.model.flops import train_flops_per_token
@@ -342,9 +478,9 @@ def _set_up(
     from indicfm.model.transformer import param_layout
     from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
-    from indicfm.train.metrics import MetricsWriter, ProgressLine, total_peak_flops
+    from indicfm.train.metrics import MetricsWriter, ProgressLine, run_peak
     from indicfm.train.optimizer import run_optimizer
-    from indicfm.train.state import abstract_train_state, create_model, init_train_state
+    from indicfm.train.state import abstract_train_state, init_train_state, initial_model
     from indicfm.train.step import build_train_step
 
     # 1. tokenizer and token cache
@@ -373,9 +509,10 @@ def _set_up(
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
     result = TrainResult(workdir=workdir, start_step=0, final_step=0, stopped="completed")
     layout = param_layout(cfg.model)
-    restored = checkpointer.restore_latest_good(
-        abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"), param_layout=layout
-    )
+    with timeline.host("restore"):
+        restored = checkpointer.restore_latest_good(
+            abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"), param_layout=layout
+        )
     if restored is not None:
         saved_sha = restored.meta.get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer_sha:
@@ -389,9 +526,16 @@ def _set_up(
         result.damaged_checkpoints = restored.skipped_damaged
         loader.load_state_dict({**restored.meta.get("loader", {}), "step": restored.step})
         say(f"resuming from step {restored.step} ({checkpointer.directory / str(restored.step)})")
+        lost = last_logged_step(workdir / "metrics.jsonl")  # before the writer drops those records
+        if lost > restored.step:
+            timeline.recomputed_through = lost
+            say(f"steps {restored.step + 1}-{lost} ran before and were lost: their time counts as recomputed")
     else:
-        graphdef, state, _ = init_train_state(create_model(cfg.model, mesh, seed, rules), tx, seed, mesh, rules)
-        say(f"starting a fresh run in {workdir}")
+        # reading another run's or an imported model's parameters is restore time, like a resume
+        with timeline.host("restore") if cfg.trainer.init_from else contextlib.nullcontext():
+            model, origin = initial_model(cfg, workdir, mesh, seed, rules)
+        graphdef, state, _ = init_train_state(model, tx, seed, mesh, rules)
+        say(f"starting a fresh run in {workdir} from {origin}")
 
     if result.start_step >= cfg.trainer.steps:
         say(f"nothing to do: the run already completed {result.start_step} of trainer.steps={cfg.trainer.steps} steps")
@@ -432,8 +576,11 @@ def _set_up(
         tokenizer=tokenizer_item(cfg.tokenizer.model_file),
         tokens_per_step=tokens_per_step,
         flops_per_step=train_flops_per_token(cfg.model, seq_len) * tokens_per_step,
-        peak=total_peak_flops(jax.devices(), cfg.trainer.peak_flops),
+        peak=run_peak(jax.devices(), cfg.trainer.peak_flops, cfg.model.compute_dtype),
         say=say,
+        timeline=timeline,
+        session=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        profile_dir=workdir / PROFILE_DIR,
     )
 
 
@@ -464,9 +611,9 @@ def _check_inputs(cfg: Config, loader: Any, tokenizer_sha: str) -> None:
             f"the token cache {cfg.data.cache_dir} was built with tokenizer sha256 {cache_sha}, "
             f"but tokenizer.model_file {cfg.tokenizer.model_file} has sha256 {tokenizer_sha}"
         )
-    from indicfm.tokenizer.load import load_sentencepiece
+    from indicfm.tokenizer.load import load_tokenizer
 
-    vocab = load_sentencepiece(cfg.tokenizer.model_file).get_piece_size()
+    vocab = load_tokenizer(cfg.tokenizer.model_file).vocab_size
     if vocab > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} pieces "
@@ -481,7 +628,7 @@ def _check_inputs(cfg: Config, loader: Any, tokenizer_sha: str) -> None:
         )
 
 
-def _record(host: dict, step_seconds: float, tokens_per_step: int, flops_per_step: float, peak: float) -> dict:
+def _record(host: dict, step_seconds: float, tokens_per_step: int, flops_per_step: float, mfu: float, peak: Peak) -> dict:
     imbalance_max, imbalance_mean = expert_load_stats(host["expert_counts"])
     return {
         "loss": float(host["loss"]),
@@ -490,8 +637,11 @@ def _record(host: dict, step_seconds: float, tokens_per_step: int, flops_per_ste
         "lr": float(host["lr"]),
         "grad_norm": float(host["grad_norm"]),
         "tokens_per_s": tokens_per_step / step_seconds if step_seconds > 0 else 0.0,
-        "mfu": mfu(flops_per_step, step_seconds, peak),
-        "step_seconds": step_seconds,
+        "mfu": mfu,  # NaN when impossible (> 1): see metrics.checked_mfu
+        "step_seconds": step_seconds,  # on the devices (goodput.py); the slowest process's with several
+        "peak_flops": peak.flops,
+        "peak_name": peak.name,
+        "peak_dtype": peak.dtype,
         "expert_load_max_over_mean": imbalance_max,
         "expert_load_max_over_mean_avg": imbalance_mean,
         "dropped_fraction": float(host["dropped_fraction"]),

@@ -3,10 +3,14 @@
 Only process 0 writes or prints (``MetricsWriter(enabled=jax.process_index() == 0)``), so a run on
 many hosts produces one log, not one per host.
 
-MFU (model FLOPs utilisation) = model FLOPs per step ÷ step time ÷ peak FLOP/s of all devices.  The
-peak comes from :func:`peak_flops_per_device`: ``trainer.peak_flops`` if set, else
+MFU (model FLOPs utilisation) = model FLOPs per step ÷ step time ÷ peak FLOP/s of all devices, with
+the step time of :mod:`indicfm.train.goodput` (the devices' time, not the host's read pattern).  The
+peak (:class:`Peak`, from :func:`run_peak`) is ``trainer.peak_flops`` if set, else
 ``configs/hardware.yaml`` (the one hardware table, read by :mod:`indicfm.hardware`, shared with the
-planner); on CPU it is measured at start-up with a short matmul, because CPUs differ too much for a table.
+planner: dense bfloat16 figures); on CPU it is measured at start-up with a matmul in the run's
+compute dtype, because CPUs differ too much for a table.  Every record and the run's summary state the peak (FLOP/s, where it comes from, dtype).
+An MFU above 1 cannot come from a correct measurement: :func:`checked_mfu` reports it as a bug
+instead of a figure.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,20 +26,43 @@ import numpy as np
 
 from indicfm.hardware import Chip, chip_for_device_kind
 
-def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
-    """FLOP/s of the host on a float32 matmul (best of a few runs), the CPU's practical peak."""
+# [batch, n] of the CPU peak's matmul: of the products tried on a 2-core host (1x512, 4x256, 2x1024,
+# 1x2048), 512x512 ran fastest per FLOP (it stays in cache); the fastest shape is the right peak,
+# since a lower one would inflate every MFU
+CPU_PEAK_MATMUL = (1, 512)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The peak FLOP/s MFU is measured against: all of the run's devices together."""
+
+    flops: float
+    name: str  # where the figure comes from, e.g. "cpu: float32 matmul 1x[512x512] (best of 9), measured at start-up"
+    dtype: str  # the dtype the figure is for
+
+    def describe(self) -> str:
+        return f"{self.flops / 1e12:,.3f} TFLOP/s ({self.name}; {self.dtype})"
+
+
+def measure_cpu_peak(dtype: str = "float32", batch: int = CPU_PEAK_MATMUL[0], n: int = CPU_PEAK_MATMUL[1], repeats: int = 9) -> Peak:
+    """The host's FLOP/s on a batched ``[batch, n, n] @ [batch, n, n]`` matmul in ``dtype``: the
+    fastest of ``repeats`` calls, on random inputs rotated over three sets so no cache holds them.
+    The fastest, not the median: on a shared machine other processes slow some calls, and a lower
+    peak would inflate every MFU above it."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
+    dt = jnp.dtype(dtype)
+    keys = jax.random.split(jax.random.key(0), 6)
+    inputs = [(jax.random.normal(keys[2 * i], (batch, n, n), dt), jax.random.normal(keys[2 * i + 1], (batch, n, n), dt)) for i in range(3)]
+    matmul = jax.jit(lambda a, b: jnp.einsum("bik,bkj->bij", a, b, preferred_element_type=dt))
+    matmul(*inputs[0]).block_until_ready()
     best = math.inf
-    for _ in range(repeats):
+    for i in range(repeats):
         start = time.perf_counter()
-        matmul(a).block_until_ready()
+        matmul(*inputs[i % 3]).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return Peak(2 * batch * n**3 / best, f"cpu: {dt.name} matmul {batch}x[{n}x{n}] (best of {repeats}), measured at start-up", dt.name)
 
 
 def peak_flops_per_device(device: Any, hardware: dict[str, Chip] | None = None) -> float:
@@ -44,7 +72,7 @@ def peak_flops_per_device(device: Any, hardware: dict[str, Chip] | None = None) 
     number of (virtual) CPU devices; :func:`total_peak_flops` does this right.
     """
     if getattr(device, "platform", None) == "cpu":
-        return measure_cpu_peak_flops()
+        return measure_cpu_peak("float32").flops
     kind = str(getattr(device, "device_kind", device))
     chip = chip_for_device_kind(kind, hardware)
     if chip is None:
@@ -70,6 +98,37 @@ def mfu(model_flops_per_step: float, step_seconds: float, peak_flops: float) -> 
     if step_seconds <= 0 or peak_flops <= 0:
         return 0.0
     return model_flops_per_step / step_seconds / peak_flops
+
+
+def checked_mfu(model_flops_per_step: float, step_seconds: float, peak: Peak) -> tuple[float, str | None]:
+    """(MFU, None), or (NaN, what is wrong) when the figure is impossible: above 1 means the step
+    time or the peak is wrong, and a wrong number must not be plotted as a fast step."""
+    value = mfu(model_flops_per_step, step_seconds, peak.flops)
+    if value <= 1.0:
+        return value, None
+    return math.nan, (
+        f"MFU {value:.2f} > 1 is impossible: {model_flops_per_step:.3e} FLOP in {step_seconds:.4f} s against a "
+        f"peak of {peak.describe()}; the step time or the peak is wrong (not logged as MFU)"
+    )
+
+
+def run_peak(devices: list[Any], override: float | None = None, compute_dtype: str = "bfloat16", hardware: dict[str, Chip] | None = None) -> Peak:
+    """The :class:`Peak` of the run's devices: ``trainer.peak_flops`` (per device; per host on CPU),
+    else a CPU measurement in ``compute_dtype``, else the hardware table's entry times the devices."""
+    device = devices[0]
+    count = 1 if device.platform == "cpu" else len(devices)
+    if override:
+        return Peak(override * count, f"trainer.peak_flops x {count}", compute_dtype)
+    if device.platform == "cpu":
+        return measure_cpu_peak(compute_dtype)
+    kind = str(getattr(device, "device_kind", device))
+    chip = chip_for_device_kind(kind, hardware)
+    if chip is None:
+        raise ValueError(
+            f"no peak FLOP/s known for device kind {kind!r}: set trainer.peak_flops or add the device "
+            "(with its device_kinds) to configs/hardware.yaml"
+        )
+    return Peak(chip.peak_flops * count, f"{chip.name} x {count} (configs/hardware.yaml, dense)", "bfloat16")
 
 
 def expert_load_stats(expert_counts_MxE: np.ndarray) -> tuple[float, float]:
