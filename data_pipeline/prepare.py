@@ -43,7 +43,7 @@ from indicfm.storage import (
     make_dirs,
     remove_tree,
 )
-from indicfm.tokenizer.load import load_sentencepiece
+from indicfm.tokenizer.load import SENTENCEPIECE, Tokenizer, TokenizerError, load_tokenizer
 
 
 class PrepareError(ValueError):
@@ -129,17 +129,17 @@ def prepare(
         raise PrepareError(f"{out}: give a prefix inside the bucket (e.g. {str(out).rstrip('/')}/cache): a cache "
                            "is never written to, or deleted from, a bucket's root")
     if not tokenizer.is_file():
-        raise InputError(f"{tokenizer}: tokenizer model not found (train one with `indicfm tokenizer train`)")
+        raise InputError(f"{tokenizer}: tokenizer not found (a SentencePiece .model, e.g. from `indicfm tokenizer "
+                         "train`, or a Hugging Face tokenizer.json)")
     files = find_input_files(list(inputs) or config.inputs, allow_unknown=config.allow_unknown_languages)
     if not files and not config.hub:
         raise InputError("no input files found (give --input PATH or data.inputs in the config)")
-    sp = load_sentencepiece(tokenizer)
-    bos_id, eos_id = sp.bos_id(), sp.eos_id()
-    if eos_id < 0 or bos_id < 0:
-        raise PrepareError(f"{tokenizer}: the tokenizer needs BOS and EOS tokens (train it with "
-                           "`indicfm tokenizer train`: bos_id=2, eos_id=3)")
+    try:
+        tok = load_tokenizer(tokenizer)
+    except TokenizerError as err:
+        raise PrepareError(str(err)) from None
     tokenizer_sha = file_sha256(tokenizer)
-    fingerprint = _fingerprint(config, files, seq_len, tokenizer_sha)
+    fingerprint = _fingerprint(config, files, seq_len, tokenizer_sha, tok)
 
     start = time.perf_counter()
     state = _prepare_output(out, fingerprint, overwrite)
@@ -152,26 +152,27 @@ def prepare(
         if state:
             raise PrepareError(f"{out} holds a prepare interrupted with --engine local; finish it with that "
                                "engine (it resumes), or pass --overwrite")
-        return _prepare_with_ray(files, tokenizer, out, seq_len, config, sp, tokenizer_sha, fingerprint,
+        return _prepare_with_ray(files, tokenizer, out, seq_len, config, tok, tokenizer_sha, fingerprint,
                                  workers, ray_address, show_progress, console, start)
     if is_url(out):
         return _prepare_staged(inputs, tokenizer, out, seq_len=seq_len, config=config, workers=workers,
                                overwrite=overwrite, show_progress=show_progress, console=console,
                                staging_dir=staging_dir, start=start)
     n_workers = workers if workers is not None else config.workers
-    return _prepare_locally(files, tokenizer, out, seq_len, config, sp, tokenizer_sha, fingerprint, state, n_workers,
+    return _prepare_locally(files, tokenizer, out, seq_len, config, tok, tokenizer_sha, fingerprint, state, n_workers,
                             show_progress, console, start)
 
 
 # -- the engines ----------------------------------------------------------------------------------
 
 
-def _prepare_locally(files: Sequence[InputFile], tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp,
-                     tokenizer_sha: str, fingerprint: dict, state: dict | None, workers: int, show_progress: bool,
-                     console, start: float) -> PrepareResult:
+def _prepare_locally(files: Sequence[InputFile], tokenizer: Path, out: Path, seq_len: int, config: DataConfig,
+                     tok: Tokenizer, tokenizer_sha: str, fingerprint: dict, state: dict | None, workers: int,
+                     show_progress: bool, console, start: float) -> PrepareResult:
     """``engine="local"`` into a local ``out`` (indicfm.data.local_engine), then metadata.json."""
+    _say_tokenizer(tokenizer, tok, console, show_progress)
     try:
-        done = prepare_locally(files, tokenizer, out, seq_len=seq_len, config=config, pad_id=max(sp.pad_id(), 0),
+        done = prepare_locally(files, tokenizer, out, seq_len=seq_len, config=config, pad_id=tok.padding_id,
                                fingerprint=fingerprint, state=state, workers=workers, show_progress=show_progress,
                                console=console, start=start)
     except WorkerDied as err:  # the engine's checkpoints make a re-run cheap: say so
@@ -179,7 +180,7 @@ def _prepare_locally(files: Sequence[InputFile], tokenizer: Path, out: Path, seq
             f"{err}; re-run to resume from the last checkpoint, or use --workers 1 to work without "
             "worker processes"
         ) from err
-    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, sp, config, done.languages, fingerprint)
+    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, tok, config, done.languages, fingerprint)
     seconds = time.perf_counter() - start
     if show_progress:
         render_table(done.report, console)
@@ -187,24 +188,25 @@ def _prepare_locally(files: Sequence[InputFile], tokenizer: Path, out: Path, seq
                          main_seconds=done.main_seconds, batch_cpu_seconds=done.batch_cpu_seconds)
 
 
-def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, sp, tokenizer_sha: str,
-                      fingerprint: dict, workers: int | None, ray_address: str | None, show_progress: bool,
-                      console, start: float) -> PrepareResult:
+def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: DataConfig, tok: Tokenizer,
+                      tokenizer_sha: str, fingerprint: dict, workers: int | None, ray_address: str | None,
+                      show_progress: bool, console, start: float) -> PrepareResult:
     """``engine="ray"``: the stages run as Ray tasks (indicfm.data.ray_engine); an interrupted run
     left only ``.prepare_state`` (no state.json), which _prepare_output has removed: it starts again."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from indicfm.data.ray_engine import prepare_with_ray
 
+    _say_tokenizer(tokenizer, tok, console, show_progress)
     make_dirs(out / STATE_DIR)
     write_json_atomic(out / STATE_DIR / "ray.json", {"engine": "ray", "fingerprint": fingerprint})
     n_workers = workers if workers is not None else config.workers
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   disable=not show_progress, transient=False) as progress:
         done = prepare_with_ray(files, _absolute(tokenizer), _absolute(out), seq_len=seq_len, config=config,
-                                pad_id=max(sp.pad_id(), 0), progress=progress, address=ray_address,
+                                pad_id=tok.padding_id, progress=progress, address=ray_address,
                                 workers=n_workers)
-    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, sp, config, done["languages"], fingerprint)
+    _write_metadata(out, seq_len, tokenizer, tokenizer_sha, tok, config, done["languages"], fingerprint)
     if show_progress:
         render_table(done["report"], console)
     times = done["times"]
@@ -212,6 +214,15 @@ def _prepare_with_ray(files, tokenizer: Path, out: Path, seq_len: int, config: D
                          time.perf_counter() - start, resumed=False, batch_cpu_seconds=times.cpu.get("process", 0.0),
                          stage_seconds=dict(times.wall), stage_cpu_seconds=dict(times.cpu), nodes=done["nodes"],
                          placement=done["placement"])
+
+
+def _say_tokenizer(location: Path, tok: Tokenizer, console, show_progress: bool) -> None:
+    """State the tokenizer's special tokens (found or chosen) and warn where its own normaliser
+    changes text beyond indicfm's NFC (it is used as it is: a model was trained with it)."""
+    if show_progress:
+        console.print(f"tokenizer {tok.describe()}", highlight=False, markup=False)
+    for warning in tok.normalizer_warnings():
+        console.print(f"[yellow]warning:[/] tokenizer {location}: {warning.detail}", highlight=False)
 
 
 def _absolute(path: Path) -> Path:
@@ -280,17 +291,24 @@ def _upload_file(path: Path, target: Path) -> None:
 # -- the output: checks, metadata.json ------------------------------------------------------------
 
 
-def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str) -> dict:
-    """What must be identical for a resume to be valid (inputs by path, size and mtime)."""
+def _fingerprint(config: DataConfig, files, seq_len: int, tokenizer_sha: str, tok: Tokenizer) -> dict:
+    """What must be identical for a resume to be valid (inputs by path, size and mtime).
+
+    A tokenizer.json's framing ids also depend on the tokenizer_config.json beside it, which its
+    sha256 does not cover; a SentencePiece model's are in the file (and its caches keep the
+    fingerprint they always had)."""
     relevant = config.model_dump(mode="json", exclude={"inputs", "cache_dir", "workers", "language_weights",
                                                        "mixture_temperature", "checkpoint_every_docs"})
-    return {
+    fingerprint = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "tokenizer_sha256": tokenizer_sha,
         "config": relevant,
         "inputs": [file_identity(f.path) for f in files],
     }
+    if tok.kind != SENTENCEPIECE:
+        fingerprint["special_ids"] = [tok.start_id, tok.eos_id, tok.padding_id]
+    return fingerprint
 
 
 def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
@@ -329,18 +347,23 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | Non
     return None
 
 
-def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str, sp, config: DataConfig,
+def _write_metadata(out: Path, seq_len: int, tokenizer: Path, tokenizer_sha: str, tok: Tokenizer, config: DataConfig,
                     languages: dict, fingerprint: dict) -> None:
-    """metadata.json, last (from then on the cache is complete), and the resume state goes."""
+    """metadata.json, last (from then on the cache is complete), and the resume state goes.
+
+    ``bos_id``/``pad_id`` are the ids documents begin and rows are padded with (the tokenizer's
+    own, or eos where it has none); ``special_tokens`` says which were found and which chosen."""
     metadata = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "tokenizer": str(tokenizer),
         "tokenizer_sha256": tokenizer_sha,
-        "vocab_size": sp.get_piece_size(),
-        "bos_id": sp.bos_id(),
-        "eos_id": sp.eos_id(),
-        "pad_id": max(sp.pad_id(), 0),
+        "tokenizer_kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.start_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.padding_id,
+        "special_tokens": tok.special.to_json(),
         "config": config.model_dump(mode="json"),
         "languages": languages,
         "fingerprint": fingerprint,

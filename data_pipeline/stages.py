@@ -8,7 +8,7 @@ A batch of documents (a task) goes through::
     clean       quality filters and wrong_script (indicfm.data.filters), per language
     identify    language ID (wrong_language, indicfm.data.lid) where another language shares the script
     key         exact key, and MinHash fingerprint + LSH band keys (indicfm.data.dedup)
-    tokenize    BOS + SentencePiece ids + EOS (indicfm.data.tokenize)
+    tokenize    start (BOS) + the tokenizer's ids + EOS (indicfm.data.tokenize)
 
 Why one module both engines import: everything here depends on one batch only, never on earlier
 documents, so it can run anywhere (a local worker process, a Ray task) and the engines differ only
@@ -33,8 +33,8 @@ from indicfm.data.filters import batch_check, filters_for
 from indicfm.data.lid import get_identifier, lid_verdict, shares_script
 from indicfm.data.report import EXAMPLE_CHARS
 from indicfm.data.sources import Document, DocumentColumns, InputFile, LineRange, read_line_range
-from indicfm.data.tokenize import BatchEncoder
-from indicfm.tokenizer.load import load_sentencepiece
+from indicfm.data.tokenize import batch_encoder
+from indicfm.tokenizer.load import HF, load_tokenizer
 
 #: Documents per batch (a task).  Larger batches spread each batch's fixed NumPy and SentencePiece
 #: call overheads over more documents; much larger ones leave processes idle while the last
@@ -135,8 +135,12 @@ class DocumentProcessor:
 
     def __init__(self, config: DataConfig, tokenizer_file: str):
         self.config = config
-        self.sp = load_sentencepiece(tokenizer_file)
-        self.encoder = BatchEncoder(self.sp)
+        self.tokenizer = load_tokenizer(tokenizer_file)
+        if self.tokenizer.kind == HF:
+            # One tokenizer per process already uses every CPU (worker processes, Ray tasks); the
+            # ``tokenizers`` library's own threads would only compete with them.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.encoder = batch_encoder(self.tokenizer)
         self.identifier = get_identifier(config.lid.backend) if config.lid.enabled else None
         self.minhasher = minhasher(config.dedup)
         self.lsh_bands, self.lsh_rows = lsh_bands(config.dedup.threshold, config.dedup.num_perm)

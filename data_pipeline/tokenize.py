@@ -1,4 +1,5 @@
-"""SentencePiece encoding of a batch of documents, memoised per word.
+"""Encoding of a batch of documents as ``[start] ids [eos]`` each: SentencePiece memoised per word,
+any other tokenizer (a Hugging Face ``tokenizer.json``) document by document (:func:`batch_encoder`).
 
 Why: tokenizing is the largest single part of ``data prepare``'s work (``benchmarks/prepare.py``:
 about 40% of its CPU time), and a corpus repeats its words over and over.  For the models
@@ -37,6 +38,7 @@ import numpy as np
 
 from indicfm.data.band_table import BandTable
 from indicfm.data.dedup import splitmix64
+from indicfm.tokenizer.load import SentencePieceTokenizer, Tokenizer
 
 #: Joins a batch's documents into one string: never inside a document (the reader drops documents
 #: with control characters; a batch that has one anyway is encoded the plain way).
@@ -199,3 +201,33 @@ class BatchEncoder:
         self._table.insert_new(h1, np.arange(first, first + n))
         self._words += n
         self._used += len(ids)
+
+
+class DocumentEncoder:
+    """``encode(texts)`` like :class:`BatchEncoder`'s, for any :class:`~indicfm.tokenizer.load.Tokenizer`:
+    each document's ids between the tokenizer's start id (bos, or eos where it has none) and its eos.
+
+    No word cache: a ``tokenizer.json``'s pre-tokenizer and normaliser decide where words end (a
+    byte-level regex, a Metaspace, ...), so the exactness argument above does not carry over; the
+    ``tokenizers`` library keeps a word cache of its own."""
+
+    uses_word_cache = False
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        start, eos = self.tokenizer.start_id, self.tokenizer.eos_id
+        ids = self.tokenizer.encode_batch(list(texts)) if texts else []
+        lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable([start, *x, eos] for x in ids), np.int32,
+                           count=int(lengths.sum()))
+        return flat, lengths
+
+
+def batch_encoder(tokenizer: Tokenizer) -> BatchEncoder | DocumentEncoder:
+    """The encoder for ``tokenizer``: SentencePiece with its own bos keeps the word-cached
+    :class:`BatchEncoder` (byte-identical caches to before other tokenizers were supported)."""
+    if isinstance(tokenizer, SentencePieceTokenizer) and tokenizer.bos_id is not None:
+        return BatchEncoder(tokenizer.processor)
+    return DocumentEncoder(tokenizer)

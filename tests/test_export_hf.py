@@ -17,6 +17,7 @@ from indicfm.export.reference import qwen2_moe_logits
 from indicfm.inference.decode import inference_config
 from indicfm.model.config import ModelConfig
 from indicfm.model.transformer import Transformer
+from indicfm.tokenizer.load import TokenizerFile
 
 from helpers import random_model
 
@@ -55,6 +56,11 @@ def train_small_tokenizer(sample_train_dir, model_type: str = "bpe") -> bytes:
     return model.getvalue()
 
 
+def sentencepiece_file(data: bytes) -> TokenizerFile:
+    """A SentencePiece model as the run's tokenizer (what a checkpoint stores)."""
+    return TokenizerFile(data, "tokenizer.model")
+
+
 @pytest.fixture(scope="module")
 def tokenizer_bytes(sample_train_dir) -> bytes:
     return train_small_tokenizer(sample_train_dir)
@@ -86,7 +92,7 @@ def _indicfm_logits(model: Transformer, sequences: list[list[int]]) -> list[np.n
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_exported_model_reproduces_indicfm_logits(variant, tokenizer_bytes, tmp_path):
     model = _random_model(VARIANTS[variant])
-    export_model(model, tmp_path / "hf", tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+    export_model(model, tmp_path / "hf", tokenizer=sentencepiece_file(tokenizer_bytes), max_shard_size=40_000)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     tensors = read_safetensors(tmp_path / "hf")
     for sequence, expected in zip(SEQUENCES, _indicfm_logits(model, SEQUENCES)):
@@ -100,7 +106,7 @@ def test_config_and_files(tokenizer_bytes, tmp_path):
 
     model = _random_model(VARIANTS["shared-untied"])
     out = tmp_path / "hf"
-    result = export_model(model, out, tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+    result = export_model(model, out, tokenizer=sentencepiece_file(tokenizer_bytes), max_shard_size=40_000)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["model_type"] == "qwen2_moe"
     assert config["mlp_only_layers"] == [0] and config["decoder_sparse_step"] == 1
@@ -129,7 +135,7 @@ def test_bfloat16_export(tokenizer_bytes, tmp_path):
     import ml_dtypes
 
     model = _random_model(VARIANTS["tied-all-moe"])
-    export_model(model, tmp_path, tokenizer_bytes=tokenizer_bytes, dtype="bfloat16")
+    export_model(model, tmp_path, tokenizer=sentencepiece_file(tokenizer_bytes), dtype="bfloat16")
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     tensors = read_safetensors(tmp_path)
     assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
@@ -148,7 +154,7 @@ def test_tokenizer_json_encodes_like_indicfm(model_type, sample_train_dir, sampl
     from indicfm.text import normalize
 
     data = train_small_tokenizer(sample_train_dir, model_type)
-    write_tokenizer_files(data, tmp_path, model_max_length=64)
+    write_tokenizer_files(sentencepiece_file(data).load(), tmp_path, model_max_length=64)
     fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_proto=data)
     lines = [line for f in sorted(sample_heldout_dir.glob("*.dev")) for line in f.read_text(encoding="utf-8").splitlines()]
@@ -177,7 +183,7 @@ def test_unexpressible_options_are_refused():
 def test_export_refuses_a_non_empty_output(tokenizer_bytes, tmp_path):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
-        export_model(_random_model(VARIANTS["tied-all-moe"]), tmp_path, tokenizer_bytes=tokenizer_bytes)
+        export_model(_random_model(VARIANTS["tied-all-moe"]), tmp_path, tokenizer=sentencepiece_file(tokenizer_bytes))
 
 
 def _scanned_and_unrolled(overrides: dict, seed: int = 5) -> tuple[Transformer, Transformer]:
@@ -212,7 +218,7 @@ def test_a_scanned_model_exports_the_tensors_of_its_unrolled_equivalent(variant)
 
 def test_an_exported_scanned_model_reproduces_its_logits(tokenizer_bytes, tmp_path):
     scanned, _ = _scanned_and_unrolled(VARIANTS["shared-untied"])
-    export_model(scanned, tmp_path / "hf", tokenizer_bytes=tokenizer_bytes)
+    export_model(scanned, tmp_path / "hf", tokenizer=sentencepiece_file(tokenizer_bytes))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["mlp_only_layers"] == [0]
     tensors = read_safetensors(tmp_path / "hf")
@@ -258,7 +264,7 @@ def test_transformers_loads_the_export_and_matches(tokenizer_bytes, tmp_path):
     for variant in sorted(VARIANTS):
         model = _random_model(VARIANTS[variant])
         out = tmp_path / variant
-        export_model(model, out, tokenizer_bytes=tokenizer_bytes, max_shard_size=40_000)
+        export_model(model, out, tokenizer=sentencepiece_file(tokenizer_bytes), max_shard_size=40_000)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
         hf_model.eval()
         for sequence, expected in zip(SEQUENCES, _indicfm_logits(model, SEQUENCES)):

@@ -93,7 +93,7 @@ def test_checkpoint_restores_onto_one_device_and_onto_a_mesh(run_dir):
         mlp = loaded.model.blocks[1].mlp
         np.testing.assert_array_equal(np.asarray(mlp.w_gate_ExDxF[...]), expected["w_gate"])
         np.testing.assert_array_equal(np.asarray(mlp.router_DxE[...]), expected["router"])
-        assert loaded.sentencepiece().get_piece_size() == 600
+        assert loaded.tokenizer().vocab_size == 600
         results = generate_ids(loaded.model, [[40, 41, 42], [7]], max_new_tokens=6, eos_id=-1)
         outputs.append([r.token_ids for r in results])
     assert outputs[0] == outputs[1]

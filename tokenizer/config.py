@@ -41,4 +41,6 @@ class TokenizerConfig(Section):
     max_piece_chars: int = Field(16, gt=0, le=64, description="longest piece in characters (SentencePiece max_sentencepiece_length)")
     seed: int = Field(0, description="seed of the per-language document choice")
     num_threads: int | None = Field(None, gt=0, description="SentencePiece trainer threads; default all CPU cores")
-    model_file: str | None = Field(None, description="trained tokenizer .model used by data/train")
+    model_file: str | None = Field(
+        None, description="the run's tokenizer: a SentencePiece .model or a Hugging Face tokenizer.json (special "
+        "tokens from a tokenizer_config.json beside it), used by data prepare, train, eval and generate")

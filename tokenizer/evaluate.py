@@ -11,7 +11,11 @@ the name up to the first dot) and every tokenizer, we measure:
 * **byte-fallback rate**: share of tokens that are ``<0xNN>`` byte pieces (``None`` for byte-level
   BPE tokenizers such as GPT-4o's, where every token is bytes and the notion does not apply);
 * **round trip**: share of lines with ``decode(encode(x)) == x``;
-* **ZWJ/ZWNJ kept**: how many of the zero-width (non-)joiners of the input survive decoding.
+* **ZWJ/ZWNJ kept**: how many of the zero-width (non-)joiners of the input survive decoding;
+* **normaliser** (per tokenizer): what the tokenizer's own normaliser does beyond NFC — NFKC,
+  dropping ZWJ/ZWNJ, stripping vowel signs (:mod:`indicfm.tokenizer.normalizer_check`); a
+  tokenizer that would change Indic text this way on every input is flagged even where the sample
+  holds no such character.
 
 Each tokenizer sees the text as its own pipeline would: SentencePiece ``.model`` files get
 :func:`indicfm.text.normalize` (NFC), as indicfm's data pipeline feeds them; Hugging Face
@@ -30,6 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from indicfm.text import ZWJ, ZWNJ, graphemes, is_known_language, language_of_path, normalize
+from indicfm.tokenizer.normalizer_check import (
+    NormalizerWarning,
+    hf_normalizer_warnings,
+    sentencepiece_normalizer_warnings,
+)
 
 #: The ten languages whose mean fertility and worst parity/split the issue's bar is stated on.
 FOCUS_LANGUAGES = (
@@ -64,6 +73,7 @@ class SentencePieceTokenizer:
         self.kind = "sentencepiece"
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = self._sp.vocab_size()
+        self.normalizer_warnings = sentencepiece_normalizer_warnings(self._sp, self.path.read_bytes())
 
     def prepare(self, raw: str) -> str:
         return normalize(raw)
@@ -99,6 +109,7 @@ class HuggingFaceTokenizer:
         self._tok = Tokenizer.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.has_byte_fallback = self._tok.token_to_id("<0x00>") is not None
+        self.normalizer_warnings = hf_normalizer_warnings(self._tok)
 
     def prepare(self, raw: str) -> str:
         return raw
@@ -228,6 +239,12 @@ class TokenizerReport:
     kind: str
     vocab_size: int
     languages: dict[str, LanguageMetrics] = field(default_factory=dict)
+    normalizer_warnings: list[NormalizerWarning] = field(default_factory=list)
+
+    @property
+    def normalizer(self) -> str:
+        """The normaliser column: what it changes beyond NFC, or "NFC-safe"."""
+        return ", ".join(w.short for w in self.normalizer_warnings) or "NFC-safe"
 
     def summary(self) -> dict:
         """The bar's figures over the focus languages present (and round trip/ZWJ over all)."""
@@ -259,6 +276,8 @@ class Report:
                     "path": t.path,
                     "kind": t.kind,
                     "vocab_size": t.vocab_size,
+                    "normalizer": t.normalizer,
+                    "normalizer_warnings": [w.detail for w in t.normalizer_warnings],
                     "summary": t.summary(),
                     "languages": {lang: asdict(m) for lang, m in t.languages.items()},
                 }
@@ -275,15 +294,18 @@ class Report:
                 f"Mean fertility over {s['focus_languages']} focus languages: {_fmt(s['mean_fertility'])}; "
                 f"worst parity {_fmt(s['max_parity'])}; worst akshara split {_pct(s['max_akshara_split_rate'])}; "
                 f"lowest round trip {_pct(s['min_round_trip_rate'])}; "
-                f"ZWJ/ZWNJ kept {s['zero_width_kept']}/{s['zero_width_total']}.\n"
+                f"ZWJ/ZWNJ kept {s['zero_width_kept']}/{s['zero_width_total']}; normaliser: {t.normalizer}.\n"
             )
-            lines.append("| language | fertility | chars/token | parity | akshara split | byte fallback | round trip | ZWJ/ZWNJ kept |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            lines += [f"- Warning: {w.detail}." for w in t.normalizer_warnings]
+            lines += [""] if t.normalizer_warnings else []
+            lines.append("| language | fertility | chars/token | parity | akshara split | byte fallback | round trip | "
+                         "ZWJ/ZWNJ kept | normaliser |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
             for lang, m in t.languages.items():
                 lines.append(
                     f"| {lang} | {_fmt(m.fertility)} | {_fmt(m.chars_per_token)} | {_fmt(m.parity)} | "
                     f"{_pct(m.akshara_split_rate)} | {_pct(m.byte_fallback_rate)} | {_pct(m.round_trip_rate)} | "
-                    f"{m.zero_width_kept}/{m.zero_width} |"
+                    f"{m.zero_width_kept}/{m.zero_width} | {t.normalizer} |"
                 )
             lines.append("")
         return "\n".join(lines)
@@ -335,7 +357,8 @@ def evaluate_tokenizers(models: Sequence[str | Path], parallel_dir: str | Path) 
     reports = []
     for spec in models:
         tok = load_tokenizer(spec)
-        report = TokenizerReport(name=tok.name, path=str(tok.path), kind=tok.kind, vocab_size=tok.vocab_size)
+        report = TokenizerReport(name=tok.name, path=str(tok.path), kind=tok.kind, vocab_size=tok.vocab_size,
+                                 normalizer_warnings=tok.normalizer_warnings)
         for lang, lines in texts.items():
             report.languages[lang] = measure_lines(tok, lines)
         english = report.languages.get(ENGLISH)

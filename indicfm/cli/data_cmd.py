@@ -26,7 +26,8 @@ def prepare_cmd(
     ] = None,
     tokenizer: Annotated[
         Optional[str],
-        typer.Option("--tokenizer", "-t", help="SentencePiece .model, a path or gs:// URL (default: tokenizer.model_file)"),
+        typer.Option("--tokenizer", "-t", help="SentencePiece .model or Hugging Face tokenizer.json (with the "
+                     "tokenizer_config.json beside it, if any), a path or gs:// URL (default: tokenizer.model_file)"),
     ] = None,
     output: Annotated[
         Optional[str],
@@ -92,7 +93,7 @@ def prepare_cmd(
     if not inputs and not cfg.data.hub:
         fail("no input: give --input PATH (or data.inputs / data.hub in the config)")
     if tokenizer is None:
-        fail("no tokenizer: give --tokenizer P.model (or tokenizer.model_file in the config)")
+        fail("no tokenizer: give --tokenizer P.model or tokenizer.json (or tokenizer.model_file in the config)")
     if output is None:
         fail("no output: give --output DIR (or data.cache_dir in the config)")
     if seq_len is not None and seq_len <= 0:
@@ -176,7 +177,7 @@ def inspect_cmd(
 def _print_rows(cache_dir: Path, n: int) -> None:
     from indicfm.data.cache import CacheError, read_metadata, read_rows
     from indicfm.storage import as_path
-    from indicfm.tokenizer.load import load_sentencepiece
+    from indicfm.tokenizer.load import TokenizerError, load_tokenizer
 
     try:
         info = read_metadata(cache_dir)
@@ -185,7 +186,10 @@ def _print_rows(cache_dir: Path, n: int) -> None:
     tok = as_path(info.metadata["tokenizer"])
     if not tok.is_file():
         fail(f"{tok}: tokenizer used for this cache not found; cannot decode rows")
-    sp = load_sentencepiece(tok)
+    try:
+        tokenizer = load_tokenizer(tok)
+    except TokenizerError as err:
+        fail(str(err))
     for lang, v in info.languages.items():
         packed = read_rows(cache_dir, lang, slice(0, min(n, v["rows"])))
         for r in range(len(packed)):
@@ -193,7 +197,7 @@ def _print_rows(cache_dir: Path, n: int) -> None:
             seg = packed.segment_ids[r]
             for s in [s for s in dict.fromkeys(seg.tolist()) if s]:
                 ids = packed.tokens[r][seg == s].tolist()
-                console.print(f"[{s}] {sp.decode(ids)}", markup=False, highlight=False)
+                console.print(f"[{s}] {tokenizer.decode(ids)}", markup=False, highlight=False)
 
 
 @app.command("review")

@@ -133,11 +133,11 @@ def _print_report(report) -> None:
             rows.append([
                 lang if i == 0 else "", t.name, _fmt(m.fertility), _fmt(m.chars_per_token), _fmt(m.parity),
                 _pct(m.akshara_split_rate), _pct(m.byte_fallback_rate), _pct(m.round_trip_rate),
-                f"{m.zero_width_kept}/{m.zero_width}",
+                f"{m.zero_width_kept}/{m.zero_width}", t.normalizer,
             ])  # fmt: skip
         if len(report.tokenizers) > 1:
             rows.append(None)  # a line between languages
-    values = ["fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ"]
+    values = ["fertility", "chars/tok", "parity", "akshara split", "byte fb", "round trip", "ZWJ/ZWNJ", "normaliser"]
     print_table(out, f"tokenizer fairness on {report.parallel_dir}", ["language", "tokenizer"], values, rows)
     for t in report.tokenizers:
         s = t.summary()
@@ -147,3 +147,5 @@ def _print_report(report) -> None:
             f"lowest round trip {_pct(s['min_round_trip_rate'])}, ZWJ/ZWNJ kept {s['zero_width_kept']}/{s['zero_width_total']}",
             highlight=False,
         )
+        for warning in t.normalizer_warnings:
+            out.print(f"[yellow]warning:[/] {t.name}: {warning.detail}", highlight=False)

@@ -46,6 +46,7 @@ import numpy as np
 
 from indicfm.convert.hf_arch import ARCHITECTURES, Architecture, plain_path, tensor_table
 from indicfm.model.config import ModelConfig
+from indicfm.tokenizer.load import TokenizerFile
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -127,8 +128,9 @@ def _rope(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": parameters}
 
 
-def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict[str, Any]:
-    """``config.json`` for the architecture :func:`export_architecture` picks."""
+def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int | None, dtype: str) -> dict[str, Any]:
+    """``config.json`` for the architecture :func:`export_architecture` picks (``pad_id`` None: the
+    tokenizer has no pad token)."""
     arch = export_architecture(cfg)
     target = _target_config(cfg, arch)
     config: dict[str, Any] = {
@@ -296,16 +298,19 @@ def export_model(
     model: Any,
     output: str | Path,
     *,
-    tokenizer_bytes: bytes,
+    tokenizer: TokenizerFile,
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     card: Callable[[Path, list[str]], None] | None = None,
     step: int = 0,
 ) -> ExportResult:
     """Write config, weights and tokenizer files for ``model`` into ``output`` (created; must be
-    empty or absent, so an export never silently mixes with an older one)."""
-    import sentencepiece as spm
+    empty or absent, so an export never silently mixes with an older one).  ``tokenizer``: the run's
+    (a checkpoint's :func:`~indicfm.train.checkpoint.stored_tokenizer`).
 
+    ``bos_token_id`` is the id the model saw begin every document (the tokenizer's bos, or its eos
+    where it has none); ``pad_token_id`` the tokenizer's pad (null where it has none; generation
+    then pads with eos, as indicfm's rows were)."""
     from indicfm.export.hf_tokenizer import write_tokenizer_files
 
     cfg: ModelConfig = model.cfg
@@ -314,17 +319,17 @@ def export_model(
     if output.exists() and any(output.iterdir()):
         raise ExportError(f"output directory {output} is not empty; choose a new one")
     dtype = dtype or cfg.param_dtype
-    sp = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
-    if sp.get_piece_size() > cfg.vocab_size:
-        raise ExportError(f"the tokenizer has {sp.get_piece_size()} pieces but model.vocab_size={cfg.vocab_size}")
+    tok = tokenizer.load()
+    if tok.vocab_size > cfg.vocab_size:
+        raise ExportError(f"the tokenizer has {tok.vocab_size} entries but model.vocab_size={cfg.vocab_size}")
     output.mkdir(parents=True, exist_ok=True)
-    config = hf_config(cfg, bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=max(sp.pad_id(), 0), dtype=dtype)
+    config = hf_config(cfg, bos_id=tok.start_id, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype)
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation_config = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": max(sp.pad_id(), 0)}
+    generation_config = {"bos_token_id": tok.start_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.padding_id}
     (output / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     tensors = hf_tensors(model, dtype)
     files = write_safetensors(tensors, output, max_shard_size)
-    files += write_tokenizer_files(tokenizer_bytes, output, model_max_length=cfg.max_seq_len)
+    files += write_tokenizer_files(tok, output, model_max_length=cfg.max_seq_len)
     if card is not None:
         card(output, notes)
     return ExportResult(output, step, files, notes, len(tensors), sum(a.nbytes for a in tensors.values()))
@@ -353,6 +358,6 @@ def export_hf(
         write_model_card(out_dir, loaded, notes, workdir=Path(workdir))
 
     return export_model(
-        loaded.model, output, tokenizer_bytes=loaded.tokenizer_bytes, dtype=dtype,
+        loaded.model, output, tokenizer=loaded.tokenizer_file, dtype=dtype,
         max_shard_size=max_shard_size, card=card, step=loaded.step,
     )

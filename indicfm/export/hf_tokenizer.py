@@ -1,5 +1,13 @@
 """The tokenizer files of an exported model.
 
+A run whose tokenizer is a Hugging Face ``tokenizer.json`` (an imported open model's) ships that
+file as it is — it *is* the tokenizer the model was trained with — with a ``tokenizer_config.json``
+and ``special_tokens_map.json`` naming its special tokens as indicfm found them
+(:mod:`indicfm.tokenizer.specials`; a role it lacks is left out, as transformers expects).  Its
+normaliser is its own: indicfm NFC-normalised text before it, which the model card says.
+
+A run with a SentencePiece model gets:
+
 * ``tokenizer.json`` — a Hugging Face *fast* tokenizer (built with the ``tokenizers`` library) that
   reproduces indicfm's encoding exactly, NFC included: normaliser ``NFC → prepend "▁" → spaces to
   "▁"`` (SentencePiece's ``add_dummy_prefix`` and whitespace handling; indicfm's tokenizer is trained
@@ -24,6 +32,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from indicfm.tokenizer.load import HF, Tokenizer
 
 
 def _bpe_model(sp: Any, special: list[int]) -> Any:
@@ -75,8 +85,35 @@ def fast_tokenizer(sp: Any, unigram: bool = False) -> Any:
     return tokenizer
 
 
-def write_tokenizer_files(tokenizer_bytes: bytes, out_dir: Path, *, model_max_length: int) -> list[Path]:
-    """Write the tokenizer files into ``out_dir``; returns their paths."""
+def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, *, model_max_length: int) -> list[Path]:
+    """Write the tokenizer files of ``tokenizer`` (the run's) into ``out_dir``; returns their paths."""
+    if tokenizer.kind == HF:
+        return _write_tokenizer_json_files(tokenizer, out_dir, model_max_length=model_max_length)
+    return _write_sentencepiece_files(tokenizer.file.data, out_dir, model_max_length=model_max_length)
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_tokenizer_json_files(tokenizer: Tokenizer, out_dir: Path, *, model_max_length: int) -> list[Path]:
+    """The run's tokenizer.json byte for byte, and its special tokens for ``PreTrainedTokenizerFast``."""
+    special = tokenizer.special
+    specials = {f"{role}_token": s.token for role in ("bos", "eos", "unk", "pad") if (s := getattr(special, role))}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        **specials,
+    }
+    path = out_dir / "tokenizer.json"
+    path.write_bytes(tokenizer.file.data)
+    return [path, _write_json(out_dir / "tokenizer_config.json", config),
+            _write_json(out_dir / "special_tokens_map.json", specials)]
+
+
+def _write_sentencepiece_files(tokenizer_bytes: bytes, out_dir: Path, *, model_max_length: int) -> list[Path]:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 

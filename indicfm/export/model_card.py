@@ -102,9 +102,7 @@ def model_card_text(loaded: Any, notes: list[str], workdir: Path) -> str:
             lines += ["", "Languages: " + ", ".join(f"`{code}`" for code in langs)]
     lines += [
         "", "## Use", "",
-        "`tokenizer.json` applies Unicode NFC itself and gives the ids indicfm trained on. Documents were "
-        "encoded without BOS and end with EOS. (`tokenizer.model` is the raw SentencePiece model: "
-        "NFC-normalise text yourself if you use it directly.)", "",
+        _tokenizer_use(loaded.tokenizer()), "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(PATH)",
@@ -117,6 +115,21 @@ def model_card_text(loaded: Any, notes: list[str], workdir: Path) -> str:
         "- Exact mapping checked by indicfm's tests against an independent NumPy Qwen2-MoE forward pass.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _tokenizer_use(tokenizer: Any) -> str:
+    """How to feed the exported tokenizer the text the model was trained on."""
+    start = tokenizer.special.bos or tokenizer.special.eos
+    framing = (f"Every training document began with `{start.token}` (id {start.id}) and ended with "
+               f"`{tokenizer.special.eos.token}` (id {tokenizer.eos_id}).")
+    if tokenizer.kind == "sentencepiece":
+        return ("`tokenizer.json` applies Unicode NFC itself, adds the BOS and gives the ids indicfm trained on. "
+                f"{framing} (`tokenizer.model` is the raw SentencePiece model: NFC-normalise text yourself if you "
+                "use it directly.)")
+    return ("`tokenizer.json` is the run's own tokenizer, unchanged (its special tokens are named in "
+            "`tokenizer_config.json`). indicfm normalised text to Unicode NFC before tokenizing: do the same "
+            f"(`unicodedata.normalize('NFC', text)`). {framing} Whether `tokenizer(text)` adds "
+            f"`{start.token}` is up to the file's post-processor; if it does not, prepend it.")
 
 
 def write_model_card(out_dir: Path, loaded: Any, notes: list[str], *, workdir: Path) -> Path:

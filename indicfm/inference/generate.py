@@ -1,8 +1,9 @@
 """The generation loop: prompts in, continuations out, with a KV cache.
 
-``generate_ids`` works on token ids and a model; ``generate_text`` adds the tokenizer (NFC through
-``indicfm.text.normalize``, then SentencePiece with BOS and without EOS — exactly how training
-documents begin: ``[BOS] tokens [EOS]``, positions from 0).
+``generate_ids`` works on token ids and a model; ``generate_text`` adds the run's tokenizer
+(SentencePiece or a ``tokenizer.json``, :mod:`indicfm.tokenizer.load`): NFC through
+``indicfm.text.normalize``, then its ids after its start id (bos, or eos where it has none) and
+without EOS — exactly how training documents begin: ``[BOS] tokens [EOS]``, positions from 0.
 
 One jitted program per (batch bucket, prompt-length bucket, max_new_tokens, temperature, top_p);
 token ids (EOS, padding, vocabulary limit) are traced values:
@@ -30,6 +31,7 @@ from flax import nnx
 
 from indicfm.inference.sampling import sample_next
 from indicfm.model.transformer import Transformer
+from indicfm.tokenizer.load import Tokenizer
 
 PAD_ID = 0
 EOS_ID = 3
@@ -106,8 +108,12 @@ def _generate_program(
     N = max_new_tokens
     cache = model.init_cache(B, P + N)
 
+    # A tokenizer without a pad token pads with its eos (indicfm.tokenizer.specials): that id must
+    # stay choosable, or no row could ever stop.
+    never_id = jnp.where(pad_id == eos_id, -1, pad_id)
+
     def choose(logits_BxV: jax.Array, key_: jax.Array) -> jax.Array:
-        return sample_next(mask_logits(logits_BxV, vocab_limit, pad_id), key_, temperature, top_p)
+        return sample_next(mask_logits(logits_BxV, vocab_limit, never_id), key_, temperature, top_p)
 
     logits_BxPxV, _, cache = model(tokens_BxP, segment_BxP, positions_BxP, cache=cache, start_slot=0)
     key, sub = jax.random.split(key)
@@ -198,34 +204,34 @@ def generate_ids(
 
 def generate_text(
     model: Transformer,
-    sp: Any,
+    tokenizer: Tokenizer,
     prompts: Sequence[str],
     **options: Any,
 ) -> list[TextGeneration]:
     """:func:`generate_ids` on text: prompts are NFC-normalised and encoded as ``[BOS] tokens`` (as
-    training documents begin); continuations are decoded with the same SentencePiece model ``sp``."""
+    training documents begin); continuations are decoded with the same ``tokenizer``."""
     from indicfm.text import normalize
 
-    encoded = [[sp.bos_id()] + sp.encode(normalize(p)) for p in prompts]
-    options.setdefault("vocab_limit", sp.get_piece_size())
-    options.setdefault("eos_id", sp.eos_id())
-    options.setdefault("pad_id", max(sp.pad_id(), 0))
+    encoded = [[tokenizer.start_id] + tokenizer.encode(normalize(p)) for p in prompts]
+    options.setdefault("vocab_limit", tokenizer.vocab_size)
+    options.setdefault("eos_id", tokenizer.eos_id)
+    options.setdefault("pad_id", tokenizer.padding_id)
     results = generate_ids(model, encoded, **options)
     return [
-        TextGeneration(g.prompt_ids, g.token_ids, g.finish_reason, prompt=p, text=continuation_text(sp, g))
+        TextGeneration(g.prompt_ids, g.token_ids, g.finish_reason, prompt=p, text=continuation_text(tokenizer, g))
         for p, g in zip(prompts, results)
     ]
 
 
-def continuation_text(sp: Any, generation: Generation) -> str:
+def continuation_text(tokenizer: Tokenizer, generation: Generation) -> str:
     """The new text as it reads after the prompt.
 
     Decoding the new ids alone would drop the space a first piece like ``▁word`` stands for
     (SentencePiece strips the leading space of a decoded text), so the whole sequence is decoded
     and the decoded prompt is cut off the front.
     """
-    prompt_text = sp.decode(generation.prompt_ids)
-    full_text = sp.decode(generation.prompt_ids + generation.token_ids)
+    prompt_text = tokenizer.decode(generation.prompt_ids)
+    full_text = tokenizer.decode(generation.prompt_ids + generation.token_ids)
     if full_text.startswith(prompt_text):
         return full_text[len(prompt_text):]
-    return sp.decode(generation.token_ids)  # a byte-fallback character split across the boundary
+    return tokenizer.decode(generation.token_ids)  # a character's bytes split across the boundary

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from indicfm.model.config import ModelConfig
+from indicfm.tokenizer.load import Tokenizer, TokenizerFile
 from indicfm.train.saved_model import read_meta, restore_model
 
 
@@ -30,14 +31,12 @@ class LoadedModel:
     train_model_config: ModelConfig  # the config it was trained with
     meta: dict  # the checkpoint's JSON metadata (resolved config, step, tokenizer sha256, ...)
     step: int
-    tokenizer_bytes: bytes  # the checkpoint's own SentencePiece .model file
+    tokenizer_file: TokenizerFile  # the checkpoint's own tokenizer (SentencePiece .model or tokenizer.json)
     checkpoint_dir: Path
 
-    def sentencepiece(self) -> Any:
-        """The checkpoint's tokenizer as a ``sentencepiece.SentencePieceProcessor``."""
-        import sentencepiece as spm
-
-        return spm.SentencePieceProcessor(model_proto=self.tokenizer_bytes)
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer, with its special tokens (:mod:`indicfm.tokenizer.load`)."""
+        return self.tokenizer_file.load()
 
     @property
     def config(self) -> dict:
@@ -81,7 +80,7 @@ def load_for_inference(
     the copy stored *in the checkpoint* (checked against its sha256).
     """
     from indicfm.inference.decode import inference_config
-    from indicfm.train.checkpoint import tokenizer_bytes
+    from indicfm.train.checkpoint import stored_tokenizer
 
     _, step, meta = read_meta(workdir, step)
     saved = restore_model(workdir, mesh or inference_mesh(), inference_config(ModelConfig(**meta["config"]["model"])),
@@ -89,7 +88,7 @@ def load_for_inference(
     if not saved.tokenizer:
         raise ValueError(f"checkpoint {saved.directory / str(step)} holds no tokenizer")
     try:
-        tokenizer_file = tokenizer_bytes(saved.tokenizer)
+        tokenizer_file = stored_tokenizer(saved.tokenizer)
     except ValueError as err:
         raise ValueError(f"checkpoint {saved.directory / str(step)}: {err}") from None
     return LoadedModel(saved.model, saved.saved_model_config, saved.meta, step, tokenizer_file, saved.directory)

@@ -9,8 +9,10 @@ One checkpoint (directory ``<workdir>/checkpoints/<step>/``) holds three items:
   and ``param_layout`` (``"unrolled"`` or ``"scanned"``, see ``indicfm.model.transformer.param_layout``):
   the arrays' tree differs between the two, so a restore first checks the layout it expects
   (:class:`LayoutMismatch` otherwise; a checkpoint without the key predates scanning: unrolled).
-* ``tokenizer`` — the tokenizer ``.model`` file itself (base64 in JSON), so a checkpoint is
-  self-contained even if the workdir's tokenizer is replaced.
+* ``tokenizer`` — the tokenizer file itself (base64 in JSON; a SentencePiece ``.model`` or a
+  ``tokenizer.json``, named as it was) with the special tokens a ``tokenizer_config.json`` beside a
+  ``tokenizer.json`` names, so a checkpoint is self-contained even if the workdir's tokenizer is
+  replaced.
 
 Why Orbax and not hand-written files: its saves are atomic (a step directory only appears, renamed
 from a temporary one, once every host finished writing, so a save cut off halfway never becomes the
@@ -58,7 +60,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save_decision
 
-from indicfm.storage import as_path, read_bytes
+from indicfm.tokenizer.load import TokenizerFile, read_tokenizer_file
 from indicfm.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -86,13 +88,17 @@ class Restored:
 
 
 def tokenizer_item(path: str | Path) -> dict:
-    """The ``tokenizer`` checkpoint item: file name, sha256 and the file's bytes (base64)."""
-    data = read_bytes(path)
-    return {
-        "file_name": as_path(path).name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "base64": base64.b64encode(data).decode("ascii"),
+    """The ``tokenizer`` checkpoint item: file name, sha256 and the file's bytes (base64), and for a
+    ``tokenizer.json`` the special tokens its ``tokenizer_config.json`` names (``special_tokens``)."""
+    file = read_tokenizer_file(path)
+    item = {
+        "file_name": file.name,
+        "sha256": hashlib.sha256(file.data).hexdigest(),
+        "base64": base64.b64encode(file.data).decode("ascii"),
     }
+    if file.declared is not None:
+        item["special_tokens"] = file.declared
+    return item
 
 
 def tokenizer_bytes(item: dict) -> bytes:
@@ -102,6 +108,11 @@ def tokenizer_bytes(item: dict) -> bytes:
     if hashlib.sha256(data).hexdigest() != item.get("sha256"):
         raise ValueError(f"the stored tokenizer does not match its sha256 {item.get('sha256')}")
     return data
+
+
+def stored_tokenizer(item: dict) -> TokenizerFile:
+    """The tokenizer of a :func:`tokenizer_item` (checked like :func:`tokenizer_bytes`); ``.load()`` it."""
+    return TokenizerFile(tokenizer_bytes(item), item.get("file_name", "tokenizer.model"), item.get("special_tokens"))
 
 
 def _use_replica_parallel(enabled: bool) -> None:

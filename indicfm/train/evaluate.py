@@ -8,9 +8,11 @@ bpb(lang) = Σ −log₂ p(token) over every token of the held-out lines ÷ Σ U
 
 Each line is normalised exactly like training text (``indicfm.text.normalize``, NFC, nothing else)
 and its bytes are counted after normalisation.  A line becomes ``[bos] + tokens``, as every training
-document begins (``data prepare`` packs ``[BOS] tokens [EOS]``); the model predicts every text token
-from its prefix (not the ``bos``, no ``eos``); a line longer than a row is split into pieces of
-``seq_len − 1`` tokens, each with its own ``bos`` (slightly pessimistic, never drops text).
+document begins (``data prepare`` packs ``[BOS] tokens [EOS]``, with the run's tokenizer's own start
+id: its bos, or its eos where it has none); the model predicts every text token from its prefix (not
+the ``bos``, no ``eos``); a line longer than a row is split into pieces of ``seq_len − 1`` tokens,
+each with its own ``bos`` (slightly pessimistic, never drops text).  The tokenizer is whatever the
+run trains with (SentencePiece or a ``tokenizer.json``, :mod:`indicfm.tokenizer.load`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import numpy as np
 
 from indicfm.text import language_of_path, normalize
 
-BOS_ID = 2
 HELDOUT_SUFFIXES = (".dev", ".devtest", ".txt")
 
 
@@ -58,8 +59,10 @@ def read_heldout_lines(directory: str | Path, max_lines: int, languages: Iterabl
     return found
 
 
-def build_heldout_set(lang: str, lines: list[str], encode: Callable[[str], list[int]], seq_len: int) -> HeldoutSet:
-    """Normalise, count bytes, tokenize and lay out the lines of one language as ``[bos] + piece`` rows."""
+def build_heldout_set(lang: str, lines: list[str], encode: Callable[[str], list[int]], seq_len: int, *,
+                      bos_id: int) -> HeldoutSet:
+    """Normalise, count bytes, tokenize and lay out the lines of one language as ``[bos] + piece`` rows
+    (``bos_id``: what training documents begin with)."""
     rows: list[list[int]] = []
     num_bytes = num_tokens = 0
     for raw in lines:
@@ -68,7 +71,7 @@ def build_heldout_set(lang: str, lines: list[str], encode: Callable[[str], list[
         num_bytes += len(text.encode("utf-8"))
         num_tokens += len(ids)
         for start in range(0, len(ids), seq_len - 1):
-            rows.append([BOS_ID] + ids[start : start + seq_len - 1])
+            rows.append([bos_id] + ids[start : start + seq_len - 1])
     tokens = np.zeros((len(rows), seq_len), np.int32)
     segments = np.zeros((len(rows), seq_len), np.int32)
     positions = np.zeros((len(rows), seq_len), np.int32)
@@ -82,13 +85,13 @@ def build_heldout_set(lang: str, lines: list[str], encode: Callable[[str], list[
 def load_heldout(
     directory: str | Path, tokenizer_file: str | Path, seq_len: int, max_lines: int, languages: Iterable[str] = ()
 ) -> list[HeldoutSet]:
-    """Every language's held-out set, tokenized with the run's SentencePiece model."""
-    from indicfm.tokenizer.load import load_sentencepiece
+    """Every language's held-out set, tokenized with the run's tokenizer (SentencePiece or tokenizer.json)."""
+    from indicfm.tokenizer.load import load_tokenizer
 
-    processor = load_sentencepiece(tokenizer_file)
-    encode = lambda text: processor.encode(text, out_type=int)  # noqa: E731
+    tokenizer = load_tokenizer(tokenizer_file)
     lines = read_heldout_lines(directory, max_lines, languages)
-    return [build_heldout_set(lang, lang_lines, encode, seq_len) for lang, lang_lines in lines.items()]
+    return [build_heldout_set(lang, lang_lines, tokenizer.encode, seq_len, bos_id=tokenizer.start_id)
+            for lang, lang_lines in lines.items()]
 
 
 def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
