@@ -103,7 +103,7 @@ def load_hf_model(
     ``model_cfg`` defaults to :func:`imported_model_config`; it must describe the source (the
     parameter layout may be scanned: the model is imported unrolled and then stacked).
     """
-    from indicfm.model.layout import with_layout
+    from indicfm.model.layout import placed_with_layout
     from indicfm.model.transformer import Transformer
 
     src = Path(src)
@@ -127,13 +127,7 @@ def load_hf_model(
             return _placed(table[path], checkpoint, tuple(leaf.shape), leaf.dtype, sharding, path)
 
         placed = jax.tree_util.tree_map_with_path(place, state, shardings)
-    model = nnx.merge(graphdef, placed)
-    if cfg.scan_layers:
-        # stacking makes new arrays: place them by the rules table like every other parameter
-        model = with_layout(model, scan_layers=True)
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return model
+    return placed_with_layout(nnx.merge(graphdef, placed), cfg.scan_layers, mesh, rules)
 
 
 def _check_names(checkpoint: SafetensorsCheckpoint, table: dict[tuple, TensorSource], cfg: ModelConfig) -> None:

@@ -107,7 +107,7 @@ def upcycle_parameters(parent: Any, cfg: ModelConfig, granularity: int, seed: in
 def upcycle(parent: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh, *, granularity: int = 1, seed: int = 0,
             rules: Rules | None = None) -> Any:
     """The upcycled ``Transformer(cfg)`` on ``mesh`` (either parameter layout, as ``cfg`` says)."""
-    from indicfm.model.layout import with_layout
+    from indicfm.model.layout import placed_with_layout
     from indicfm.model.transformer import Transformer
 
     values = upcycle_parameters(parent, cfg, granularity, seed)
@@ -128,9 +128,4 @@ def upcycle(parent: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh, *, granulari
         return jax.device_put(value.astype(leaf.dtype), sharding)
 
     placed = jax.tree_util.tree_map_with_path(place, state, shardings)
-    model = nnx.merge(graphdef, placed)
-    if cfg.scan_layers:
-        model = with_layout(model, scan_layers=True)
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return model
+    return placed_with_layout(nnx.merge(graphdef, placed), cfg.scan_layers, mesh, rules)

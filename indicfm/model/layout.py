@@ -90,6 +90,20 @@ def with_layout(model: Transformer, scan_layers: bool) -> Transformer:
     return nnx.merge(graphdef, convert_state(nnx.state(model), model.cfg, abstract_state))
 
 
+def placed_with_layout(model: Transformer, scan_layers: bool, mesh: Any, rules: Any = None) -> Transformer:
+    """:func:`with_layout`, then every array placed as the one rules table says on ``mesh``:
+    stacking or splitting layers makes new arrays, which must not keep whatever layout jnp.stack gave.
+    A model already in that layout is returned as it is."""
+    if (model.scanned_blocks is not None) == (scan_layers and model.cfg.num_moe_layers > 0):
+        return model
+    import jax
+
+    from indicfm.sharding import state_shardings
+
+    graphdef, state = nnx.split(with_layout(model, scan_layers))
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+
+
 def _blocks_index(path: Path) -> int | None:
     """Position of ``"blocks"`` in a path when an integer layer index follows it."""
     for at in range(len(path) - 1):

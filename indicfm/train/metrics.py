@@ -66,31 +66,14 @@ def measure_cpu_peak(dtype: str = "float32", batch: int = CPU_PEAK_MATMUL[0], n:
 
 
 def peak_flops_per_device(device: Any, hardware: dict[str, Chip] | None = None) -> float:
-    """Peak FLOP/s of one device: on CPU a measurement, else the hardware table's entry for its kind.
-
-    On CPU the measurement is of the whole host (all cores), so callers must not multiply it by the
-    number of (virtual) CPU devices; :func:`total_peak_flops` does this right.
-    """
-    if getattr(device, "platform", None) == "cpu":
-        return measure_cpu_peak("float32").flops
-    kind = str(getattr(device, "device_kind", device))
-    chip = chip_for_device_kind(kind, hardware)
-    if chip is None:
-        raise ValueError(
-            f"no peak FLOP/s known for device kind {kind!r}: set trainer.peak_flops or add the device "
-            "(with its device_kinds) to configs/hardware.yaml"
-        )
-    return chip.peak_flops
+    """Peak FLOP/s of one device: on CPU a measurement (of the whole host), else the hardware table's
+    entry for its kind (float32 on CPU; :func:`run_peak` takes the run's compute dtype)."""
+    return run_peak([device], None, "float32", hardware).flops
 
 
 def total_peak_flops(devices: list[Any], override: float | None = None, hardware: dict[str, Chip] | None = None) -> float:
     """Peak FLOP/s of all devices of the run (on CPU: the host, however many virtual devices it has)."""
-    if override:
-        return override * (1 if devices[0].platform == "cpu" else len(devices))
-    per_device = peak_flops_per_device(devices[0], hardware)
-    if devices[0].platform == "cpu":
-        return per_device
-    return per_device * len(devices)
+    return run_peak(devices, override, "float32", hardware).flops
 
 
 def mfu(model_flops_per_step: float, step_seconds: float, peak_flops: float) -> float:

@@ -139,8 +139,8 @@ def restore_model(
     """
     import orbax.checkpoint as ocp
 
-    from indicfm.model.layout import with_layout
-    from indicfm.model.transformer import Transformer, param_layout
+    from indicfm.model.layout import placed_with_layout
+    from indicfm.model.transformer import Transformer
     from indicfm.sharding import state_shardings
 
     directory, step, meta = read_meta(path, step)
@@ -166,10 +166,7 @@ def restore_model(
             items["tokenizer"] = ocp.args.JsonRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     model = nnx.merge(graphdef, restored["state"]["params"], restored["state"]["model_state"])
-    if param_layout(as_saved) != param_layout(wanted):
-        model = with_layout(model, scan_layers=wanted.scan_layers)
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
-    model.cfg = wanted
+    model = placed_with_layout(model, wanted.scan_layers, mesh, rules)
+    model.cfg = wanted  # a dense model is the same in either layout: its config says what was asked
     return SavedModel(model, saved_cfg, meta, step, dict(restored["tokenizer"]) if "tokenizer" in restored else None,
                       directory)
