@@ -8,8 +8,11 @@ would on the slice.  Nothing runs; what comes back is XLA:TPU's own account of t
 * memory per chip (``memory_analysis()``): arguments (the sharded train state and batch), outputs,
   the part of the outputs aliased to donated arguments, temporaries (activations, gradients,
   collective buffers), and generated code;
-* FLOPs and bytes accessed per chip (``cost_analysis()``);
-* the collectives in the compiled HLO, with their bytes per step (:mod:`indicfm.launch.hlo_stats`).
+* FLOPs and bytes accessed per chip (``cost_analysis()``), and the same per step: XLA counts a loop
+  body once and splash attention as no FLOPs (:mod:`indicfm.launch.hlo_cost`);
+* the collectives in the compiled HLO, with their bytes per step (:mod:`indicfm.launch.hlo_stats`);
+* with the plan, a step-time bound from that work beside the planner's assumed-MFU estimate
+  (:mod:`indicfm.launch.compile_bound`).
 
 The program compiled is :func:`indicfm.train.step.build_train_step`'s step, the function
 ``indicfm train`` runs, traced with :func:`indicfm.model.platform.compiling_for` ``("tpu")`` so the
@@ -25,7 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from indicfm.hardware import GIB, Slice
+from indicfm.hardware import GIB, Slice, parse_slice
+from indicfm.launch.compile_bound import CompiledBound, bound_lines, compiled_bound, size
+from indicfm.launch.hlo_cost import program_cost
 from indicfm.launch.hlo_stats import collective_stats, hlo_size
 
 # libtpu is only used as a compiler here.  It normally takes a machine-wide lock (one TPU runtime
@@ -125,6 +130,20 @@ class CompileReport:
     unknown_trip_counts: int = 0
     hlo_chars: int = 0  # size of the optimized program (grows with depth unless layers are scanned)
     hlo_instructions: int = 0
+    #: per step (loop bodies once per iteration): XLA's FLOPs scaled, plus kernels XLA counts as none
+    step_flops_per_chip: float = 0.0
+    #: how much more the step runs than XLA's cost analysis counts (loop trip counts)
+    flops_loop_scale: float = 1.0
+    #: FLOPs of Mosaic kernels without a cost estimate (splash attention), per step
+    uncounted_kernel_flops_per_chip: float = 0.0
+    #: HBM bytes read and written per step, counted from the program (XLA's "bytes accessed" is not)
+    step_hbm_bytes_per_chip: float = 0.0
+
+    @property
+    def all_to_all_bytes(self) -> float:
+        """Expert-exchange bytes one chip receives every step (overflow rounds, which run only under
+        skewed routing, left out)."""
+        return sum(v["bytes"] for k, v in self.collectives.items() if "all-to-all" in k)
 
     @property
     def total_bytes(self) -> float:
@@ -208,6 +227,7 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
     hlo = compiled.as_text()
     stats = collective_stats(hlo)
     hlo_chars, hlo_instructions = hlo_size(hlo)
+    per_step = step_costs(cost, hlo)
     return CompileReport(
         hardware=slice_.name,
         topology=topology_name(slice_),
@@ -228,7 +248,21 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
         unknown_trip_counts=stats.unknown_trip_counts,
         hlo_chars=hlo_chars,
         hlo_instructions=hlo_instructions,
+        **per_step,
     )
+
+
+def step_costs(cost: dict[str, float], hlo_text: str) -> dict[str, float]:
+    """The per-step fields of a :class:`CompileReport`, from XLA's ``cost_analysis()`` and the
+    compiled program's text (see :mod:`indicfm.launch.hlo_cost` for why XLA's own figures are not
+    per step)."""
+    program = program_cost(hlo_text)
+    return {
+        "step_flops_per_chip": program.step_flops(float(cost.get("flops", 0.0))),
+        "flops_loop_scale": program.flops_scale,
+        "uncounted_kernel_flops_per_chip": program.kernel_flops_per_step,
+        "step_hbm_bytes_per_chip": program.bytes_per_step,
+    }
 
 
 # ------------------------------------------------------------------------------ with the planner
@@ -256,6 +290,7 @@ class CompiledCandidate:
     planner_bytes: float
     report: CompileReport | None = None
     error: str | None = None  # XLA refused it (out of memory, ...)
+    bound: CompiledBound | None = None  # the step time the compiled program implies
 
     @property
     def fits(self) -> bool:
@@ -277,6 +312,8 @@ class CompiledCandidate:
         if self.report:
             out["xla"] = self.report.to_dict()
             out["planner_over_xla"] = self.planner_over_xla
+        if self.bound:
+            out["bound"] = self.bound.to_dict()
         if self.error:
             out["error"] = self.error
         return out
@@ -285,13 +322,12 @@ class CompiledCandidate:
 def compile_plan(cfg: Any, plan: Any) -> list[CompiledCandidate]:
     """Compile the layout the plan priced; when it does not fit (by the planner or by XLA), also the
     planner's suggested layout, so the suggestion is checked by the compiler before anyone uses it."""
-    from indicfm.hardware import parse_slice
     from indicfm.launch.plan_memory import memory_per_device
     from indicfm.launch.plan_search import suggest_mesh
 
     slice_ = parse_slice(plan.hardware)
     candidates = [CompiledCandidate("as planned", plan.mesh, plan.remat, plan.micro_batches, plan.memory.total)]
-    _compile_into(candidates[0], cfg, slice_)
+    _compile_into(candidates[0], cfg, slice_, plan, plan.time.total)
     if not candidates[0].fits or not plan.memory.fits:
         suggestion = plan.suggestion
         if suggestion is None or (suggestion.sizes, suggestion.remat, suggestion.micro_batches) == (
@@ -305,17 +341,34 @@ def compile_plan(cfg: Any, plan: Any) -> list[CompiledCandidate]:
             trial = with_layout(cfg, suggestion.sizes, suggestion.remat, suggestion.micro_batches)
             planner = memory_per_device(trial, suggestion.sizes, slice_.chip).total
             candidate = CompiledCandidate("suggested", suggestion.sizes, suggestion.remat, suggestion.micro_batches, planner)
-            _compile_into(candidate, cfg, slice_)
+            _compile_into(candidate, cfg, slice_, plan, suggestion.time.total)
             candidates.append(candidate)
     return candidates
 
 
-def _compile_into(candidate: CompiledCandidate, cfg: Any, slice_: Slice) -> None:
+def _compile_into(candidate: CompiledCandidate, cfg: Any, slice_: Slice, plan: Any, assumed_step: float) -> None:
     trial = with_layout(cfg, candidate.mesh, candidate.remat, candidate.micro_batches)
     try:
         candidate.report = compile_train_step(trial, slice_)
     except OutOfMemory as err:
         candidate.error = str(err)
+        return
+    candidate.bound = bound_for(candidate.report, plan, assumed_step)
+
+
+def bound_for(report: CompileReport, plan: Any, assumed_step_seconds: float) -> CompiledBound:
+    """The step time the compiled program implies (:mod:`indicfm.launch.compile_bound`), beside the
+    planner's ``assumed_step_seconds`` for the same layout at its assumed MFU."""
+    return compiled_bound(
+        flops=report.step_flops_per_chip,
+        hbm_bytes=report.step_hbm_bytes_per_chip,
+        all_to_all_bytes=report.all_to_all_bytes,
+        model_flops=plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips,
+        mesh=report.mesh,
+        slice_=parse_slice(report.hardware),
+        assumed_step_seconds=assumed_step_seconds,
+        assumed_mfu=plan.mfu,
+    )
 
 
 def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any = None) -> None:
@@ -357,19 +410,24 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
             f"(planner / XLA = {c.planner_over_xla:.2f})[/]"
         )
         console.print(
-            f"  FLOPs per step per chip: XLA {r.flops_per_chip:.3e}, planner (model FLOPs) "
-            f"{plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips:.3e}; "
-            f"bytes accessed per chip {r.bytes_accessed_per_chip / GIB:.1f} GiB; "
-            f"Mosaic kernels: {r.kernels.get('mosaic', 0)}"
+            f"  FLOPs per chip: XLA's cost analysis {r.flops_per_chip:.3e} (a loop body once, splash attention "
+            f"as none); per step {r.step_flops_per_chip:.3e} (x{r.flops_loop_scale:.2f} for loop trip counts, "
+            f"+{r.uncounted_kernel_flops_per_chip:.3e} in splash attention); model FLOPs "
+            f"{plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips:.3e}"
+        )
+        console.print(
+            f"  HBM read+written per step per chip: {size(r.step_hbm_bytes_per_chip)} (XLA's \"bytes accessed\" "
+            f"{size(r.bytes_accessed_per_chip)} counts a loop body once and Mosaic kernels many times "
+            f"their operands); Mosaic kernels: {r.kernels.get('mosaic', 0)}"
         )
         parts = [
-            f"{kind} {v['count']:.0f} x, {v['bytes'] / GIB:.3f} GiB"
+            f"{kind} {v['count']:.0f} x, {size(v['bytes'])}"
             for kind, v in r.collectives.items()
             if v["count"]
         ]
         console.print("  collectives per step per chip: " + ("; ".join(parts) if parts else "none"))
         branch = [
-            f"{kind} {v['count_if_taken']} x, {v['bytes_if_taken'] / GIB:.3f} GiB"
+            f"{kind} {v['count_if_taken']} x, {size(v['bytes_if_taken'])}"
             for kind, v in r.collectives.items()
             if v.get("count_if_taken")
         ]
@@ -377,3 +435,5 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
             console.print("  at most, in conditional branches (taken only when needed, e.g. skewed routing): " + "; ".join(branch))
         if r.unknown_trip_counts:
             console.print(f"  [yellow]{r.unknown_trip_counts} loop(s) without a known trip count were counted once[/]")
+        for line in bound_lines(c.bound) if c.bound else ():
+            console.print(line)

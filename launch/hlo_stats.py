@@ -1,15 +1,23 @@
 """Collectives in a compiled XLA program, read from its HLO text: how many run per step, and how many
-bytes they produce on one device.
+bytes they move on one device.
 
 Why parse text: the compiled module is only exposed as text (``compiled.as_text()``), and it is what
 the chip will execute after every XLA pass (async collectives, combined all-reduces, SPMD
-partitioning).  A collective inside a loop body runs once per iteration, so each computation's
-collectives are weighted by how often the program calls it: a ``while`` body by its
-``known_trip_count`` (the scan over micro-batches or layers), fusions, calls and async wrappers once.
+partitioning).  Each computation's collectives are weighted by how often one step runs it (a loop
+body by its trip count; :mod:`indicfm.launch.hlo_graph`).
 
-Bytes are the size of the op's result on one device (an all-gather's gathered array, a
-reduce-scatter's scattered shard, an all-reduce's whole operand, an all-to-all's exchanged buffer):
-the data each chip receives from the others, which is what the interconnect moves.
+Bytes are the data each chip receives from the others, which is what the interconnect moves.  For
+most collectives that is about the size of the op's result on one device: an all-gather's gathered
+array, an all-to-all's exchanged buffer, an all-reduce's whole operand.  A reduce-scatter's result
+is only the chip's shard, but in a ring each chip receives the other ``n - 1`` partial sums of it:
+its bytes are ``shard x (n - 1) = operand x (n - 1) / n`` (the same traffic as the all-gather that
+undoes it), ``n`` the size of its replica group.
+
+XLA:TPU emits FSDP gradient reduction as an *all-reduce-scatter fusion*: a ``kind=kCustom`` fusion
+whose called computation all-reduces the whole gradient and returns this chip's slice of it
+(``dynamic-slice``); the fusion's result is the shard.  The chip runs it as a reduce-scatter, so it
+is counted as one, with ``operand - shard`` bytes (= ``shard x (n - 1)``), and its inner all-reduce
+is not counted.
 
 A collective inside a ``conditional``'s branch runs only when that branch is taken (the dropless
 expert exchange's overflow rounds, taken only under skewed routing): those are counted apart
@@ -22,23 +30,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from indicfm.launch.hlo_graph import INSTRUCTION, CallGraph, array_bytes, call_graph, run_counts
+
+__all__ = ["COLLECTIVES", "CollectiveStats", "array_bytes", "collective_stats", "hlo_size", "HLO_INSTRUCTION"]
+
 #: Result kinds reported, in the order they are printed; ``*-start`` async forms count as their op.
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
-_DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-    "f64": 8, "c64": 8, "c128": 16,
-}
-_ARRAY = re.compile(r"\b(" + "|".join(map(re.escape, sorted(_DTYPE_BYTES, key=len, reverse=True))) + r")\[([0-9,]*)\]")
-_COMPUTATION = re.compile(r"^(?P<entry>ENTRY )?%(?P<name>[^\s(]+) .*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?P<shape>.+?) (?P<op>[a-z][a-z0-9-]*)\(")
-_CALLEE = re.compile(r"\b(?:calls|body|to_apply)=%([^\s,)]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
-_CONSTANT = re.compile(r"^\s*%(?P<name>\S+) = s(?:32|64)\[\]\S* constant\((?P<value>-?\d+)\)")
-_LOOP_TEST = re.compile(r"^\s*ROOT %\S+ = pred\[\]\S* compare\(%\S+, %(?P<bound>[^\s,)]+)\), direction=LT")
+_GROUP_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_GROUP_IOTA = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_GROUP_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_GROUP_ALL = re.compile(r"replica_groups=\{\}")
 
 
 #: a line that defines a value (``%x = ...`` or ``ROOT %x = ...``): one HLO instruction
@@ -53,7 +55,7 @@ def hlo_size(hlo_text: str) -> tuple[int, int]:
 
 @dataclass
 class CollectiveStats:
-    """Per-step count and result bytes on one device, per collective kind."""
+    """Per-step count and bytes received on one device, per collective kind."""
 
     count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -75,19 +77,31 @@ class CollectiveStats:
         }
 
 
-def array_bytes(shape_text: str) -> list[float]:
-    """Bytes of every array in an HLO shape (``f32[8,128]{1,0}`` or a tuple of them), in order."""
-    out = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        elements = 1
-        for d in filter(None, dims.split(",")):
-            elements *= int(d)
-        out.append(elements * _DTYPE_BYTES[dtype])
-    return out
+def group_size(line: str, num_partitions: int | None = None) -> int | None:
+    """Devices in each replica group of a collective instruction, in any of XLA's spellings:
+    ``{{0,1,2,3},...}``, ``[G,S]<=[N]`` (iota: G groups of S), ``mesh['a'=4,'b'=2] {'a'}`` (the
+    named axes' product) or ``{}`` (every device of the program)."""
+    found = _GROUP_LIST.search(line)
+    if found:
+        return len([d for d in found.group(1).split(",") if d])
+    found = _GROUP_IOTA.search(line)
+    if found:
+        return int(found.group(1))
+    found = _GROUP_MESH.search(line)
+    if found:
+        axes = dict(re.findall(r"'([^']+)'=(\d+)", found.group(1)))
+        size = 1
+        for name in re.findall(r"'([^']+)'", found.group(2)):
+            size *= int(axes.get(name, 1))
+        return size
+    if _GROUP_ALL.search(line):
+        return num_partitions
+    return None
 
 
 def _result_bytes(op: str, shape_text: str) -> float:
-    """What one collective delivers on a device (see the module docstring)."""
+    """The size of what one collective delivers on a device (its result; for an async start, the
+    result part of its tuple)."""
     arrays = array_bytes(shape_text)
     if not arrays:
         return 0.0
@@ -103,73 +117,43 @@ def _kind(op: str) -> str | None:
     return base if base in COLLECTIVES else None
 
 
+def _local_collectives(graph: CallGraph) -> dict[str, list[tuple[str, float]]]:
+    """Each computation's own collectives as ``(kind, bytes received per run)``, with every
+    all-reduce-scatter fusion's computation holding one reduce-scatter instead of its all-reduce."""
+    local: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for name, computation in graph.computations.items():
+        for line in computation.lines:
+            instruction = INSTRUCTION.match(line)
+            kind = _kind(instruction["op"]) if instruction else None
+            if not kind:
+                continue
+            nbytes = _result_bytes(instruction["op"], instruction["shape"])
+            if kind == "reduce-scatter":
+                # a ring reduce-scatter: each chip receives the other n - 1 partial shards; where the
+                # group cannot be read, the shard alone (a lower bound)
+                n = group_size(line, graph.num_partitions)
+                nbytes *= max(1, (n or 2) - 1)
+            local[name].append((kind, nbytes))
+    for name, kind in graph.fusion_kind.items():
+        if kind != "kCustom" or name not in graph.computations:
+            continue
+        reduced = sum(b for k, b in local.get(name, ()) if k == "all-reduce")
+        shard = sum(array_bytes(graph.computations[name].result))
+        if 0 < shard < reduced:  # all-reduces the whole operand, returns this chip's shard of it
+            rest = [(k, b) for k, b in local[name] if k != "all-reduce"]
+            local[name] = [*rest, ("reduce-scatter", reduced - shard)]
+    return local
+
+
 def collective_stats(hlo_text: str) -> CollectiveStats:
     """Count the collectives one step runs (loop bodies weighted by their trip counts)."""
-    local: dict[str, list[tuple[str, float]]] = defaultdict(list)  # computation -> its collectives
-    calls: dict[str, list[tuple[str, int | str]]] = defaultdict(list)  # computation -> (callee, times)
-    branches: set[str] = set()  # computations that are a conditional's branch
-    constants: dict[str, dict[str, int]] = defaultdict(dict)  # computation -> integer scalar constants
-    bounds: dict[str, int] = {}  # loop condition -> N of its `counter < N`
-    entry = None
-    current = None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            current = header["name"]
-            if header["entry"]:
-                entry = current
-            continue
-        if current is None:
-            continue
-        constant = _CONSTANT.match(line)
-        if constant:
-            constants[current][constant["name"]] = int(constant["value"])
-        test = _LOOP_TEST.match(line)
-        if test and test["bound"] in constants[current]:
-            bounds[current] = constants[current][test["bound"]]
-        instruction = _INSTRUCTION.match(line)
-        if not instruction:
-            continue
-        op = instruction["op"]
-        kind = _kind(op)
-        if kind:
-            local[current].append((kind, _result_bytes(op, instruction["shape"])))
-        times: int | str = 1
-        if op == "while":
-            trip = _TRIP_COUNT.search(line)
-            condition = _CONDITION.search(line)
-            # without a recorded trip count, the condition's `counter < N` gives it (resolved below)
-            times = int(trip.group(1)) if trip else f"?{condition.group(1) if condition else ''}"
-        for callee in _CALLEE.findall(line):
-            calls[current].append((callee, times))
-        for group in _BRANCHES.findall(line):  # a conditional runs one branch: count each once
-            names = [name.strip().lstrip("%") for name in group.split(",") if name.strip()]
-            calls[current].extend((name, 1) for name in names)
-            branches.update(names)
-
-    # JAX lowers scans and fori_loops with a counter from 0 in steps of 1, so `counter < N` runs N
-    # times; a loop whose condition is not of that form is counted once and reported.
-    unknown = 0
-    for name, edges in calls.items():
-        for i, (callee, times) in enumerate(edges):
-            if isinstance(times, str):
-                bound = bounds.get(times[1:])
-                unknown += bound is None
-                edges[i] = (callee, bound if bound is not None else 1)
-    stats = CollectiveStats(unknown_trip_counts=unknown)
-    if entry is None:
-        return stats
-
-    def visit(name: str, times: int, in_branch: bool = False, depth: int = 0) -> None:
-        if depth > 64:  # HLO call graphs are acyclic; this only guards against a malformed text
-            return
-        in_branch = in_branch or name in branches
-        count, nbytes_of = (stats.count_if_taken, stats.bytes_if_taken) if in_branch else (stats.count, stats.bytes)
-        for kind, nbytes in local.get(name, ()):
-            count[kind] += times
-            nbytes_of[kind] += times * nbytes
-        for callee, n in calls.get(name, ()):
-            visit(callee, times * n, in_branch, depth + 1)
-
-    visit(entry, 1)
+    graph = call_graph(hlo_text)
+    stats = CollectiveStats(unknown_trip_counts=graph.unknown_trip_counts)
+    local = _local_collectives(graph)
+    every, taken = run_counts(graph)
+    for runs, count, nbytes_of in ((every, stats.count, stats.bytes), (taken, stats.count_if_taken, stats.bytes_if_taken)):
+        for name, times in runs.items():
+            for kind, nbytes in local.get(name, ()):
+                count[kind] += times
+                nbytes_of[kind] += times * nbytes
     return stats

@@ -61,6 +61,12 @@ def _axis_bandwidth(axis: str, sizes: dict[str, int], slice_: Slice) -> float:
     return chip.ici_bytes_per_s if inner <= slice_.chips_per_host else chip.dcn_bytes_per_s
 
 
+def ring_seconds(nbytes: float, group: int, axis: str, sizes: dict[str, int], slice_: Slice) -> float:
+    """Seconds one device spends in a ring collective over ``axis`` on a buffer of ``nbytes``: the
+    ``(group - 1) / group`` of it that comes from the other devices, at the axis's bandwidth."""
+    return 0.0 if group <= 1 else nbytes * (group - 1) / group / _axis_bandwidth(axis, sizes, slice_)
+
+
 def step_time(cfg: Any, sizes: dict[str, int], slice_: Slice, mfu: float) -> StepTime:
     """Roofline compute at ``mfu`` plus ring-collective time for the traffic the mesh implies."""
     from indicfm.model.flops import train_flops_per_token
@@ -77,7 +83,7 @@ def step_time(cfg: Any, sizes: dict[str, int], slice_: Slice, mfu: float) -> Ste
     tokens_per_device = tokens / batch_shards(sizes, rules)
 
     def ring(nbytes: float, group: int, axis: str) -> float:
-        return 0.0 if group <= 1 else nbytes * (group - 1) / group / _axis_bandwidth(axis, sizes, slice_)
+        return ring_seconds(nbytes, group, axis, sizes, slice_)
 
     f = weight_shards(sizes, rules)
     gathered = trainable * f
