@@ -272,10 +272,14 @@ def test_generate_uses_the_checkpoints_tokenizer(run, tokenizer_json):
     assert record["prompt"] == prompt and record["tokens"] <= 3
 
 
-def test_export_ships_the_tokenizer_json_and_transformers_loads_it(run, tokenizer_json, tmp_path, sample_heldout_dir):
-    out = tmp_path / "hf"
+def _export(run: Path, out: Path) -> None:
     result = CliRunner().invoke(app, ["export", "hf", "-w", str(run), "-o", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_export_ships_the_tokenizer_json_and_its_special_tokens(run, tokenizer_json, tmp_path):
+    out = tmp_path / "hf"
+    _export(run, out)
     assert (out / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (BOS_ID, EOS_ID, None)
@@ -283,9 +287,13 @@ def test_export_ships_the_tokenizer_json_and_transformers_loads_it(run, tokenize
     assert (tok_config["bos_token"], tok_config["eos_token"]) == (BOS, EOS) and "pad_token" not in tok_config
     assert "NFC" in (out / "README.md").read_text(encoding="utf-8")
 
-    from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(out))
+@pytest.mark.slow  # needs transformers (the export extra), which the fast suite does not install
+def test_transformers_loads_the_exported_tokenizer_json(run, tokenizer_json, tmp_path, sample_heldout_dir):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    _export(run, out)
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
     assert (hf.bos_token_id, hf.eos_token_id) == (BOS_ID, EOS_ID)
     reference = _reference(tokenizer_json)
     for line in _nfc_lines([sample_heldout_dir / "mal_Mlym.dev", sample_heldout_dir / "hin_Deva.dev"])[:20]:
