@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -61,9 +62,10 @@ def _upcycle(parent_run: Path, out: Path, experts: int, top_k: int, granularity:
     return moe_cfg.model_dump(mode="json")
 
 
-def _train_alone(config: Path, budget: float, workdir: Path, overrides: list[str], console) -> "RunHistory":
+def _train_alone(config: Path, budget: float, workdir: Path, overrides: list[str], console: Any) -> Any:
     """One config trained for ``budget`` FLOPs the way ``indicfm compare`` trains each of its runs
-    (its planner for steps and evaluations; compare itself needs two configs or more)."""
+    (its planner for steps and evaluations; compare itself needs two configs or more); its
+    :class:`~indicfm.report.runs.RunHistory`."""
     from indicfm.config import load_config
     from indicfm.data.cache import read_metadata
     from indicfm.report.compare import plan_run

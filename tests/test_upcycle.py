@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from indicfm.config import MeshConfig
 from indicfm.convert.upcycle import UpcycleError, upcycle, upcycled_config

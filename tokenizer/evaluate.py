@@ -60,8 +60,10 @@ class Tokenized:
     decoded: str
 
 
-class SentencePieceTokenizer:
-    """A SentencePiece ``.model``; input is NFC-normalised like everything indicfm tokenizes."""
+class MeasuredSentencePiece:
+    """A SentencePiece ``.model`` as measured here; input is NFC-normalised like everything indicfm
+    tokenizes.  (Training and data preparation use :mod:`indicfm.tokenizer.load`; this view adds what
+    measuring needs: token boundaries as character offsets, byte pieces, the decoded text.)"""
 
     has_byte_fallback = True
 
@@ -97,8 +99,9 @@ class SentencePieceTokenizer:
         return out
 
 
-class HuggingFaceTokenizer:
-    """A Hugging Face ``tokenizer.json`` (Gemma, Llama, GPT-4o's o200k, ...); input is the raw line."""
+class MeasuredTokenizerJson:
+    """A Hugging Face ``tokenizer.json`` (Gemma, Llama, GPT-4o's o200k, ...) as measured here; input is
+    the raw line, as the tokenizer's own pipeline (and its published counts) sees it."""
 
     def __init__(self, path: str | Path, name: str | None = None):
         from tokenizers import Tokenizer
@@ -132,7 +135,7 @@ class HuggingFaceTokenizer:
         return out
 
 
-def load_tokenizer(spec: str | Path):
+def load_measured(spec: str | Path):
     """``PATH`` or ``NAME=PATH``: a ``.model`` file is SentencePiece, a ``.json`` file Hugging Face."""
     spec = str(spec)
     name = None
@@ -142,8 +145,8 @@ def load_tokenizer(spec: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file (expected a SentencePiece .model or a tokenizer.json)")
     if path.suffix == ".json":
-        return HuggingFaceTokenizer(path, name)
-    return SentencePieceTokenizer(path, name)
+        return MeasuredTokenizerJson(path, name)
+    return MeasuredSentencePiece(path, name)
 
 
 def _char_offsets_by_byte(text: str) -> dict[int, int]:
@@ -356,7 +359,7 @@ def evaluate_tokenizers(models: Sequence[str | Path], parallel_dir: str | Path) 
     texts = read_parallel_dir(parallel_dir)
     reports = []
     for spec in models:
-        tok = load_tokenizer(spec)
+        tok = load_measured(spec)
         report = TokenizerReport(name=tok.name, path=str(tok.path), kind=tok.kind, vocab_size=tok.vocab_size,
                                  normalizer_warnings=tok.normalizer_warnings)
         for lang, lines in texts.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -11,18 +11,11 @@ from indicfm.cli.common import ConfigOption, SetOption, console, fail, load_conf
 
 import_app = typer.Typer(help="Start a run from a published model.", no_args_is_help=True)
 
-#: model settings that do not change the function a source computes, so a run may choose them
-RUN_CHOICES = ("param_dtype", "compute_dtype", "remat", "scan_layers", "attention_impl", "dispatch", "grouped_matmul",
-               "expert_exchange", "capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate")
 #: files of a Hugging Face model directory that describe its tokenizer and generation defaults
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Run directory to create.")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
-
-
-def _run_choices(model_cfg: Any) -> dict[str, Any]:
-    return {k: getattr(model_cfg, k) for k in RUN_CHOICES}
 
 
 def _source_directory(src: str) -> Path:
@@ -92,7 +85,7 @@ def import_hf_command(
     try:
         hf = read_hf_config(source)
         arch = architecture_of(hf, str(source / "config.json"))
-        model_cfg = imported_model_config(source, **_run_choices(cfg.model))
+        model_cfg = imported_model_config(source, **cfg.model.run_settings())
         tokenizer = _source_tokenizer(source)
         if tokenizer:
             check_tokenizer_fits(model_cfg, tokenizer[0].vocab_size, str(tokenizer[1]))
@@ -164,7 +157,7 @@ def upcycle_command(
             parent.saved_model_config, num_experts=base.model.num_experts, top_k=base.model.top_k,
             granularity=granularity, shared_experts=shared_experts,
             first_dense_layers=base.model.first_dense_layers if "model.first_dense_layers" in set_keys else 0,
-            **{k: getattr(base.model, k) for k in RUN_CHOICES if k != "dispatch"},
+            **{k: v for k, v in base.model.run_settings().items() if k != "dispatch"},  # upcycling needs dropless
         )
         check_output(output, overwrite)
         model = upcycle(parent.model, moe_cfg, mesh, granularity=granularity, seed=base.trainer.seed,

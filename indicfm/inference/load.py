@@ -82,9 +82,8 @@ def load_for_inference(
     from indicfm.inference.decode import inference_config
     from indicfm.train.checkpoint import stored_tokenizer
 
-    _, step, meta = read_meta(workdir, step)
-    saved = restore_model(workdir, mesh or inference_mesh(), inference_config(ModelConfig(**meta["config"]["model"])),
-                          step=step)
+    saved = restore_model(workdir, mesh or inference_mesh(), step=step, adapt=inference_config)
+    step = saved.step
     if not saved.tokenizer:
         raise ValueError(f"checkpoint {saved.directory / str(step)} holds no tokenizer")
     try:

@@ -11,6 +11,13 @@ from pydantic import Field, model_validator
 from indicfm.config_base import Section
 
 
+#: Settings a run chooses freely for given parameters: dtypes, kernels, layout, remat, routing
+#: implementation and loss weights.  They change neither the parameters' shapes nor their meaning,
+#: so an imported, upcycled or restored model keeps them from the run, not from its source.
+RUN_SETTINGS = ("param_dtype", "compute_dtype", "remat", "scan_layers", "attention_impl", "dispatch", "grouped_matmul",
+                "expert_exchange", "capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate")
+
+
 class ModelConfig(Section):
     """Decoder-only Mixture-of-Experts transformer (GQA attention, RoPE, RMSNorm, SwiGLU experts)."""
 
@@ -116,6 +123,10 @@ class ModelConfig(Section):
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         return self
+
+    def run_settings(self) -> dict:
+        """This config's :data:`RUN_SETTINGS`, to carry over to another model's config."""
+        return {k: getattr(self, k) for k in RUN_SETTINGS}
 
     @property
     def shared_width(self) -> int:

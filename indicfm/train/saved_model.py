@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
 
-from indicfm.model.config import ModelConfig
+from indicfm.model.config import RUN_SETTINGS, ModelConfig
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
 #: where `indicfm import hf` and `indicfm upcycle` write a run's starting parameters (step 0)
@@ -116,9 +116,7 @@ class SavedModel:
 
 def _same_parameters(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     """Fields that change the parameters' shapes or meaning (not dtypes, kernels or layout)."""
-    free = {"param_dtype", "compute_dtype", "remat", "scan_layers", "attention_impl", "dispatch", "grouped_matmul",
-            "expert_exchange", "capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate",
-            "max_seq_len"}
+    free = {*RUN_SETTINGS, "max_seq_len"}
     a, b = saved.model_dump(), wanted.model_dump()
     return [k for k in a if k not in free and a[k] != b[k]]
 
@@ -130,11 +128,12 @@ def restore_model(
     *,
     step: int | None = None,
     rules: Any = None,
+    adapt: Callable[[ModelConfig], ModelConfig] | None = None,
 ) -> SavedModel:
     """The model saved at ``path`` (see :func:`parameter_directory`), placed on ``mesh``.
 
-    ``model_cfg``: the config to build (default: the saved one); it must describe the same
-    parameters (a different kernel, dtype, remat or layout is fine, a different shape is an error
+    ``model_cfg``: the config to build (default: the saved one, or ``adapt`` of it, e.g. serving
+    settings); it must describe the same parameters (a different kernel, dtype, remat or layout is fine, a different shape is an error
     naming the keys).
     """
     import orbax.checkpoint as ocp
@@ -145,7 +144,7 @@ def restore_model(
 
     directory, step, meta = read_meta(path, step)
     saved_cfg = ModelConfig(**meta["config"]["model"])
-    wanted = model_cfg or saved_cfg
+    wanted = model_cfg or (adapt(saved_cfg) if adapt else saved_cfg)
     differ = _same_parameters(saved_cfg, wanted)
     if differ:
         raise ValueError(
