@@ -1,4 +1,4 @@
-"""`indicfm tokenizer train|eval` (issue 3)."""
+"""`indicfm tokenizer train|eval` (issue 3) and `extend` (issue 28)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from indicfm.cli.common import ConfigOption, InputsArgument, SetOption, console, fail, input_paths, load_config_or_exit
 
-app = typer.Typer(help="Train and evaluate a SentencePiece tokenizer fair to Indic scripts.", no_args_is_help=True)
+app = typer.Typer(help="Train and evaluate a SentencePiece tokenizer fair to Indic scripts; extend an open model's tokenizer with its pieces.", no_args_is_help=True)
 
 
 @app.command("train")
@@ -149,3 +149,51 @@ def _print_report(report) -> None:
         )
         for warning in t.normalizer_warnings:
             out.print(f"[yellow]warning:[/] {t.name}: {warning.detail}", highlight=False)
+
+
+@app.command("extend")
+def extend(
+    base: Annotated[Path, typer.Option("--base", "-b", help="The open model's tokenizer.json (byte-level BPE or SentencePiece-style BPE) or SentencePiece .model")],
+    add: Annotated[Path, typer.Option("--add", "-a", help="indicfm's SentencePiece BPE .model whose Indic pieces are added")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for tokenizer.json, tokenizer_config.json, extension.json (+ tokenizer.model)")],
+    max_new: Annotated[Optional[int], typer.Option("--max-new", help="At most this many new tokens (default: every Indic piece the base lacks)")] = None,
+    text: Annotated[
+        Optional[Path],
+        typer.Option("--text", help="Directory of Indic text (hin_Deva.txt, ...): rank pieces by their share of each language's "
+                     "tokens, languages weighted equally (default: the --add model's own, language-balanced order)"),
+    ] = None,
+) -> None:
+    """Add indicfm's Indic pieces to an open model's tokenizer; base ids and English encoding unchanged.
+
+    New ids come after the base's; text without an Indic character gets exactly the base's ids.
+
+    Example:
+
+        indicfm tokenizer extend --base llama3/tokenizer.json --add out/tok.model --max-new 32000 --output out/llama3-indic
+    """
+    from indicfm.tokenizer.extend import ExtendError, extend_tokenizer
+    from indicfm.tokenizer.specials import TokenizerError
+
+    try:
+        result = extend_tokenizer(base, add, output, max_new=max_new, text_dir=text, progress=True)
+    except (ExtendError, TokenizerError) as err:
+        fail(str(err))
+    _print_extension(result)
+
+
+def _print_extension(result) -> None:
+    from indicfm.tables import print_table
+
+    rows = [[script, f"{n:,}"] for script, n in result.by_script.items()]
+    prefixes = sum(1 for a in result.added if a["text"] is None)
+    if prefixes:
+        rows.append(["byte prefixes", f"{prefixes:,}"])
+    print_table(console, f"tokens added to {result.base_kind}", ["script"], ["added"], rows)
+    for reason, n in result.skipped.items():
+        console.print(f"passed over {n:,} candidate pieces: {reason}", highlight=False)
+    for note in result.notes:
+        console.print(note, highlight=False)
+    console.print(
+        f"vocabulary {result.base_size:,} -> {result.vocab_size:,} (+{len(result.added):,}; padded to a multiple of 128: "
+        f"{result.padded_size:,}); pieces chosen by {result.method}; normaliser: {result.normalizer}", highlight=False)
+    console.print(f"wrote {result.tokenizer_file}, {result.manifest_file}" + (f", {result.model_file}" if result.model_file else ""), highlight=False)
