@@ -49,7 +49,7 @@ def test_restore_onto_another_mesh_gives_the_same_parameters(tmp_path):
     mesh_2x4 = make_mesh(MeshConfig(data=2, expert=4))
     _, target, _ = abstract_train_state(TINY, tx, 0, mesh_2x4)
     restored = Checkpointer(tmp_path / "ckpt", CheckpointConfig()).restore_latest_good(target)
-    assert restored.step == 3 and restored.meta["loader"] == {"seed": 0}
+    assert restored.step == 3 and restored.meta.loader == {"seed": 0}
     for got, want in zip(_numpy(restored.state), original, strict=True):
         np.testing.assert_array_equal(got, want)
     expert_weight = restored.state["params"]["blocks"][1]["mlp"]["w_up_ExDxF"]
@@ -77,7 +77,7 @@ def test_a_checkpoint_restores_only_into_its_own_parameter_layout(tmp_path):
 
     _, scanned_target, _ = abstract_train_state(scanned, tx, 0, mesh)
     restored = reader.restore_latest_good(scanned_target, param_layout="scanned")
-    assert restored.meta[PARAM_LAYOUT_KEY] == "scanned"
+    assert restored.meta.param_layout == "scanned"
     for got, want in zip(_numpy(restored.state), _numpy(state), strict=True):
         np.testing.assert_array_equal(got, want)
     assert restored.state["params"]["scanned_blocks"]["mlp"]["w_up_ExDxF"].shape[0] == 2

@@ -9,7 +9,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,7 +53,7 @@ def test_saved_state_survives_the_next_donating_step(tmp_path, save_thread):
 
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = Checkpointer(tmp_path / "ckpt", CheckpointConfig()).restore(1, target)
-    assert restored.meta["loader"] == {"step": 1}
+    assert restored.meta.loader == {"step": 1}
     for key, value in want.items():
         np.testing.assert_array_equal(np.asarray(restored.state[key]), value)
     np.testing.assert_array_equal(np.asarray(state["w"]), want["w"] + 1)  # the update really happened
@@ -90,7 +89,7 @@ def test_a_damaged_step_set_aside_is_saved_again(tmp_path):
 def test_a_failing_background_save_raises_on_the_training_thread(tmp_path):
     mesh = make_mesh(MeshConfig(data=8))
     ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every_steps=1))
-    ckpt.save(1, _state(mesh), {"not json": object()})  # the metadata cannot be written as JSON
+    ckpt.save(1, _state(mesh), {}, {"not json": object()})  # the tokenizer item cannot be written as JSON
     with pytest.raises(Exception, match="not JSON serializable"):  # not swallowed by a background thread
         ckpt.wait()
     assert Checkpointer(tmp_path / "ckpt", CheckpointConfig()).steps() == []  # never became a checkpoint

@@ -232,7 +232,8 @@ def test_export_hf_of_a_scanned_checkpoint(tokenizer_bytes, tmp_path):
     from indicfm.config import Config
     from indicfm.model.transformer import param_layout
     from indicfm.sharding import make_mesh
-    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
+    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
+    from indicfm.train.checkpoint_meta import PARAM_LAYOUT_KEY
     from indicfm.train.optimizer import make_optimizer
     from indicfm.train.state import init_train_state
 

@@ -129,3 +129,15 @@ def test_import_hf_bad_input_exits_2_and_leaves_no_run(tmp_path, breakage, named
     result = CliRunner().invoke(app, ["import", "hf", str(src), "--output", str(out)])
     assert result.exit_code == 2 and named in result.output, result.output
     assert not (out / "config.yaml").exists() and not (out / "initial").exists()
+
+
+@pytest.mark.parametrize("sets, dispatch", [([], "dropless"), (["--set", "model.dispatch=capacity"], "capacity")])
+def test_cli_import_of_an_moe_source_is_dropless_unless_asked(sets, dispatch, tmp_path):
+    """An MoE source's dispatch is the source's (dropless) whatever the default config says; an
+    explicit --set model.dispatch is honoured, not silently dropped."""
+    import yaml
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["import", "hf", str(GOLDEN / "mixtral"), "--output", str(out), *sets])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["dispatch"] == dispatch

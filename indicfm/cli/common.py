@@ -81,7 +81,8 @@ def end_without_teardown(code: int | str | None) -> None:
 
 def fail(message: str, code: int = 2) -> None:
     """Print a user-facing error (no traceback) and exit."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line however long, so a path it names can be copied whole
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

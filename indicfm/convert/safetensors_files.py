@@ -1,12 +1,15 @@
 """Read a Hugging Face checkpoint's tensors one at a time: one ``model.safetensors`` or shards named
-by ``model.safetensors.index.json``.
+by ``model.safetensors.index.json``, in a local directory or in a bucket (``gs://bucket/model``).
 
 Why this shape: a checkpoint may be larger than a host's memory, so nothing reads the whole file.
 Each tensor is read with one positioned read of its byte range (the safetensors header gives dtype,
 shape and offsets) when the parameter it fills is placed on the devices, and dropped right after.
 The ``safetensors`` library's own reader memory-maps the file: the pages it touched stay resident
 (and count as the process's memory) until the file is closed, so by the end of an import the whole
-checkpoint would sit in memory beside the placed model, two copies.  Every problem is a
+checkpoint would sit in memory beside the placed model, two copies.  In a bucket the same holds:
+the index and each shard's header are read first (the 8-byte length, then the header itself), then
+each tensor is one ranged GET of its bytes through :mod:`indicfm.storage` (gcsfs, with its
+credentials and emulator conventions), never a download of the whole file.  Every problem is a
 :class:`~indicfm.convert.hf_arch.ConversionError` that names the file: a missing or truncated
 shard, a damaged header, an index that points at a file that is not there, a tensor the index
 promises that the shard lacks.
@@ -19,11 +22,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from indicfm.convert.hf_arch import ConversionError
+from indicfm.storage import as_path, is_url
+
+#: called after every tensor read: ``(tensor name, bytes read)`` (tests count what each process read)
+ReadHook = Callable[[str, int], None]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,9 +44,22 @@ def _dtypes() -> dict[str, Any]:
             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def file_size(path: Path) -> int:
+    """Bytes of a local file or of an object in a bucket."""
+    return int(path.fs.size(path.path)) if is_url(path) else path.stat().st_size
+
+
+def read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a file: one positioned read locally, one ranged request in a bucket."""
+    if is_url(path):
+        return path.fs.cat_file(path.path, start=start, end=end)
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), end - start, start)
+
+
 @dataclass(frozen=True)
 class _Entry:
-    file: Path
+    file: Path  # a pathlib.Path, or a UPath for a file in a bucket
     dtype: str
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
@@ -49,12 +69,11 @@ class _Entry:
 def read_header(path: Path) -> dict[str, _Entry]:
     """The tensors of one safetensors file (name -> where its bytes are), checked against the file size."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = struct.unpack("<Q", f.read(8))[0]
-            if header_len > size - 8:
-                raise ValueError(f"header of {header_len} bytes in a file of {size}")
-            header = json.loads(f.read(header_len))
+        size = file_size(path)
+        header_len = struct.unpack("<Q", read_range(path, 0, 8))[0]
+        if header_len > size - 8:
+            raise ValueError(f"header of {header_len} bytes in a file of {size}")
+        header = json.loads(read_range(path, 8, 8 + header_len))
     except (OSError, ValueError, struct.error) as err:
         raise ConversionError(f"{path}: not a readable safetensors file (truncated or damaged?): {err}") from None
     base = 8 + header_len
@@ -71,10 +90,14 @@ def read_header(path: Path) -> dict[str, _Entry]:
 
 
 class SafetensorsCheckpoint:
-    """Lazy access to every tensor of a checkpoint directory (use as a context manager)."""
+    """Lazy access to every tensor of a checkpoint directory, local or ``gs://`` (use as a context manager).
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    ``on_read(name, nbytes)`` is called after each tensor read (how many bytes this process read).
+    """
+
+    def __init__(self, directory: str | Path, on_read: ReadHook | None = None):
+        self.directory = as_path(directory)
+        self._on_read = on_read
         self._where: dict[str, _Entry] = self._locate()
 
     def _locate(self) -> dict[str, _Entry]:
@@ -117,10 +140,14 @@ class SafetensorsCheckpoint:
         dtype = _dtypes().get(entry.dtype)
         if dtype is None:
             raise ConversionError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, which indicfm cannot read")
-        with open(entry.file, "rb") as f:
-            data = os.pread(f.fileno(), entry.end - entry.start, entry.start)
+        try:
+            data = read_range(entry.file, entry.start, entry.end)
+        except OSError as err:
+            raise ConversionError(f"{entry.file}: tensor {name!r} could not be read: {err}") from None
         if len(data) != entry.end - entry.start:
             raise ConversionError(f"{entry.file}: tensor {name!r} is cut short (truncated file?)")
+        if self._on_read is not None:
+            self._on_read(name, len(data))
         value = np.frombuffer(data, dtype=dtype).reshape(entry.shape)
         return value.astype(np.float32)
 
@@ -129,7 +156,7 @@ class SafetensorsCheckpoint:
 
     def nbytes(self) -> int:
         """Bytes of the checkpoint's files (what import is measured against)."""
-        return sum(p.stat().st_size for p in {e.file for e in self._where.values()})
+        return sum(file_size(p) for p in {e.file for e in self._where.values()})
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self

@@ -350,7 +350,7 @@ def export_hf(
     from indicfm.inference.load import inference_mesh, load_for_inference, read_checkpoint_meta
 
     step, meta = read_checkpoint_meta(workdir, step)
-    check_exportable(ModelConfig(**meta["config"]["model"]))  # refuse before reading any weights
+    check_exportable(meta.saved_model_config())  # refuse before reading any weights
     # The weights end up in host memory anyway: restore them onto the host (CPU) device.
     loaded = load_for_inference(workdir, step, mesh=inference_mesh(devices=jax.devices("cpu")[:1]))
 

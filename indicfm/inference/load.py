@@ -20,6 +20,7 @@ import jax
 
 from indicfm.model.config import ModelConfig
 from indicfm.tokenizer.load import Tokenizer, TokenizerFile
+from indicfm.train.checkpoint_meta import CheckpointMeta
 from indicfm.train.saved_model import read_meta, restore_model
 
 
@@ -29,7 +30,7 @@ class LoadedModel:
 
     model: Any  # indicfm.model.transformer.Transformer built from inference_config(train config)
     train_model_config: ModelConfig  # the config it was trained with
-    meta: dict  # the checkpoint's JSON metadata (resolved config, step, tokenizer sha256, ...)
+    meta: CheckpointMeta  # the checkpoint's metadata (resolved config, step, tokenizer sha256, ...)
     step: int
     tokenizer_file: TokenizerFile  # the checkpoint's own tokenizer (SentencePiece .model or tokenizer.json)
     checkpoint_dir: Path
@@ -41,7 +42,7 @@ class LoadedModel:
     @property
     def config(self) -> dict:
         """The resolved run config (as JSON-like dict) saved with the checkpoint."""
-        return self.meta.get("config", {})
+        return self.meta.config or {}
 
 
 def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None) -> jax.sharding.Mesh:
@@ -61,7 +62,7 @@ def inference_mesh(tensor: int = 1, expert: int = 1, devices: list | None = None
     return make_mesh(MeshConfig(data=1, fsdp=1, expert=expert, tensor=tensor), devices[:wanted])
 
 
-def read_checkpoint_meta(workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+def read_checkpoint_meta(workdir: str | Path, step: int | None = None) -> tuple[int, CheckpointMeta]:
     """``(step, meta)`` of a run's checkpoint without reading any array (step None = the newest)."""
     _, step, meta = read_meta(workdir, step)
     return step, meta

@@ -5,10 +5,11 @@ One checkpoint (directory ``<workdir>/checkpoints/<step>/``) holds three items:
 
 * ``state`` — the arrays: parameters, optimizer state, non-parameter model state (the MoE router
   bias) and the RNG key (``ocp.args.PyTreeSave``, uncompressed; each host writes its own shards).
-* ``meta`` — small JSON: step, the data loader's state, the resolved config, the tokenizer's sha256
-  and ``param_layout`` (``"unrolled"`` or ``"scanned"``, see ``indicfm.model.transformer.param_layout``):
-  the arrays' tree differs between the two, so a restore first checks the layout it expects
-  (:class:`LayoutMismatch` otherwise; a checkpoint without the key predates scanning: unrolled).
+* ``meta`` — small JSON, one typed record (:class:`~indicfm.train.checkpoint_meta.CheckpointMeta`):
+  step, the data loader's state, the resolved config, the tokenizer's sha256 and ``param_layout``
+  (``"unrolled"`` or ``"scanned"``, see ``indicfm.model.transformer.param_layout``): the arrays' tree
+  differs between the two, so a restore first checks the layout it expects (:class:`LayoutMismatch`
+  otherwise; a checkpoint without the key predates scanning: unrolled).
 * ``tokenizer`` — the tokenizer file itself (base64 in JSON; a SentencePiece ``.model`` or a
   ``tokenizer.json``, named as it was) with the special tokens a ``tokenizer_config.json`` beside a
   ``tokenizer.json`` names, so a checkpoint is self-contained even if the workdir's tokenizer is
@@ -51,6 +52,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,13 +63,12 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_pres
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save_decision
 
 from indicfm.tokenizer.load import TokenizerFile, read_tokenizer_file
+from indicfm.train.checkpoint_meta import CheckpointMeta
 from indicfm.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 _ORBAX_DEFAULT_IN_FLIGHT_GB = 96  # StandardCheckpointHandler's own default for save/restore_concurrent_gb
-PARAM_LAYOUT_KEY = "param_layout"
-LAYOUT_BEFORE_THE_KEY = "unrolled"  # checkpoints written before layouts were recorded
 DAMAGED_DIR_NAME = "damaged_checkpoints"
 
 
@@ -77,11 +78,11 @@ class LayoutMismatch(ValueError):
 
 @dataclass
 class Restored:
-    """What a restore returns: the step, the arrays (in the target shardings) and the JSON metadata."""
+    """What a restore returns: the step, the arrays (in the target shardings) and the metadata."""
 
     step: int
     state: Any
-    meta: dict
+    meta: CheckpointMeta
     tokenizer: dict | None
     skipped_damaged: list[int]
 
@@ -197,8 +198,14 @@ class Checkpointer:
             return False
         return self.manager.reached_preemption(step)
 
-    def save(self, step: int, state: Any, meta: dict, tokenizer: dict | None = None, *, force: bool = True) -> bool:
+    def save(
+        self, step: int, state: Any, meta: CheckpointMeta | Mapping[str, Any], tokenizer: dict | None = None, *,
+        force: bool = True,
+    ) -> bool:
         """Start saving the state after ``step``; returns False if that step is already saved.
+
+        ``meta`` is stamped with ``step``; a plain mapping (low-level callers, tests) is read as a
+        :class:`CheckpointMeta` first, so a checkpoint never holds a record that would not read back.
 
         With ``checkpoint.async_save`` on one process this returns once an on-device copy of the state
         is dispatched (it waits only if the previous save is not on disk yet); the copy is handed to
@@ -209,7 +216,8 @@ class Checkpointer:
         self._join_save_thread()
         if step in self.manager.all_steps():
             return False
-        items: dict[str, Any] = {"meta": ocp.args.JsonSave({**meta, "step": step})}
+        record = meta.with_step(step) if isinstance(meta, CheckpointMeta) else CheckpointMeta.from_json({**meta, "step": step})
+        items: dict[str, Any] = {"meta": ocp.args.JsonSave(record.to_json())}
         if tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)
         if not self._in_background:
@@ -297,14 +305,22 @@ class Checkpointer:
         if with_tokenizer:
             items["tokenizer"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = dict(out["meta"])
-        if int(meta.get("step", step)) != step:
-            raise ValueError(f"checkpoint {step}: metadata says step {meta.get('step')}")
+        meta = self._meta(step, out["meta"])
         return Restored(step, out["state"], meta, out.get("tokenizer") if with_tokenizer else None, [])
 
+    def read_meta(self, step: int) -> CheckpointMeta:
+        """The metadata of one step, without reading any array."""
+        self._join_save_thread()
+        return self._meta(step, self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def _meta(self, step: int, data: Any) -> CheckpointMeta:
+        meta = CheckpointMeta.from_json(data, self.directory / str(step))
+        if meta.step != step:
+            raise ValueError(f"checkpoint {self.directory / str(step)}: metadata says step {meta.step}")
+        return meta
+
     def _check_layout(self, step: int, expected: str) -> None:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved = meta.get(PARAM_LAYOUT_KEY, LAYOUT_BEFORE_THE_KEY)
+        saved = self.read_meta(step).param_layout
         if saved != expected:
             raise LayoutMismatch(
                 f"checkpoint {self.directory / str(step)} holds parameters in the {saved!r} layout, but this run's "

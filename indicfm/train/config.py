@@ -2,7 +2,8 @@
 
 Each key is read by exactly one module of ``indicfm/train``: ``optimizer`` by ``optimizer.py``,
 ``trainer`` by ``step.py``/``loop.py``, ``checkpoint`` by ``checkpoint.py``, ``eval`` by
-``evaluate.py`` and ``logging`` by ``metrics.py``.
+``evaluate.py`` (``eval.downstream``: by ``downstream_hook.py`` and ``indicfm.evaluation.in_loop``)
+and ``logging`` by ``metrics.py``.
 """
 
 from typing import Literal
@@ -86,6 +87,35 @@ class CheckpointConfig(Section):
     )
 
 
+class DownstreamEvalConfig(Section):
+    """Downstream tasks (lm-evaluation-harness) run on the live model during training, e.g. the shipped
+    offline minimal pairs ``flores_pairs_hin_Deva``; read by ``indicfm.evaluation.in_loop``."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-eval task or group names, e.g. [flores_pairs_hin_Deva]; empty = off"
+    )
+    suite: str | None = Field(None, description="a shipped suite of tasks instead of tasks, e.g. indic-core")
+    every_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = no periodic evaluation")
+    at_start: bool = Field(False, description="also evaluate the freshly initialised model (step 0)")
+    at_end: bool = Field(True, description="also evaluate after the last step")
+    limit: int | None = Field(None, gt=0, description="at most this many items per task (all when null)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per item (the task's default when null)")
+    include_path: str | None = Field(None, description="a folder of the user's own lm-eval task YAML")
+    rows: int = Field(8, gt=0, description="packed rows per forward pass")
+
+    @model_validator(mode="after")
+    def _tasks_or_suite(self) -> "DownstreamEvalConfig":
+        if self.tasks and self.suite:
+            raise ValueError(
+                f"eval.downstream.tasks={self.tasks} and eval.downstream.suite={self.suite!r}: set one of them, not both"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.suite)
+
+
 class EvalConfig(Section):
     """Held-out evaluation: bits per byte per language, so tokenizers of different sizes compare fairly."""
 
@@ -97,6 +127,9 @@ class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="sequences per evaluation forward pass")
     languages: list[str] = Field(default_factory=list, description="restrict to these language codes; empty = all")
     at_start: bool = Field(False, description="also evaluate the freshly initialised model (step 0)")
+    downstream: DownstreamEvalConfig = Field(
+        default_factory=DownstreamEvalConfig, description="downstream tasks during training (lm-evaluation-harness)"
+    )
 
 
 class LoggingConfig(Section):

@@ -3,9 +3,10 @@
 What one call does, in order (:func:`_set_up`, then :class:`StepLoop`):
 
 1. tokenizer and token cache: use the configured ones or build them in the workdir (``inputs.py``);
-2. mesh, sharded model, optimizer, fresh train state (``indicfm.sharding``, ``optimizer.py``, ``state.py``);
-3. restore the newest good checkpoint if the workdir has one ("resuming from step N"), falling back
-   past damaged ones (``checkpoint.py``);
+2. mesh, optimizer and the train state's layout (``indicfm.sharding``, ``optimizer.py``, ``state.py``);
+3. the state, from one source decided once (``start.py``): the newest good checkpoint if the
+   workdir has one ("resuming from step N", falling back past damaged ones, ``checkpoint.py``),
+   else the parameters ``trainer.init_from`` names (imported, upcycled, another run), else random;
 4. for each remaining step: the loader's batch for that step (a pure function of seed and step, so a
    resumed run sees exactly the batches it would have seen), one jitted step (``step.py``), then the
    periodic actions: metrics, checkpoint every ``checkpoint.every_steps`` and at the end, evaluation;
@@ -25,8 +26,6 @@ writes logs, metrics and TensorBoard files.
 
 from __future__ import annotations
 
-import contextlib
-
 import datetime
 import math
 import signal
@@ -41,11 +40,13 @@ import jax
 import numpy as np
 
 from indicfm.config import Config, save_config
+from indicfm.train.checkpoint_meta import CheckpointMeta
 from indicfm.train.device_time import ReadyTimes, compile_count
 from indicfm.train.goodput import Clock, Timeline, describe, last_logged_step
 from indicfm.train.hosts import HostStepTimes
 from indicfm.train.metrics import Peak, checked_mfu, expert_load_shares, expert_load_stats
 from indicfm.train.profiling import PROFILE_DIR, StepProfiler
+from indicfm.train import downstream_hook
 from indicfm.train.state import TrainState
 
 StepCallback = Callable[[int, dict], None]
@@ -63,6 +64,7 @@ class TrainResult:
     last_checkpoint_step: int | None = None
     skipped_steps: int = 0  # non-finite steps skipped (whole run, restored count included)
     eval_bpb: dict[int, dict[str, float]] = field(default_factory=dict)  # step → {lang: bits per byte}
+    downstream: dict[int, dict[str, float]] = field(default_factory=dict)  # step → {downstream/<task>/<metric>: value}
     damaged_checkpoints: list[int] = field(default_factory=list)
     message: str = ""
     step_seconds: dict[int, float] = field(default_factory=dict)  # step → its time on the devices (goodput.py)
@@ -138,7 +140,7 @@ class Run:
     bar: Any
     evaluator: Callable[[TrainState], dict[str, float]] | None
     result: TrainResult
-    save_meta: Callable[[int], dict]
+    save_meta: Callable[[int], CheckpointMeta]
     tokenizer: dict
     tokens_per_step: int
     flops_per_step: float
@@ -150,6 +152,8 @@ class Run:
     hosts: HostStepTimes | None = None  # None: from jax.process_index()/process_count()
     session: str = ""  # this train() call, in every goodput record
     profile_dir: Path | None = None
+    downstream: downstream_hook.DownstreamEvaluator | None = None  # eval.downstream (downstream_hook.py)
+    graphdef: Any = None  # the model's nnx graph, to see the state as a model (downstream evaluation)
 
 
 @dataclass
@@ -173,9 +177,10 @@ class StepLoop:
 
     * **metrics** (:meth:`log_metrics`): the record in ``metrics.jsonl`` / TensorBoard, the progress line;
     * **non-finite stop** (:meth:`nonfinite_stop`): ``trainer.max_consecutive_nonfinite`` in a row;
+    * **evaluation** (:meth:`eval_due` / :meth:`evaluate`), then **downstream evaluation**
+      (:meth:`downstream_due` / :meth:`evaluate_downstream`, ``eval.downstream``);
     * **checkpoint** (:meth:`checkpoint_due` / :meth:`save`): every ``checkpoint.every_steps`` (not
-      during a run of non-finite steps), at the end, and on preemption;
-    * **evaluation** (:meth:`eval_due` / :meth:`evaluate`);
+      during a run of non-finite steps), at the end, and on preemption (then before the evaluations);
     * ``on_step(step, record)``;
     * **preemption** (:meth:`preemption`): SIGTERM/SIGINT, a multi-host notice or ``stop_at_step``:
       the step just finished is saved, then the run stops.
@@ -225,7 +230,8 @@ class StepLoop:
 
             preempted = self.preemption(step)
             save, evaluate = self.checkpoint_due(step, last_step, preempted), self.eval_due(step, last_step)
-            if not (save or evaluate):
+            downstream = self.downstream_due(step, last_step)
+            if not (save or evaluate or downstream):
                 continue
             finished = self.log_metrics(*unread)
             unread = None
@@ -233,10 +239,18 @@ class StepLoop:
                 return
             # Periodic saves wait out a run of non-finite steps, so the newest checkpoint is one a
             # finite step produced; a preemption or the end of the run saves regardless.
-            if save and (preempted or step == last_step or finished.nonfinite_in_a_row == 0):
+            save = save and (preempted or step == last_step or finished.nonfinite_in_a_row == 0)
+            # Evaluations come before the save, so a saved step's are logged (a resume redoes, and
+            # re-evaluates, only unsaved steps); on preemption the save comes first, and a kill during
+            # the evaluation is caught up on resume (downstream_hook.missed_at_resume).
+            if save and preempted:
                 self.save(step)
             if evaluate:
                 self.evaluate(step)
+            if downstream:
+                self.evaluate_downstream(step)
+            if save and not preempted:
+                self.save(step)
             self._after_actions(finished)
             if preempted:
                 run.result.stopped = "preempted"
@@ -382,6 +396,20 @@ class StepLoop:
         run.writer.write(step, {f"bpb/{lang}": value for lang, value in bpb.items()})
         run.say(f"step {step} · held-out bits per byte: mean {bpb['mean']:.3f}")
 
+    def downstream_due(self, step: int, last_step: int) -> bool:
+        return self.run.downstream is not None and downstream_hook.due(self.run.cfg.eval.downstream, step, last_step)
+
+    def evaluate_downstream(self, step: int) -> None:
+        """Downstream tasks on the model after ``step``; the record holds the call's own wall time."""
+        run = self.run
+        with self.timeline.host("evaluation"):
+            began = run.clock()
+            scores = run.downstream(step, downstream_hook.live_model(run.graphdef, run.state), run.mesh)
+            seconds = run.clock() - began
+        run.result.downstream[step] = scores
+        run.writer.write(step, {**scores, downstream_hook.SECONDS_KEY: seconds})
+        run.say(f"step {step} · downstream ({seconds:.1f} s): {downstream_hook.summary(scores)}")
+
 
 def train(
     cfg: Config,
@@ -392,6 +420,7 @@ def train(
     console: Any = None,
     progress: bool | None = None,
     started_at: float | None = None,
+    downstream: downstream_hook.DownstreamFactory | None = None,
 ) -> TrainResult:
     """Train (or resume training) ``cfg`` in ``workdir``; see the module docstring.
 
@@ -400,7 +429,9 @@ def train(
     ``stopped="preempted"``); the schedule still follows ``trainer.steps``.  ``progress`` overrides
     ``logging.progress``.  ``started_at`` (``time.perf_counter()`` scale): where this call's wall
     clock starts for the goodput breakdown, e.g. the process's start (``indicfm train`` passes it,
-    so imports count as start-up); default: now.
+    so imports count as start-up); default: now.  ``downstream``: builds the evaluator of
+    ``eval.downstream`` from the run's config (``indicfm.evaluation.in_loop``); None: no downstream
+    evaluation, whatever the config says.
     """
     from rich.console import Console
 
@@ -425,6 +456,7 @@ def train(
             loop = StepLoop(run, watcher, on_step, stop_at_step)
             if run.evaluator and cfg.eval.at_start and run.step == 0:
                 loop.evaluate(0)
+            _start_downstream(run, loop, downstream, timeline)
             timeline.advance()  # no step in flight yet: start-up, restore and evaluation so far, on record
             run.writer.write(run.step, timeline.record(run.session))
             say(
@@ -443,6 +475,26 @@ def train(
             run.checkpointer.close()  # waits for background saves: a returned run is on disk
             run.writer.close()
     return run.result
+
+
+def _start_downstream(
+    run: Run, loop: StepLoop, factory: downstream_hook.DownstreamFactory | None, timeline: Timeline
+) -> None:
+    """Build the downstream evaluator (start-up time), then evaluate what is owed before the first
+    step: the initial model (``at_start``) or, on resume, a saved step whose evaluation was lost."""
+    settings = run.cfg.eval.downstream
+    if factory is None or not settings.enabled:
+        return
+    began = time.perf_counter()
+    with timeline.host("startup"):
+        run.downstream = factory(run.cfg)
+    tasks = settings.suite or ", ".join(settings.tasks)
+    run.say(f"downstream evaluation: {tasks}, evaluator ready in {time.perf_counter() - began:.1f} s")
+    if run.step == 0 and settings.at_start:
+        loop.evaluate_downstream(0)
+    elif downstream_hook.missed_at_resume(settings, run.step, run.cfg.trainer.steps, run.writer.path):
+        run.say(f"step {run.step} was saved but its downstream evaluation was not logged: evaluating it now")
+        loop.evaluate_downstream(run.step)
 
 
 def _summarise(run: Run, timeline: Timeline, say: Callable[..., None]) -> None:
@@ -476,11 +528,12 @@ def _set_up(
     from indicfm.model.flops import train_flops_per_token
     from indicfm.sharding import batch_sharding, logical_axis_rules, make_mesh
     from indicfm.model.transformer import param_layout
-    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
+    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.metrics import MetricsWriter, ProgressLine, run_peak
     from indicfm.train.optimizer import run_optimizer
-    from indicfm.train.state import abstract_train_state, init_train_state, initial_model
+    from indicfm.train.start import choose_start, start_state
+    from indicfm.train.state import abstract_train_state
     from indicfm.train.step import build_train_step
 
     # 1. tokenizer and token cache
@@ -505,37 +558,29 @@ def _set_up(
     seed = cfg.trainer.seed
     graphdef, abstract_state, shardings = abstract_train_state(cfg.model, tx, seed, mesh, rules)
 
-    # 3. resume, or start fresh
+    # 3. the state: resumed, another checkpoint's parameters (trainer.init_from) or fresh (start.py)
     checkpointer = Checkpointer(workdir / cfg.checkpoint.dir_name, cfg.checkpoint)
     result = TrainResult(workdir=workdir, start_step=0, final_step=0, stopped="completed")
     layout = param_layout(cfg.model)
-    with timeline.host("restore"):
-        restored = checkpointer.restore_latest_good(
-            abstract_state, warn=lambda m: say(f"[yellow]warning:[/] {m}"), param_layout=layout
+    try:
+        started = start_state(
+            choose_start(cfg, workdir, checkpointer), cfg, workdir=workdir, mesh=mesh, rules=rules, tx=tx,
+            abstract=(graphdef, abstract_state), checkpointer=checkpointer, tokenizer_sha256=tokenizer_sha,
+            warn=lambda m: say(f"[yellow]warning:[/] {m}"), restoring=lambda: timeline.host("restore"),
         )
-    if restored is not None:
-        saved_sha = restored.meta.get("tokenizer_sha256")
-        if saved_sha and saved_sha != tokenizer_sha:
-            checkpointer.close()
-            raise ValueError(
-                f"the checkpoint at step {restored.step} in {checkpointer.directory} was trained with tokenizer "
-                f"sha256 {saved_sha}, but {cfg.tokenizer.model_file} has sha256 {tokenizer_sha}"
-            )
-        state = restored.state
-        result.start_step = result.final_step = result.last_checkpoint_step = restored.step
-        result.damaged_checkpoints = restored.skipped_damaged
-        loader.load_state_dict({**restored.meta.get("loader", {}), "step": restored.step})
-        say(f"resuming from step {restored.step} ({checkpointer.directory / str(restored.step)})")
+    except BaseException:
+        checkpointer.close()
+        raise
+    graphdef, state = started.graphdef, started.state
+    result.damaged_checkpoints = started.damaged_checkpoints
+    say(started.description)
+    if started.resumed:
+        result.start_step = result.final_step = result.last_checkpoint_step = started.step
+        loader.load_state_dict({**(started.loader_state or {}), "step": started.step})
         lost = last_logged_step(workdir / "metrics.jsonl")  # before the writer drops those records
-        if lost > restored.step:
+        if lost > started.step:
             timeline.recomputed_through = lost
-            say(f"steps {restored.step + 1}-{lost} ran before and were lost: their time counts as recomputed")
-    else:
-        # reading another run's or an imported model's parameters is restore time, like a resume
-        with timeline.host("restore") if cfg.trainer.init_from else contextlib.nullcontext():
-            model, origin = initial_model(cfg, workdir, mesh, seed, rules)
-        graphdef, state, _ = init_train_state(model, tx, seed, mesh, rules)
-        say(f"starting a fresh run in {workdir} from {origin}")
+            say(f"steps {started.step + 1}-{lost} ran before and were lost: their time counts as recomputed")
 
     if result.start_step >= cfg.trainer.steps:
         say(f"nothing to do: the run already completed {result.start_step} of trainer.steps={cfg.trainer.steps} steps")
@@ -550,14 +595,15 @@ def _set_up(
     data_sharding = batch_sharding(mesh)
     host_batches = iter(loader)  # loader.step == start step: batch s is a pure function of (seed, s)
 
-    def save_meta(step: int) -> dict:
-        return {
-            "loader": {**loader.state_dict(), "step": step},  # the loader reads ahead of the last step
-            "config": cfg.model_dump(mode="json"),
-            "tokenizer_sha256": tokenizer_sha,
-            "seed": seed,
-            PARAM_LAYOUT_KEY: layout,
-        }
+    def save_meta(step: int) -> CheckpointMeta:
+        return CheckpointMeta(
+            step=step,
+            loader={**loader.state_dict(), "step": step},  # the loader reads ahead of the last step
+            config=cfg.model_dump(mode="json"),
+            tokenizer_sha256=tokenizer_sha,
+            seed=seed,
+            param_layout=layout,
+        )
 
     return Run(
         cfg=cfg,
@@ -571,6 +617,7 @@ def _set_up(
         writer=writer,
         bar=ProgressLine(cfg.trainer.steps, result.start_step, enabled=show_progress, console=console),
         evaluator=_make_evaluator(cfg, graphdef, shardings, mesh, seq_len, say),
+        graphdef=graphdef,
         result=result,
         save_meta=save_meta,
         tokenizer=tokenizer_item(cfg.tokenizer.model_file),

@@ -24,6 +24,7 @@ import jax
 from flax import nnx
 
 from indicfm.model.config import RUN_SETTINGS, ModelConfig
+from indicfm.train.checkpoint_meta import CheckpointMeta
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
 #: where `indicfm import hf` and `indicfm upcycle` write a run's starting parameters (step 0)
@@ -89,16 +90,17 @@ def _choose_step(directory: Path, manager: Any, step: int | None) -> int:
     return step
 
 
-def read_meta(path: str | Path, step: int | None = None) -> tuple[Path, int, dict]:
-    """``(checkpoint directory, step, meta)`` without reading any array (step None = the newest)."""
+def read_meta(path: str | Path, step: int | None = None) -> tuple[Path, int, CheckpointMeta]:
+    """``(checkpoint directory, step, meta)`` without reading any array (step None = the newest); the
+    metadata must hold the resolved config (a :class:`CheckpointMetaError` naming the checkpoint if not)."""
     import orbax.checkpoint as ocp
 
     directory, named_step = parameter_directory(path)
     with _open(directory) as manager:
         step = _choose_step(directory, manager, step if step is not None else named_step)
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    if "config" not in meta or "model" not in meta["config"]:
-        raise ValueError(f"checkpoint {directory / str(step)}: its metadata has no resolved config")
+        data = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = CheckpointMeta.from_json(data, directory / str(step))
+    meta.saved_model_config()  # every reader of a run's parameters needs it: refuse here, before any array
     return directory, step, meta
 
 
@@ -108,7 +110,7 @@ class SavedModel:
 
     model: Any  # indicfm.model.transformer.Transformer
     saved_model_config: ModelConfig  # the config the parameters were saved with
-    meta: dict
+    meta: CheckpointMeta
     step: int
     tokenizer: dict | None  # the checkpoint's tokenizer item (indicfm.train.checkpoint.tokenizer_item)
     directory: Path
@@ -143,7 +145,7 @@ def restore_model(
     from indicfm.sharding import state_shardings
 
     directory, step, meta = read_meta(path, step)
-    saved_cfg = ModelConfig(**meta["config"]["model"])
+    saved_cfg = meta.saved_model_config()
     wanted = model_cfg or (adapt(saved_cfg) if adapt else saved_cfg)
     differ = _same_parameters(saved_cfg, wanted)
     if differ:
@@ -152,7 +154,7 @@ def restore_model(
             + ", ".join(f"model.{k}={getattr(saved_cfg, k)!r} (asked: {getattr(wanted, k)!r})" for k in differ)
         )
     # restore in the layout the checkpoint has, then convert
-    as_saved = wanted.model_copy(update={"scan_layers": meta.get("param_layout", "unrolled") == "scanned"})
+    as_saved = wanted.model_copy(update={"scan_layers": meta.param_layout == "scanned"})
     abstract_model = nnx.eval_shape(lambda: Transformer(as_saved, rngs=nnx.Rngs(0)))
     graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
     target = {"params": params, "model_state": model_state}

@@ -2,7 +2,8 @@
 
 The model is an NNX module; the step (``step.py``) is a pure function over its split state, so it can
 be compiled once with explicit shardings and donated buffers.  This module builds that state three
-ways:
+ways (:mod:`indicfm.train.start` chooses between random, restored and another checkpoint's
+parameters):
 
 * :func:`create_model`: the transformer with every parameter born in its sharded layout;
 * :func:`init_train_state`: a fresh state from such a model (optimizer moments created sharded);
@@ -61,25 +62,6 @@ def create_model(
         init = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)
         state = init()
     return nnx.merge(graphdef, state)
-
-
-def initial_model(
-    cfg: Any, workdir: Any, mesh: jax.sharding.Mesh, seed: int, rules: Rules | None = None
-) -> tuple["Transformer", str]:
-    """The model a fresh run starts from, and where it came from (for the log): random parameters
-    (:func:`create_model`), or those ``trainer.init_from`` names (a path relative to the workdir:
-    another run, the initial parameters of ``indicfm import hf``/``upcycle``, or one checkpoint step),
-    restored straight into this run's sharding and parameter layout."""
-    from pathlib import Path
-
-    from indicfm.train.saved_model import restore_model
-
-    if not cfg.trainer.init_from:
-        return create_model(cfg.model, mesh, seed, rules), "random initialisation"
-    source = Path(cfg.trainer.init_from)
-    source = source if source.is_absolute() else Path(workdir) / source
-    saved = restore_model(source, mesh, cfg.model, rules=rules)
-    return saved.model, f"the parameters of {saved.directory / str(saved.step)} (trainer.init_from)"
 
 
 def _fresh_optimizer_and_rng(tx: optax.GradientTransformation, seed: int) -> Any:
