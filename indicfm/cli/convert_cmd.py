@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,10 +17,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Run directory to create.")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
+ExtendedTokenizerOption = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", help="An extended tokenizer (the tokenizer.json, or the folder, indicfm tokenizer extend wrote) whose "
+    "first ids are exactly "
+    "the model's tokenizer's: the model gets one embedding (and output) row per new piece, the mean of the rows of "
+    "the model's own tokens for the piece's text, and the run prepares its data with this tokenizer.")]
 
 
 def _source_directory(src: str) -> Path:
-    """A local model directory, or a hub id downloaded (weights, config, tokenizer) where the network allows."""
+    """A local model directory, a bucket URL (``gs://bucket/model``: read in place, tensor by tensor),
+    or a hub id downloaded (weights, config, tokenizer) where the network allows."""
+    from indicfm.storage import StorageError, as_path, is_url
+
+    if is_url(src):
+        try:
+            return as_path(src)
+        except StorageError as err:
+            fail(str(err))
     path = Path(src)
     if path.is_dir():
         return path
@@ -46,18 +60,78 @@ def _source_tokenizer(src: Path) -> tuple[Any, Path] | None:
     return None
 
 
+@dataclass
+class _Extension:
+    """An extended tokenizer checked against the model's own, and the resize it asks for."""
+
+    file: Any  # indicfm.tokenizer.load.TokenizerFile: what the run stores (special tokens included)
+    tokenizer: Any  # file.load()
+    plan: Any  # indicfm.convert.vocab_resize.VocabularyPlan
+    path: Path  # where it was read from
+    record_file: Path | None  # the extension.json beside it (indicfm tokenizer extend), if any
+    borrowed_specials: bool  # no tokenizer_config.json beside it: its special tokens are the base's
+
+    def stage(self, directory: Path) -> list[Path]:
+        """The files the run's tokenizer/ folder gets: the tokenizer (as ``tokenizer.json``, so the
+        special tokens of a ``tokenizer_config.json`` beside it are read back) and extension.json."""
+        files = [self.file.write(directory)]
+        files += [p for p in directory.iterdir() if p != files[0]]
+        if self.record_file is not None:
+            files.append(self.record_file)
+        return files
+
+    def record(self) -> dict:
+        """What the initial checkpoint's ``source`` says about the new vocabulary."""
+        import hashlib
+
+        plan = self.plan
+        return {"extended_tokenizer": str(self.path), "tokenizer_sha256": hashlib.sha256(self.file.data).hexdigest(),
+                "base_vocabulary": plan.base_size, "vocabulary": plan.size, "embedding_rows": plan.rows,
+                "previous_embedding_rows": plan.old_rows, "rows_multiple_of": plan.multiple,
+                "new_rows": "mean of the base rows of the base tokenizer's encoding of each new piece's text",
+                "padded_rows": "mean of all base rows"}
+
+
+def _plan_extension(base: Any, base_name: str, path: Path, model_rows: int, mesh: Any) -> _Extension:
+    """Read ``path``, check that it extends ``base`` (the model's tokenizer) and plan the resize;
+    every problem is an error naming the file, raised before anything is written."""
+    from indicfm.convert.vocab_resize import VocabularyError, plan_vocabulary, row_multiple
+    from indicfm.tokenizer.load import HF, TokenizerError, TokenizerFile, read_tokenizer_file
+
+    path = path / "tokenizer.json" if path.is_dir() else path  # the folder `indicfm tokenizer extend` wrote
+    try:
+        read = read_tokenizer_file(path)
+    except (OSError, ValueError) as err:  # missing, unreadable, or a tokenizer_config.json that is not JSON
+        raise VocabularyError(f"--tokenizer {path}: cannot read it: {err}") from None
+    name = "tokenizer.json" if read.kind == HF else path.name
+    # its own tokenizer_config.json names its special tokens; without one they are the base's (same ids)
+    file = TokenizerFile(read.data, name, read.declared if read.declared is not None else base.file.declared)
+    try:
+        tokenizer = file.load()
+    except TokenizerError as err:
+        raise VocabularyError(f"--tokenizer {path}: {err}") from None
+    plan = plan_vocabulary(base, tokenizer, model_rows, row_multiple(mesh), base_name=base_name,
+                           extended_name=str(path))
+    record = path.parent / "extension.json"
+    return _Extension(file, tokenizer, plan, path, record if record.is_file() else None, read.declared is None)
+
+
 def import_hf_command(
-    src: Annotated[str, typer.Argument(help="Hugging Face model directory (config.json + *.safetensors), or a hub id.")],
+    src: Annotated[str, typer.Argument(help="Hugging Face model directory (config.json + *.safetensors), local or "
+                                            "gs://bucket/dir, or a hub id.")],
     output: OutputOption,
     config: ConfigOption = None,
     sets: SetOption = None,
     overwrite: OverwriteOption = False,
+    tokenizer_file: ExtendedTokenizerOption = None,
 ) -> None:
     """Import a Hugging Face checkpoint as the starting point of an indicfm run.
 
     Examples:
 
         indicfm import hf path/to/SmolLM2-135M --output runs/smol --config configs/quickstart.yaml
+
+        indicfm import hf gs://my-bucket/models/Qwen3-0.6B --output runs/qwen3   # read in place, tensor by tensor
 
         indicfm train --workdir runs/smol            # continues pretraining from it
 
@@ -68,12 +142,20 @@ def import_hf_command(
     is an error naming it.  Tensors are read one at a time and placed straight into their sharding on
     the run's mesh.  Writes OUTPUT/initial/ (parameters), OUTPUT/tokenizer/ and OUTPUT/config.yaml
     (trainer.init_from: initial).
+
+    With --tokenizer EXTENDED (e.g. from `indicfm tokenizer extend --base SRC/tokenizer.json ...`)
+    the model is imported with a vocabulary extended to EXTENDED's: the source's rows stay
+    bit-identical, each new row is the mean of the source rows of the source tokenizer's encoding
+    of the new piece's text, and the table is padded to a multiple of 128 (see `indicfm import
+    tokenizer --help`).  The run's tokenizer is EXTENDED.
     """
+    import tempfile
     import time
 
     from indicfm.convert.hf_arch import ConversionError, architecture_of
     from indicfm.convert.hf_import import check_tokenizer_fits, imported_model_config, load_hf_model, read_hf_config
     from indicfm.convert.initial_run import check_output, write_initial_run
+    from indicfm.convert.vocab_resize import extend_vocabulary
     from indicfm.model.flops import count_params
     from indicfm.sharding import logical_axis_rules, make_mesh
     from indicfm.tokenizer.load import TokenizerError
@@ -85,25 +167,52 @@ def import_hf_command(
     try:
         hf = read_hf_config(source)
         arch = architecture_of(hf, str(source / "config.json"))
-        model_cfg = imported_model_config(source, **cfg.model.run_settings())
+        # an MoE source decides its dispatch (dropless: what it computes), as upcycling does, unless
+        # --set model.dispatch asks for another (how tokens reach experts, not what the model is)
+        settings = {k: v for k, v in cfg.model.run_settings().items() if k != "dispatch"}
+        model_cfg = imported_model_config(source, **settings)
+        if any(s.split("=", 1)[0].strip() == "model.dispatch" for s in sets or ()):
+            model_cfg = model_cfg.model_copy(update={"dispatch": cfg.model.dispatch})
         tokenizer = _source_tokenizer(source)
         if tokenizer:
             check_tokenizer_fits(model_cfg, tokenizer[0].vocab_size, str(tokenizer[1]))
+        mesh = make_mesh(cfg.mesh)
+        rules = logical_axis_rules(cfg.mesh.shard_weights_over_data)
+        extension = None
+        if tokenizer_file is not None:
+            if not tokenizer:
+                raise ConversionError(f"{source} has no tokenizer.json nor tokenizer.model: no base tokenizer that "
+                                      f"--tokenizer {tokenizer_file} could extend")
+            extension = _plan_extension(tokenizer[0], str(tokenizer[1]), tokenizer_file, model_cfg.vocab_size, mesh)
         check_output(output, overwrite)
         cfg = cfg.model_copy(update={"model": model_cfg})
-        mesh = make_mesh(cfg.mesh)
-        model = load_hf_model(source, mesh, model_cfg, logical_axis_rules(cfg.mesh.shard_weights_over_data))
-        files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-        write_initial_run(output, cfg, model, source={"hf": str(src), "architecture": arch.name},
-                          tokenizer_files=files, tokenizer_model_file=tokenizer[1] if tokenizer else None)
+        model = load_hf_model(source, mesh, model_cfg, rules)
+        with tempfile.TemporaryDirectory() as staging:
+            if extension is None:
+                files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+                tokenizer_path = tokenizer[1] if tokenizer else None
+                origin = {"hf": str(src), "architecture": arch.name}
+            else:
+                model = extend_vocabulary(model, extension.plan, mesh, rules)
+                cfg = cfg.model_copy(update={"model": model.cfg})
+                companions = [source / name for name in TOKENIZER_FILES[1:3]  # the base's specials (and chat template)
+                              if extension.borrowed_specials and (source / name).is_file()]
+                files = extension.stage(Path(staging)) + companions
+                files += [source / "generation_config.json"] if (source / "generation_config.json").is_file() else []
+                tokenizer_path = files[0]
+                origin = {"hf": str(src), "architecture": arch.name, **extension.record()}
+            write_initial_run(output, cfg, model, source=origin, tokenizer_files=files, tokenizer_model_file=tokenizer_path)
     except (ConversionError, TokenizerError) as err:
         fail(str(err))
+    if extension is not None:
+        console.print(extension.plan.describe(), highlight=False, markup=False)
+        tokenizer = (extension.tokenizer, tokenizer_file)
     if tokenizer:
         console.print(f"tokenizer {tokenizer[0].describe()}", highlight=False, markup=False)
         for warning in tokenizer[0].normalizer_warnings():
             console.print(f"[yellow]warning:[/] tokenizer {tokenizer[1]}: {warning.detail}", highlight=False)
     console.print(
-        f"imported {arch.name} ({count_params(model_cfg):,} parameters, "
+        f"imported {arch.name} ({count_params(cfg.model):,} parameters, "
         f"{'scanned' if model_cfg.scan_layers else 'unrolled'} layout) from {source} into {output} "
         f"in {time.perf_counter() - started:.1f} s\n"
         f"continue pretraining: indicfm train --workdir {output}",
@@ -180,7 +289,85 @@ def upcycle_command(
     )
 
 
+def import_tokenizer_command(
+    source: Annotated[Path, typer.Option("--from", help="Run directory whose model gets the new vocabulary "
+                                         "(imported or trained).")],
+    tokenizer_file: Annotated[Path, typer.Option("--tokenizer", help="The extended tokenizer (the tokenizer.json, or "
+                                                 "the folder, indicfm tokenizer extend wrote): its first ids must be the "
+                                                 "run's tokenizer's.")],
+    output: OutputOption,
+    config: ConfigOption = None,
+    sets: SetOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Give a run's model an extended vocabulary, as the starting point of a new run.
+
+    Examples:
+
+        indicfm tokenizer extend --base runs/smol/tokenizer/tokenizer.json --add indic.model --output ext
+
+        indicfm import tokenizer --from runs/smol --tokenizer ext --output runs/smol-indic
+
+        indicfm train --workdir runs/smol-indic      # prepares its data with the extended tokenizer
+
+    The model's rows for the run's own tokenizer's ids stay bit-identical, so on text the old tokenizer
+    encodes, the new model's logits over those ids are the old ones.  Each new piece's embedding row
+    (and output row, when they are not tied) is the mean of the model's rows for the old tokenizer's
+    encoding of the piece's text, the simple initialisation two 2024 studies (Mundra et al.; Tejaswi
+    et al.) found as good as elaborate ones.  The table is padded to a multiple of 128 (of the mesh's
+    tensor x fsdp devices when that does not divide 128); padded rows are the mean of all rows, so no
+    padded id is more probable than the average token.  model.vocab_size becomes the padded size.
+
+    The new run's config is the old one's (OUTPUT/config.yaml, trainer.init_from: initial) with the
+    extended tokenizer as tokenizer.model_file (its sha256 is in the checkpoint) and data.cache_dir
+    unset, so `indicfm train` prepares data.inputs with the new tokenizer (a cache built with another
+    tokenizer is refused); --config/--set on top.  `indicfm export hf` ships the extended tokenizer.json.
+    """
+    import tempfile
+
+    from indicfm.convert.hf_arch import ConversionError
+    from indicfm.convert.initial_run import check_output, write_initial_run
+    from indicfm.convert.vocab_resize import extend_vocabulary
+    from indicfm.sharding import logical_axis_rules, make_mesh
+    from indicfm.train.checkpoint import stored_tokenizer
+    from indicfm.train.saved_model import CheckpointNotFound, restore_model
+
+    quiet_orbax()
+    parent_config = source / "config.yaml"
+    base = load_config_or_exit(config or (parent_config if parent_config.is_file() else None), sets)
+    set_keys = {s.split("=", 1)[0].strip() for s in sets or []}
+    try:
+        mesh = make_mesh(base.mesh)
+        rules = logical_axis_rules(base.mesh.shard_weights_over_data)
+        parent = restore_model(source, mesh, rules=rules,
+                               adapt=lambda saved: saved.model_copy(update=base.model.run_settings()))
+        if not parent.tokenizer:
+            raise ConversionError(f"{parent.directory / str(parent.step)} stores no tokenizer: nothing that "
+                                  f"--tokenizer {tokenizer_file} could be checked against")
+        base_tokenizer = stored_tokenizer(parent.tokenizer).load()
+        extension = _plan_extension(base_tokenizer, f"{source} ({base_tokenizer.file.name})", tokenizer_file,
+                                    parent.model.cfg.vocab_size, mesh)
+        check_output(output, overwrite)
+        model = extend_vocabulary(parent.model, extension.plan, mesh, rules)
+        data = base.data if "data.cache_dir" in set_keys else base.data.model_copy(update={"cache_dir": None})
+        cfg = base.model_copy(update={"model": model.cfg, "data": data})
+        with tempfile.TemporaryDirectory() as staging:
+            files = extension.stage(Path(staging))
+            write_initial_run(output, cfg, model, source={"extended_from": str(source.resolve()), "step": parent.step,
+                                                          **extension.record()},
+                              tokenizer_files=files, tokenizer_model_file=files[0])
+    except (ConversionError, CheckpointNotFound, ValueError) as err:
+        fail(str(err))
+    console.print(
+        f"{extension.plan.describe()}\nmodel of {source} (step {parent.step}) with tokenizer {tokenizer_file} in {output}\n"
+        f"tokenizer {extension.tokenizer.describe()}\n"
+        f"continue pretraining (data prepared with the new tokenizer): indicfm train --workdir {output}",
+        highlight=False, markup=False,
+    )
+
+
 def register(app: typer.Typer) -> None:
     import_app.command("hf")(import_hf_command)
+    import_app.command("tokenizer")(import_tokenizer_command)
     app.add_typer(import_app, name="import")
     app.command("upcycle")(upcycle_command)

@@ -8,5 +8,7 @@
 * :mod:`~indicfm.convert.hf_import`: a Hugging Face directory into an indicfm model placed in its
   sharding, tensor by tensor;
 * :mod:`~indicfm.convert.upcycle`: a dense model into a Mixture of Experts that computes the same
-  function at step 0.
+  function at step 0;
+* :mod:`~indicfm.convert.vocab_resize`: a model given an extended vocabulary, base rows kept bit for
+  bit and each new row the mean of its base sub-token rows.
 """

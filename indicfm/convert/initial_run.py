@@ -18,10 +18,12 @@ to ``initial.partial/`` first and are renamed to ``initial/`` when the checkpoin
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from indicfm.convert.hf_arch import ConversionError
+from indicfm.storage import read_bytes
 from indicfm.train.saved_model import INITIAL_DIR, checkpoint_directory
 
 PARTIAL_SUFFIX = ".partial"
@@ -45,20 +47,21 @@ def write_initial_run(
     model: Any,
     *,
     source: dict,
-    tokenizer_files: list[Path] = (),
+    tokenizer_files: Sequence[Path] = (),
     tokenizer_model_file: Path | None = None,
 ) -> Path:
     """Save ``model``'s parameters as ``workdir``'s starting point and write its ``config.yaml``.
 
     ``cfg``: the run's :class:`~indicfm.config.Config` (its model section must be ``model.cfg``);
-    ``tokenizer_files`` are copied into ``workdir/tokenizer/``; ``tokenizer_model_file`` (one of
-    them, or None) is stored in the checkpoint as the run's tokenizer.
+    ``tokenizer_files`` (local or in a bucket) are copied into ``workdir/tokenizer/``;
+    ``tokenizer_model_file`` (one of them, or None) is stored in the checkpoint as the run's tokenizer.
     """
     from flax import nnx
 
     from indicfm.config import save_config
     from indicfm.model.transformer import param_layout
-    from indicfm.train.checkpoint import PARAM_LAYOUT_KEY, Checkpointer, tokenizer_item
+    from indicfm.train.checkpoint import Checkpointer, tokenizer_item
+    from indicfm.train.checkpoint_meta import CheckpointMeta
     from indicfm.train.config import CheckpointConfig
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,25 +69,29 @@ def write_initial_run(
     tokenizer_dir.mkdir(exist_ok=True)
     copied = {}
     for file in tokenizer_files:
-        copied[file] = shutil.copy2(file, tokenizer_dir / file.name)
-    stored_tokenizer = Path(copied[tokenizer_model_file]) if tokenizer_model_file else None
+        copied[str(file)] = tokenizer_dir / file.name
+        copied[str(file)].write_bytes(read_bytes(file))
+    stored_tokenizer = copied[str(tokenizer_model_file)] if tokenizer_model_file else None
     updates: dict[str, Any] = {"init_from": INITIAL_DIR}
     cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update=updates)})
     if stored_tokenizer is not None:
         cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"model_file": str(stored_tokenizer)})})
 
     _, params, model_state = nnx.split(model, nnx.Param, ...)
-    meta = {
-        "step": 0,
-        "config": cfg.model_dump(mode="json"),
-        PARAM_LAYOUT_KEY: param_layout(cfg.model),
-        "source": source,
-    }
+    tokenizer = tokenizer_item(stored_tokenizer) if stored_tokenizer else None
+    meta = CheckpointMeta(
+        step=0,
+        config=cfg.model_dump(mode="json"),
+        # which tokenizer these parameters' rows belong to, as `indicfm train` records it
+        tokenizer_sha256=tokenizer["sha256"] if tokenizer else None,
+        param_layout=param_layout(cfg.model),
+        seed=cfg.trainer.seed,
+        source=source,
+    )
     partial = workdir / (INITIAL_DIR + PARTIAL_SUFFIX)
     checkpointer = Checkpointer(partial, CheckpointConfig(async_save=False))
     try:
-        checkpointer.save(0, {"params": params, "model_state": model_state}, meta,
-                          tokenizer_item(stored_tokenizer) if stored_tokenizer else None)
+        checkpointer.save(0, {"params": params, "model_state": model_state}, meta, tokenizer)
     finally:
         checkpointer.close()
     partial.rename(workdir / INITIAL_DIR)
