@@ -26,6 +26,7 @@ EXTRA_USES: dict[str, str] = {
     "(the export itself needs neither)",
     "ray": "Ray, for `indicfm data prepare --engine ray` on a Ray cluster",
     "gcs": "gcsfs and universal-pathlib, for gs:// inputs, tokenizers and token caches in `indicfm data prepare`",
+    "eval": "lm-evaluation-harness (no torch), for `indicfm eval` and downstream tasks during `indicfm train`",
     "dev": "pytest and the wheel build, for the test suite (`pytest -m \"not slow\" -n 2 -q`)",
 }
 

@@ -13,7 +13,7 @@ import typer
 
 from typer.core import TyperGroup
 
-from indicfm.cli import convert_cmd, data_cmd, launch_cmd, model_cmd, report_cmd, tokenizer_cmd, train_cmd
+from indicfm.cli import convert_cmd, data_cmd, eval_cmd, launch_cmd, model_cmd, report_cmd, tokenizer_cmd, train_cmd
 
 
 class _TopLevelGroup(TyperGroup):
@@ -53,6 +53,7 @@ launch_cmd.register(app)
 model_cmd.register(app)
 report_cmd.register(app)
 convert_cmd.register(app)
+eval_cmd.register(app)
 
 
 def _print_version(value: bool) -> None:

@@ -66,9 +66,10 @@ def train_command(
         fail(str(err))
     from indicfm.train.loop import train
 
+    downstream = downstream_factory(cfg)
     try:
-        result = train(cfg, workdir, console=console, started_at=started_at)
-    except (ValueError, FileNotFoundError) as err:
+        result = train(cfg, workdir, console=console, started_at=started_at, downstream=downstream)
+    except (ValueError, FileNotFoundError) as err:  # an unknown downstream task too
         fail(str(err))
     common.DONE_AND_CLOSED = True  # train() returned: metrics, logs and checkpoints are closed and on disk
     if result.stopped == "nonfinite":
@@ -91,12 +92,33 @@ def quickstart_command(
 
     Takes a few minutes on a 2-core CPU; uses configs/quickstart.yaml (override with --set).
     """
-    from indicfm.train.quickstart import run_quickstart
+    from indicfm.train.quickstart import QUICKSTART_CONFIG, run_quickstart
 
+    cfg = load_config_or_exit(QUICKSTART_CONFIG, set_ or [])
     try:
-        run_quickstart(workdir, set_ or [], console=console)
+        run_quickstart(workdir, set_ or [], console=console, downstream=downstream_factory(cfg, required=False))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+
+
+def downstream_factory(cfg, required: bool = True):
+    """What builds the in-loop downstream evaluator (``indicfm.evaluation.in_loop``) when the config
+    asks for one (``eval.downstream``), else None.  Without lm-eval installed: an error (exit 2) when
+    ``required``, else a note and no downstream evaluation (the quickstart runs without the extra)."""
+    if not cfg.eval.downstream.enabled:
+        return None
+    try:
+        import lm_eval  # noqa: F401  (the eval extra)
+
+        from indicfm.evaluation.in_loop import InLoopEvaluator
+    except ImportError as err:
+        install = 'pip install "indicfm[eval]"'
+        if required:
+            fail(f"eval.downstream needs lm-evaluation-harness ({err}): {install}, or turn it off with "
+                 "--set eval.downstream.tasks=[]")
+        console.print(f"note: no downstream evaluation (eval.downstream) without lm-evaluation-harness: {install}")
+        return None
+    return InLoopEvaluator
 
 
 def register(app: typer.Typer) -> None:

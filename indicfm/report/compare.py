@@ -80,6 +80,7 @@ class CompareResult:
     # work on a shared machine slows down, and, unlike the fastest steps, not picked from outliers
     median_step_seconds: dict[str, float] = field(default_factory=dict)
     productive_share: dict[str, float] = field(default_factory=dict)  # productive steps ÷ the run's wall clock
+    final_downstream: dict[str, dict[str, float]] = field(default_factory=dict)  # run → {task: accuracy at its last evaluation}
 
 
 def budget_steps(flops_per_step: float, budget_flops: float) -> int:
@@ -301,7 +302,7 @@ def run_compare(
         _check_workdir(workdir, cfg)
         console.print(f"[bold]{run.name}[/]: training {run.steps} steps in {workdir}")
         start = time.perf_counter()
-        result = train(cfg, workdir, console=console, progress=progress)
+        result = train(cfg, workdir, console=console, progress=progress, downstream=_downstream_factory(cfg))
         run_seconds[run.name] = time.perf_counter() - start
         if result.stopped != "completed":
             raise RuntimeError(f"{run.name}: training stopped early ({result.stopped}): {result.message}")
@@ -310,6 +311,15 @@ def run_compare(
     result = summarise(plan.runs, histories, plan.reference.name, budget_flops, run_seconds)
     write_outputs(result, histories, output)
     return result
+
+
+def _downstream_factory(cfg: Config):
+    """The in-loop downstream evaluator's factory when ``eval.downstream`` asks for one."""
+    if not cfg.eval.downstream.enabled:
+        return None
+    from indicfm.evaluation.in_loop import InLoopEvaluator
+
+    return InLoopEvaluator
 
 
 def summarise(
@@ -347,6 +357,7 @@ def summarise(
         languages=languages,
         median_step_seconds={h.name: _median_step_seconds(h) for h in histories},
         productive_share={h.name: _productive_share(h) for h in histories},
+        final_downstream={h.name: h.final_downstream() for h in histories},
     )
 
 
@@ -388,6 +399,24 @@ def bpb_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
         rows.append(row)
     geo = ["geomean of languages"] + [""] * len(names) + [_geomean_text(result, n) for n in others]
     rows.append(geo)
+    return header, rows
+
+
+def downstream_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per downstream task (eval.downstream), each config's final accuracy beside
+    its final bits per byte in the task's language; no rows when no run evaluated downstream tasks."""
+    from indicfm.report.runs import task_language
+
+    names = [run.name for run in result.runs]
+    tasks = sorted({task for per_run in result.final_downstream.values() for task in per_run})
+    header = ["task", "language"] + [f"acc {n}" for n in names] + [f"bpb {n}" for n in names]
+    rows = []
+    for task in tasks:
+        lang = task_language(task)
+        row = [task, lang or "–"]
+        row += [f"{result.final_downstream[n][task]:.3f}" if task in result.final_downstream.get(n, {}) else "–" for n in names]
+        row += [f"{result.final_bpb[n][lang]:.4f}" if lang and lang in result.final_bpb.get(n, {}) else "–" for n in names]
+        rows.append(row)
     return header, rows
 
 
@@ -436,6 +465,8 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
     (output / "compare.json").write_text(json.dumps(payload, indent=2, default=float), encoding="utf-8")
     bpb_header, bpb_rows = bpb_table(result)
     compute_header, compute_rows = compute_table(result)
+    downstream_header, downstream_rows = downstream_table(result)
+    downstream_md = f"\n{markdown_table(downstream_header, downstream_rows)}\n" if downstream_rows else ""
     intro = (
         f"Training-FLOP budget {result.budget_flops:.3e} per config; bits per byte on held-out text at each "
         f"config's last step (within one step of the budget). Speed-up = {result.reference}'s FLOPs ÷ the FLOPs "
@@ -446,7 +477,8 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
         "saves, data, start-up; see goodput.png)."
     )
     (output / "compare.md").write_text(
-        f"{intro}\n\n{markdown_table(bpb_header, bpb_rows)}\n\n{markdown_table(compute_header, compute_rows)}\n", encoding="utf-8"
+        f"{intro}\n\n{markdown_table(bpb_header, bpb_rows)}\n{downstream_md}\n{markdown_table(compute_header, compute_rows)}\n",
+        encoding="utf-8",
     )
     figures = [
         Figure(p, c)
@@ -476,6 +508,7 @@ def write_outputs(result: CompareResult, histories: Sequence[Any], output: Path)
         output,
         "indicfm compare: " + " vs ".join(run.name for run in result.runs),
         figures,
-        [("Bits per byte at equal training FLOPs", f"<p>{intro}</p>" + to_html(bpb_header, bpb_rows)),
-         ("Compute per config", to_html(compute_header, compute_rows))],
+        [("Bits per byte at equal training FLOPs", f"<p>{intro}</p>" + to_html(bpb_header, bpb_rows))]
+        + ([("Downstream accuracy beside bits per byte", to_html(downstream_header, downstream_rows))] if downstream_rows else [])
+        + [("Compute per config", to_html(compute_header, compute_rows))],
     )

@@ -46,6 +46,7 @@ def write_figures(runs: Sequence[RunHistory], output: Path) -> list[Figure]:
         (plots.plot_goodput, "goodput.png", "Goodput: where each run's wall clock went (productive steps, steps recomputed after a restart, compilation, waiting for data, the blocking part of checkpoint saves, evaluation, restore, start-up, profiling, other), one bar per run and accumulating over its wall clock."),
         (plots.plot_moe_balance, "moe_balance.png", "MoE runs: expert load imbalance (max ÷ mean tokens per expert, worst layer; 1 = balanced) and dropped token fraction."),
         (plots.plot_bpb, "bpb.png", "Held-out bits per byte per language against steps (several runs: one panel per language, y axes zoomed on the last three quarters of the evaluations)."),
+        (plots.plot_downstream, "downstream.png", "Downstream accuracy per task (one task per language for the shipped minimal pairs, flores_pairs_<lang>: the real FLORES-200 sentence against the same sentence with two neighbouring words swapped; dotted: chance) at each in-loop evaluation (eval.downstream), with lm-eval's standard error as a band."),
     ]
     figures = []
     for plot, filename, caption in wanted:
@@ -91,8 +92,34 @@ def summary_rows(runs: Sequence[RunHistory]) -> list[dict[str, str]]:
                 "productive": _fmt(run.goodput_totals()["productive"] / wall if wall > 0 else math.nan, ".1%"),
                 "final loss": _fmt(last("loss"), ".4f"),
                 "final mean bpb": _fmt(float(run.bpb["mean"][-1]) if "mean" in run.bpb and len(run.eval_steps) else math.nan, ".4f"),
+                "final downstream acc (mean of tasks)": _fmt(_mean(run.final_downstream().values()), ".3f"),
+                "downstream eval share of wall": _fmt(float(np.sum(run.downstream_seconds)) / wall if wall > 0 and len(run.downstream_seconds) else math.nan, ".1%"),
             }
         )
+    return rows
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan
+
+
+def downstream_rows(runs: Sequence[RunHistory]) -> list[dict[str, str]]:
+    """One row per downstream task: its language and each run's accuracy (± standard error) at its
+    last in-loop evaluation, next to the run's final held-out bits per byte in that language."""
+    from indicfm.report.runs import task_language
+
+    tasks = sorted({task for run in runs for task in run.downstream_tasks})
+    rows = []
+    for task in tasks:
+        lang = task_language(task)
+        row = {"task": task, "language": lang or "–"}
+        for run in runs:
+            acc, stderr = run.final_downstream().get(task), run.final_downstream("acc_stderr").get(task)
+            row[f"acc {run.name}"] = "–" if acc is None else f"{acc:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+            bpb = run.bpb.get(lang) if lang else None
+            row[f"bpb {run.name}"] = _fmt(float(bpb[-1]) if bpb is not None and len(bpb) else math.nan, ".4f")
+        rows.append(row)
     return rows
 
 
@@ -141,4 +168,8 @@ def write_report(workdirs: Sequence[str | Path], output: str | Path) -> Path:
     runs = [load_run(w, name) for w, name in zip(workdirs, unique_names(workdirs))]
     figures = write_figures(runs, output)
     title = f"indicfm report: {', '.join(run.name for run in runs)}"
-    return write_html(output, title, figures, [("Runs", html_table(summary_rows(runs)))])
+    sections = [("Runs", html_table(summary_rows(runs)))]
+    downstream = downstream_rows(runs)
+    if downstream:
+        sections.append(("Downstream tasks at the last evaluation, beside held-out bits per byte", html_table(downstream)))
+    return write_html(output, title, figures, sections)

@@ -268,6 +268,44 @@ def plot_bpb(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps") -> P
     return _save(fig, path)
 
 
+def plot_downstream(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps") -> Path | None:
+    """Downstream accuracy per task (and so per language: the shipped tasks are one per language)
+    over the in-loop evaluations, with lm-eval's standard error as a band.
+
+    One panel per task, the runs overlaid; a panel's title names the task's language when its name
+    ends with one.  The dotted line is chance on two-choice tasks (the shipped minimal pairs)."""
+    from indicfm.report.runs import task_language
+
+    shown = [(i, run) for i, run in enumerate(runs) if run.downstream_tasks and len(run.downstream_steps)]
+    if not shown:
+        return None
+    tasks = sorted({task for _, run in shown for task in run.downstream_tasks})
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for i, run in shown:
+            if f"{task}/acc" not in run.downstream:
+                continue
+            x = run.downstream_steps if axis == "steps" else (
+                run.downstream_steps * run.flops_per_step if axis == "flops" else run.wall_seconds_at(run.downstream_steps)
+            )
+            acc = run.downstream[f"{task}/acc"]
+            ax.plot(x, acc, marker=".", color=run_colour(i), label=run.name, linewidth=1.2)
+            stderr = run.downstream.get(f"{task}/acc_stderr")
+            if stderr is not None:
+                ax.fill_between(x, acc - stderr, acc + stderr, color=run_colour(i), alpha=0.15, linewidth=0)
+        if task.startswith("flores_pairs"):
+            ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+        lang = task_language(task)
+        ax.set_title(f"{task}" + (f" ({lang})" if lang and lang not in task else ""), fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.supxlabel(X_LABELS[axis], fontsize=9)
+    fig.supylabel("accuracy (lm-evaluation-harness)", fontsize=9)
+    return _save(fig, path)
+
+
 def _zoom_on_the_end(ax, curves: Sequence[np.ndarray], skip_fraction: float = 0.25) -> None:
     """Set the y range to the curves' values after their first ``skip_fraction`` of evaluations.
 

@@ -1,8 +1,10 @@
 """One run's history, read back from its workdir (``metrics.jsonl`` + ``config.yaml``) for plotting.
 
-``metrics.jsonl`` holds two kinds of record, both keyed by ``step``: a training record per logged
-step (loss, lr, grad norm, throughput, MoE statistics) and an evaluation record per evaluation
-(``bpb/<lang>`` keys).  :class:`RunHistory` splits them into arrays a plot can use directly.
+``metrics.jsonl`` holds three kinds of record, all keyed by ``step``: a training record per logged
+step (loss, lr, grad norm, throughput, MoE statistics), an evaluation record per evaluation
+(``bpb/<lang>`` keys) and a downstream record per in-loop downstream evaluation
+(``downstream/<task>/<metric>`` keys and ``downstream/seconds``, the evaluation's own wall time).
+:class:`RunHistory` splits them into arrays a plot can use directly.
 
 Training FLOPs at step s are ``s x model_flops_per_step`` (the model FLOPs of
 :mod:`indicfm.model.flops`, logged by the training loop); older logs without that key get it from
@@ -21,11 +23,13 @@ them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from indicfm.train.downstream_hook import PREFIX as DOWNSTREAM, SECONDS_KEY
 from indicfm.train.goodput import CATEGORIES, PREFIX, breakdown_of
 from indicfm.train.metrics import read_metrics
 
@@ -55,6 +59,24 @@ class RunHistory:
     expert_load: np.ndarray | None = None  # [logged steps, MoE layers, experts] shares, None if not logged
     expert_load_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     goodput: list[GoodputPoint] = field(default_factory=list)  # in file order
+    downstream_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    downstream: dict[str, np.ndarray] = field(default_factory=dict)  # "<task>/<metric>" → values at downstream_steps
+    downstream_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # each evaluation's wall time
+
+    @property
+    def downstream_tasks(self) -> list[str]:
+        """Tasks with an accuracy logged, in name order."""
+        return sorted({key.rsplit("/", 1)[0] for key in self.downstream if key.endswith("/acc")})
+
+    def final_downstream(self, metric: str = "acc") -> dict[str, float]:
+        """Task → ``metric`` at the last downstream evaluation that has it."""
+        final = {}
+        for task in self.downstream_tasks:
+            values = self.downstream.get(f"{task}/{metric}", np.zeros(0))
+            finite = np.flatnonzero(np.isfinite(values))
+            if len(finite):
+                final[task] = float(values[finite[-1]])
+        return final
 
     @property
     def train_flops(self) -> np.ndarray:
@@ -121,6 +143,16 @@ class RunHistory:
         return np.array(walls), {c: np.array(v) for c, v in series.items()}
 
 
+FLORES_CODE = re.compile(r"(?:^|_)([a-z]{3}_[A-Z][a-z]{3})$")  # e.g. flores_pairs_hin_Deva → hin_Deva
+
+
+def task_language(task: str) -> str | None:
+    """The FLORES-200 language code a task name ends with (``flores_pairs_hin_Deva`` → ``hin_Deva``),
+    or None (a group, or a task named otherwise)."""
+    found = FLORES_CODE.search(task)
+    return found.group(1) if found else None
+
+
 def _float(value) -> float:
     try:
         return float(value)  # "nan"/"inf" strings (JSON has no NaN) become floats again
@@ -151,6 +183,7 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
         raise FileNotFoundError(f"{path}: no metrics.jsonl here; is {workdir} the workdir of an `indicfm train` run?")
     train_records: dict[int, dict] = {}
     eval_records: dict[int, dict] = {}
+    downstream_records: dict[int, dict] = {}
     goodput: list[GoodputPoint] = []
     for record in read_metrics(path):
         step = int(record["step"])
@@ -161,6 +194,8 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
             eval_records.setdefault(step, {}).update(record)
         if "loss" in record:
             train_records[step] = record
+        if SECONDS_KEY in record:
+            downstream_records[step] = record  # a step evaluated twice (an untrimmed resume): the last wins
 
     steps = np.array(sorted(train_records), dtype=np.int64)
     keys = sorted({k for r in train_records.values() for k, v in r.items() if k != "step" and not isinstance(v, (list, dict))})
@@ -181,6 +216,14 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
         load_steps = [s for s in load_steps if np.shape(train_records[s]["expert_load"]) == shape]
         expert_load = np.array([train_records[s]["expert_load"] for s in load_steps], dtype=np.float64)
 
+    downstream_steps = np.array(sorted(downstream_records), dtype=np.int64)
+    downstream_keys = sorted(
+        {k[len(DOWNSTREAM):] for r in downstream_records.values() for k in r if k.startswith(DOWNSTREAM) and k != SECONDS_KEY}
+    )
+    downstream = {
+        key: np.array([_float(downstream_records[s].get(DOWNSTREAM + key)) for s in downstream_steps]) for key in downstream_keys
+    }
+
     return RunHistory(
         name=name or workdir.resolve().name,
         workdir=workdir,
@@ -192,4 +235,7 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunHistory:
         expert_load=expert_load,
         expert_load_steps=np.array(load_steps, dtype=np.int64),
         goodput=goodput,
+        downstream_steps=downstream_steps,
+        downstream=downstream,
+        downstream_seconds=np.array([_float(downstream_records[s][SECONDS_KEY]) for s in downstream_steps]),
     )
