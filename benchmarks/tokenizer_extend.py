@@ -19,27 +19,18 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import anchor_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 CACHE = REPO / "workdir" / "tokenizer_extend"
 LANGUAGES = ("hin_Deva", "ben_Beng", "mar_Deva", "tel_Telu", "tam_Taml", "guj_Gujr", "kan_Knda", "mal_Mlym", "ory_Orya", "pan_Guru")
 ENGLISH = "eng_Latn"
-
-
-def anchor(name: str) -> Path | None:
-    roots = [Path(os.environ["INDICFM_ANCHOR_TOKENIZERS"])] if os.environ.get("INDICFM_ANCHOR_TOKENIZERS") else []
-    roots.append(REPO.parent / "notes" / "anchor_tok")
-    for root in roots:
-        for candidate in (root / name / "package" / "models" / "tokenizer.json", root / name / "tokenizer.json", root / f"{name}.json"):
-            if candidate.is_file():
-                return candidate
-    return None
 
 
 def own_tokenizer() -> Path:
@@ -90,7 +81,7 @@ def main() -> None:
         for lang in (*LANGUAGES, ENGLISH):
             (dev / f"{lang}.dev").symlink_to(SHARED / "flores200" / "dev" / f"{lang}.dev")
         for name in ("llama3", "gemma3"):
-            base = anchor(name)
+            base = anchor_tokenizer(name)
             if base is None:
                 print(f"skipping {name}: no tokenizer.json (set INDICFM_ANCHOR_TOKENIZERS)", file=sys.stderr)
                 continue

@@ -2,7 +2,6 @@
 adapters against independent counts, and (when the files are present) the anchor figures."""
 
 import json
-import os
 import unicodedata
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import sentencepiece as spm
 from typer.testing import CliRunner
 
+from benchmarks.common import anchor_tokenizer
 from helpers import akshara_splits
 from indicfm.cli import app
 from indicfm.tokenizer.config import TokenizerConfig
@@ -184,21 +184,11 @@ def test_write_report_replaces_suffix(model_file, sample_heldout_dir, tmp_path):
 # --- anchor figures from independent code (needs files not shipped with the repository) -----------
 
 
-def _anchor_tokenizer(name: str) -> Path | None:
-    roots = [Path(os.environ["INDICFM_ANCHOR_TOKENIZERS"])] if os.environ.get("INDICFM_ANCHOR_TOKENIZERS") else []
-    roots.append(REPO.parent / "notes" / "anchor_tok")
-    for root in roots:
-        for candidate in (root / name / "package" / "models" / "tokenizer.json", root / name / "tokenizer.json", root / f"{name}.json"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3", "gpt4o", "llama3"])
 def test_reproduces_anchor_fertility_exactly(name, tmp_path):
     anchor_file = SHARED_DATA / "anchor_fertility_dev.json"
-    path = _anchor_tokenizer(name)
+    path = anchor_tokenizer(name)
     if not anchor_file.is_file() or path is None:
         pytest.skip(f"needs {anchor_file} and the {name} tokenizer.json (set INDICFM_ANCHOR_TOKENIZERS)")
     anchor = json.loads(anchor_file.read_text())[name]

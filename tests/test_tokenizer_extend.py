@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import sentencepiece as spm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
+from benchmarks.common import anchor_tokenizer
 from indicfm.cli import app
 from indicfm.text import normalize
 from indicfm.tokenizer.config import TokenizerConfig
@@ -310,20 +310,10 @@ def test_bad_input_exits_2_naming_the_file(case, expected, bases, indic_model, t
 # --- the real open tokenizers (slow; skipped without them) ---------------------------------------
 
 
-def _anchor_tokenizer(name: str) -> Path | None:
-    roots = [Path(os.environ["INDICFM_ANCHOR_TOKENIZERS"])] if os.environ.get("INDICFM_ANCHOR_TOKENIZERS") else []
-    roots.append(REPO.parent / "notes" / "anchor_tok")
-    for root in roots:
-        for candidate in (root / name / "package" / "models" / "tokenizer.json", root / name / "tokenizer.json", root / f"{name}.json"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama3", "gemma3"])
 def test_anchor_tokenizer_extension(name, indic_model, tmp_path, sample_train_dir):
-    base = _anchor_tokenizer(name)
+    base = anchor_tokenizer(name)
     flores = REPO.parent / "shared" / "data" / "flores200" / "dev"
     if base is None or not flores.is_dir():
         pytest.skip(f"needs the {name} tokenizer.json (set INDICFM_ANCHOR_TOKENIZERS) and {flores}")

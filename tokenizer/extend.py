@@ -33,6 +33,7 @@ from indicfm.storage import file_sha256
 from indicfm.tokenizer.piece_selection import (
     SelectionError,
     balanced_frequency,
+    parse_sentencepiece,
     count_by_script,
     read_indic_model,
 )
@@ -98,19 +99,11 @@ def base_kind(path: Path) -> tuple[str, Any]:
             return SENTENCEPIECE_JSON, spec
         raise ExtendError(f"{path}: a BPE tokenizer.json with neither a ByteLevel pre-tokenizer nor byte fallback/'▁' spaces; "
                           "cannot tell how it spells text, so cannot extend it")
-    from google.protobuf.message import DecodeError
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
-    proto = model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except DecodeError as err:
-        raise ExtendError(f"{path}: neither a tokenizer.json nor a SentencePiece model ({err})") from None
-    if not proto.pieces:
-        raise ExtendError(f"{path}: neither a tokenizer.json nor a SentencePiece model (no pieces)")
-    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
-        kind = model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
-        raise ExtendError(f"{path}: a SentencePiece {kind} model; extend works on SentencePiece BPE models only")
+    proto, problem = parse_sentencepiece(data)
+    if proto is None:
+        raise ExtendError(f"{path}: neither a tokenizer.json nor a SentencePiece model ({problem})")
+    if problem is not None:
+        raise ExtendError(f"{path}: {problem}; extend works on SentencePiece BPE models only")
     return SENTENCEPIECE_MODEL, data
 
 

@@ -99,9 +99,26 @@ class SelectionError(ValueError):
     """The ``--add`` model cannot be used (not SentencePiece, not BPE, no Indic pieces)."""
 
 
+def parse_sentencepiece(data: bytes) -> tuple[object, str | None]:
+    """``(ModelProto, None)`` for a SentencePiece BPE model's bytes; ``(None, why it does not parse)``
+    for something else; ``(ModelProto, "a SentencePiece <KIND> model")`` for another model type."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as err:
+        return None, str(err)
+    if not proto.pieces:
+        return None, "no pieces"
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        return proto, f"a SentencePiece {model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} model"
+    return proto, None
+
+
 def read_indic_model(path: str | Path) -> IndicModel:
     """Parse ``path`` as a SentencePiece BPE model; a clear :class:`SelectionError` otherwise."""
-    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     path = Path(path)
@@ -109,16 +126,11 @@ def read_indic_model(path: str | Path) -> IndicModel:
         data = path.read_bytes()
     except OSError as err:
         raise SelectionError(f"{path}: cannot read the --add model ({err.strerror or err})") from None
-    model = model_pb2.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except DecodeError as err:
-        raise SelectionError(f"{path}: not a SentencePiece model ({err})") from None
-    if not model.pieces:
-        raise SelectionError(f"{path}: not a SentencePiece model (no pieces)")
-    if model.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
-        kind = model_pb2.TrainerSpec.ModelType.Name(model.trainer_spec.model_type)
-        raise SelectionError(f"{path}: a SentencePiece {kind} model; --add needs a BPE model (indicfm tokenizer train --model-type bpe)")
+    model, problem = parse_sentencepiece(data)
+    if model is None:
+        raise SelectionError(f"{path}: not a SentencePiece model ({problem})")
+    if problem is not None:
+        raise SelectionError(f"{path}: {problem}; --add needs a BPE model (indicfm tokenizer train --model-type bpe)")
     normal = model_pb2.ModelProto.SentencePiece.NORMAL
     scores = {p.piece: p.score for p in model.pieces if p.type == normal}
     ids = {p.piece: i for i, p in enumerate(model.pieces)}

@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from indicfm.train.evaluate import fixed_shape_batches
+
 #: how many of the most recently opened rows first-fit looks into (keeps packing linear in the
 #: number of requests; sorted longest first, older rows are nearly full anyway)
 OPEN_ROWS = 64
@@ -53,17 +55,9 @@ class PackedRequests:
     def batches(self, rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """``(first row, batch)`` of ``rows`` rows each; the last batch is padded with empty rows
         (segment 0), so every batch has the same shape and the program never recompiles."""
-        for start in range(0, len(self.tokens), rows):
-            batch = {
-                "tokens": self.tokens[start : start + rows],
-                "targets": self.targets[start : start + rows],
-                "segment_ids": self.segment_ids[start : start + rows],
-                "positions": self.positions[start : start + rows],
-            }
-            pad = rows - len(batch["tokens"])
-            if pad:
-                batch = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in batch.items()}
-            yield start, batch
+        arrays = {"tokens": self.tokens, "targets": self.targets, "segment_ids": self.segment_ids,
+                  "positions": self.positions}
+        return fixed_shape_batches(arrays, rows)
 
 
 def pack_requests(requests: Sequence[tuple[Sequence[int], Sequence[int]]], row_len: int) -> PackedRequests:

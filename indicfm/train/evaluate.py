@@ -98,6 +98,19 @@ def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
     return nll_nats / math.log(2) / max(num_bytes, 1)
 
 
+def fixed_shape_batches(arrays: dict[str, np.ndarray], rows: int) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+    """``(first row, batch)`` of ``rows`` rows of each ``[N, L]`` array; the last batch is padded
+    with zero rows (segment 0: no loss, no score), so every batch has one shape and the jitted
+    program never recompiles."""
+    total = len(next(iter(arrays.values())))
+    for start in range(0, total, rows):
+        batch = {k: v[start : start + rows] for k, v in arrays.items()}
+        pad = rows - len(next(iter(batch.values())))
+        if pad:
+            batch = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in batch.items()}
+        yield start, batch
+
+
 def evaluate_bpb(
     sets: list[HeldoutSet], nll_fn: Callable[[dict[str, np.ndarray]], tuple[float, float]], batch_size: int
 ) -> dict[str, float]:
@@ -109,15 +122,8 @@ def evaluate_bpb(
     result: dict[str, float] = {}
     for heldout in sets:
         total_nll = total_predicted = 0.0
-        for start in range(0, len(heldout.tokens), batch_size):
-            batch = {
-                "tokens": heldout.tokens[start : start + batch_size],
-                "segment_ids": heldout.segment_ids[start : start + batch_size],
-                "positions": heldout.positions[start : start + batch_size],
-            }
-            pad = batch_size - len(batch["tokens"])
-            if pad:
-                batch = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in batch.items()}
+        arrays = {"tokens": heldout.tokens, "segment_ids": heldout.segment_ids, "positions": heldout.positions}
+        for _, batch in fixed_shape_batches(arrays, batch_size):
             nll, predicted = nll_fn(batch)
             total_nll += float(nll)
             total_predicted += float(predicted)
