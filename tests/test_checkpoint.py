@@ -16,12 +16,12 @@ from indicfm.model.config import ModelConfig
 from indicfm.sharding import make_mesh
 from indicfm.model.transformer import param_layout
 from indicfm.train.checkpoint import (
-    PARAM_LAYOUT_KEY,
     Checkpointer,
     LayoutMismatch,
     tokenizer_bytes,
     tokenizer_item,
 )
+from indicfm.train.checkpoint_meta import PARAM_LAYOUT_KEY
 from indicfm.train.config import CheckpointConfig, OptimizerConfig
 from indicfm.train.optimizer import make_optimizer
 from indicfm.train.state import abstract_train_state, create_model, init_train_state
