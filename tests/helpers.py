@@ -31,6 +31,21 @@ def random_model(cfg: ModelConfig, seed: int) -> Transformer:
     return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
+def cpu_process_env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
+    """The environment of a child JAX process on ``devices`` fake CPU devices: one process alone, or
+    (``process_id``, ``port``) one of two that ``jax.distributed`` joins through 127.0.0.1:``port``.
+    The parent's JAX_*/SLURM_*/INDICFM_* settings are dropped so nothing of this process leaks in."""
+    import os
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+    if process_id is not None:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
+    return env
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (a local jax.distributed coordinator, a test server)."""
     with socket.socket() as sock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import pytest
 
 from indicfm.launch import distributed
 
-from helpers import free_port, wait_for_results
+from helpers import cpu_process_env, free_port, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,25 +49,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _worker_env(process_id: int, port: int, devices: int = 4) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES="2",
-        JAX_PROCESS_ID=str(process_id),
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
-
-
 def _run_two_processes(script: Path, timeout: int = 120) -> list[dict]:
     port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(script)],
-            env=_worker_env(i, port),
+            env=cpu_process_env(4, i, port),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

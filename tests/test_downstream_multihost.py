@@ -5,7 +5,6 @@ scores."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from downstream_helpers import hindi_lines, write_choice_task
-from helpers import free_port, wait_for_results
+from helpers import cpu_process_env, free_port, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "toy_hosts_hin_Deva"
@@ -68,15 +67,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if process_id is not None:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    return env
-
-
 def _run(script: Path, task_dir: Path, envs: list[dict]) -> list[dict]:
     procs = [
         subprocess.Popen([sys.executable, str(script), str(task_dir), TASK], env=env, cwd=REPO,
@@ -94,9 +84,9 @@ def test_two_processes_evaluate_like_one(tmp_path, sample_train_dir):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
 
-    (one,) = _run(script, task_dir, [_env(8)])
+    (one,) = _run(script, task_dir, [cpu_process_env(8)])
     port = free_port()
-    hosts = _run(script, task_dir, [_env(4, i, port) for i in range(2)])
+    hosts = _run(script, task_dir, [cpu_process_env(4, i, port) for i in range(2)])
     assert [h["process"] for h in hosts] == [0, 1]
     assert len(one["lls"]) == 30 and hosts[1]["lls"] is None  # samples stay with the driver
     # collectives across processes may sum in another order: close, not bitwise

@@ -11,7 +11,6 @@ both, and compare every shard they hold with a single-device import.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import free_port, wait_for_results
+from helpers import cpu_process_env, free_port, wait_for_results
 from indicfm.config import MeshConfig
 from indicfm.convert.hf_arch import architecture_of, plain_path, tensor_table
 from indicfm.convert.hf_import import SliceReader, imported_model_config, load_hf_model, read_hf_config
@@ -128,20 +127,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _env(process_id: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 def test_two_processes_import_what_one_imports_each_reading_only_its_share(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(SRC), json.dumps(ORDER)], env=_env(i, port), cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, str(script), str(SRC), json.dumps(ORDER)], env=cpu_process_env(4, i, port), cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     results = sorted(wait_for_results(procs, timeout=600), key=lambda r: r["process"])
     sizes = _tensor_bytes()

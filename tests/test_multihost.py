@@ -6,7 +6,6 @@ single process, which continues as the uninterrupted single-process run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 
-from helpers import free_port, tokenizer_and_cache, wait_for_results
+from helpers import cpu_process_env, free_port, tokenizer_and_cache, wait_for_results
 
 REPO = Path(__file__).resolve().parent.parent
 LANGS = ["hin_Deva", "tam_Taml", "eng_Latn"]
@@ -48,15 +47,6 @@ WORKER = textwrap.dedent(
     distributed.shutdown()
     """
 )
-
-
-def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "INDICFM_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if process_id is not None:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    return env
 
 
 def _run(script: Path, settings: list[str], workdir: Path, stop_at: int, envs: list[dict]) -> list[dict]:
@@ -91,13 +81,13 @@ def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, 
     script.write_text(WORKER)
 
     # reference: one process, 8 devices, uninterrupted
-    (reference,) = _run(script, prepared, tmp_path / "one", 0, [_env(8)])
+    (reference,) = _run(script, prepared, tmp_path / "one", 0, [cpu_process_env(8)])
     assert sorted(reference["losses"]) == list(range(1, TOTAL_STEPS + 1))
 
     # two processes x 4 devices, same global mesh
     port = free_port()
     two = tmp_path / "two"
-    hosts = _run(script, prepared, two, 0, [_env(4, i, port) for i in range(2)])
+    hosts = _run(script, prepared, two, 0, [cpu_process_env(4, i, port) for i in range(2)])
     assert [h["process"] for h in hosts] == [0, 1]
     steps = list(range(1, TOTAL_STEPS + 1))
     for host in hosts:
@@ -118,12 +108,12 @@ def test_two_hosts_train_like_one_and_their_checkpoint_resumes_in_one(prepared, 
 
     # resumed on the same two hosts: every later loss equal bit for bit
     port = free_port()
-    resumed_two = _run(script, prepared, two, 0, [_env(4, i, port) for i in range(2)])
+    resumed_two = _run(script, prepared, two, 0, [cpu_process_env(4, i, port) for i in range(2)])
     for host in resumed_two:
         assert sorted(host["losses"]) == list(after)
         assert [host["losses"][s] for s in after] == [hosts[0]["losses"][s] for s in after]
 
     # the checkpoint written by both hosts restores in one process, which finishes the run
-    (resumed_one,) = _run(script, prepared, tmp_path / "two_to_one", 0, [_env(8)])
+    (resumed_one,) = _run(script, prepared, tmp_path / "two_to_one", 0, [cpu_process_env(8)])
     assert sorted(resumed_one["losses"]) == list(after)
     np.testing.assert_allclose([resumed_one["losses"][s] for s in after], [reference["losses"][s] for s in after], rtol=2e-5)
