@@ -65,11 +65,6 @@ def eval_command(
         fail(str(err))
 
     quiet_orbax()
-    import logging
-
-    # lm-eval logs each task's set-up at WARNING (defaults it fills in, custom-dataset notices);
-    # indicfm's own warnings (requests cut to a row) still show
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from indicfm.config import MeshConfig
     from indicfm.inference.load import load_for_inference, read_checkpoint_meta
     from indicfm.sharding import make_mesh, resolve_mesh_sizes
@@ -93,11 +88,15 @@ def eval_command(
                       f"{jax.device_count()} device(s)")
 
     from indicfm.evaluation.harness import evaluate_model
+    from indicfm.evaluation.in_loop import quiet_lm_eval
 
     try:
-        scores = evaluate_model(loaded.model, loaded.model.cfg, loaded.tokenizer(), mesh, tasks=names,
-                                include_path=include_path, num_fewshot=num_fewshot, limit=limit, rows=rows,
-                                seed=seed, log_samples=log_samples)
+        # lm-eval logs each task's set-up at WARNING (defaults it fills in, custom-dataset notices);
+        # indicfm's own warnings (requests cut to a row) still show
+        with quiet_lm_eval():
+            scores = evaluate_model(loaded.model, loaded.model.cfg, loaded.tokenizer(), mesh, tasks=names,
+                                    include_path=include_path, num_fewshot=num_fewshot, limit=limit, rows=rows,
+                                    seed=seed, log_samples=log_samples)
     except (UnknownTaskError, TaskFileError) as err:
         fail(str(err))
     if not info.is_main:

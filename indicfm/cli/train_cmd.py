@@ -109,8 +109,6 @@ def downstream_factory(cfg, required: bool = True):
         return None
     try:
         import lm_eval  # noqa: F401  (the eval extra)
-
-        from indicfm.evaluation.in_loop import InLoopEvaluator
     except ImportError as err:
         install = 'pip install "indicfm[eval]"'
         if required:
@@ -118,7 +116,9 @@ def downstream_factory(cfg, required: bool = True):
                  "--set eval.downstream.tasks=[]")
         console.print(f"note: no downstream evaluation (eval.downstream) without lm-evaluation-harness: {install}")
         return None
-    return InLoopEvaluator
+    from indicfm.evaluation.in_loop import evaluator_factory
+
+    return evaluator_factory(cfg)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 #: the stderr bootstrap of lm-eval's bootstrappable aggregations (not used by the shipped tasks'
 #: means, whose stderr is closed-form); lm-eval's default of 100000 takes minutes on a CPU
 BOOTSTRAP_ITERS = 1000
-LANGUAGE = re.compile(r"([a-z]{3}_[A-Z][a-z]{3})$")
+LANGUAGE = re.compile(r"(?:^|_)([a-z]{3}_[A-Z][a-z]{3})$")  # a FLORES-200 code ending a task name
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class DownstreamScores:
         """``"downstream/<task>/<metric>" -> value``: no stderr, no aliases, filter ``none``
         dropped from the name (another filter becomes ``<metric>/<filter>``).  Stable keys for
         metrics.jsonl and TensorBoard."""
-        return {f"downstream/{task}/{metric}": value for task, _, metric, value, _ in self.rows()}
+        from indicfm.train.downstream_hook import PREFIX
+
+        return {f"{PREFIX}{task}/{metric}": value for task, _, metric, value, _ in self.rows()}
 
     def rows(self) -> list[tuple[str, str, str, float, float | None]]:
         """``(task, language, metric, value, stderr or None)`` per task and metric, sorted by task."""

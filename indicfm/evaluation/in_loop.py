@@ -20,6 +20,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from indicfm.train.downstream_hook import PREFIX
+
 if TYPE_CHECKING:
     from indicfm.config import Config
 
@@ -27,7 +29,7 @@ QUIET_LOGGERS = ("lm_eval", "lm-eval")
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
+def quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
     """lm-eval logs at INFO/WARNING for every task it builds; in the loop that is noise."""
     loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
     previous = [logger.level for logger in loggers]
@@ -38,6 +40,12 @@ def _quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for logger, old in zip(loggers, previous):
             logger.setLevel(old)
+
+
+def evaluator_factory(cfg: "Config") -> "type[InLoopEvaluator] | None":
+    """What ``train(..., downstream=)`` takes: :class:`InLoopEvaluator` when the config asks for
+    in-loop downstream evaluation (``eval.downstream``), else None."""
+    return InLoopEvaluator if cfg.eval.downstream.enabled else None
 
 
 class InLoopEvaluator:
@@ -53,14 +61,14 @@ class InLoopEvaluator:
         self.seed = cfg.trainer.seed
         include = self.settings.include_path
         self.include_path = str(Path(resolve_path(include)).resolve()) if include else None
-        with _quiet_lm_eval():
+        with quiet_lm_eval():
             self.tasks = resolve_tasks(self.settings.tasks, self.settings.suite, self.include_path)
         self.tokenizer = load_tokenizer(cfg.tokenizer.model_file)
 
     def __call__(self, step: int, model: Any, mesh: Any) -> dict[str, float]:
         from indicfm.evaluation.harness import evaluate_model
 
-        with _quiet_lm_eval():
+        with quiet_lm_eval():
             scores = evaluate_model(
                 model,
                 self.model_cfg,
@@ -73,8 +81,9 @@ class InLoopEvaluator:
                 rows=self.settings.rows,
                 seed=self.seed,
             )
-        values = {key: float(value) for key, value in scores.flat().items()}
-        for task, _, metric, _, stderr in scores.rows():  # lm-eval's standard errors, for the report's bands
-            if stderr is not None and f"downstream/{task}/{metric}" in values:
-                values[f"downstream/{task}/{metric}_stderr"] = stderr
+        values = {}
+        for task, _, metric, value, stderr in scores.rows():  # the keys of scores.flat(), with the stderr
+            values[f"{PREFIX}{task}/{metric}"] = value
+            if stderr is not None:  # lm-eval's standard error, for the report's bands
+                values[f"{PREFIX}{task}/{metric}_stderr"] = stderr
         return values

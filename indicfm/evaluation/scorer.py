@@ -58,16 +58,15 @@ class Scorer:
 
     def __init__(self, model: Any, mesh: jax.sharding.Mesh, rows: int, row_len: int,
                  generate: Callable[..., list] | None = None):
-        from indicfm.sharding import batch_sharding
+        from indicfm.sharding import batch_sharding, batch_shards
 
         self.model = model
         self.mesh = mesh
         self.row_len = row_len
         self.graphdef, self.state = nnx.split(model)
         self.rows_sharding = batch_sharding(mesh)
-        shards = int(np.prod([mesh.shape[a] for a in _spec_axes(self.rows_sharding.spec[0])]))
+        shards = batch_shards(dict(mesh.shape))
         self.rows = -(-rows // shards) * shards  # rows split evenly over the data-like axes
-        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._program = _compiled_program(self.graphdef, mesh)
         self._generate = generate
         self.multi = jax.process_count() > 1
@@ -144,12 +143,6 @@ class Scorer:
                 result = json.loads(got["result"].tobytes().decode("utf-8"))
             else:
                 raise RuntimeError(f"unknown command {command} from process 0")
-
-
-def _spec_axes(entry: Any) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def _broadcast_header(values: list[int]) -> np.ndarray:

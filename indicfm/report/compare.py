@@ -272,6 +272,7 @@ def run_compare(
     from rich.console import Console
 
     from indicfm.data.cache import read_metadata
+    from indicfm.evaluation.in_loop import evaluator_factory
     from indicfm.report.runs import load_run
     from indicfm.train.inputs import ensure_tokenizer_and_cache
     from indicfm.train.loop import train
@@ -302,7 +303,7 @@ def run_compare(
         _check_workdir(workdir, cfg)
         console.print(f"[bold]{run.name}[/]: training {run.steps} steps in {workdir}")
         start = time.perf_counter()
-        result = train(cfg, workdir, console=console, progress=progress, downstream=_downstream_factory(cfg))
+        result = train(cfg, workdir, console=console, progress=progress, downstream=evaluator_factory(cfg))
         run_seconds[run.name] = time.perf_counter() - start
         if result.stopped != "completed":
             raise RuntimeError(f"{run.name}: training stopped early ({result.stopped}): {result.message}")
@@ -311,15 +312,6 @@ def run_compare(
     result = summarise(plan.runs, histories, plan.reference.name, budget_flops, run_seconds)
     write_outputs(result, histories, output)
     return result
-
-
-def _downstream_factory(cfg: Config):
-    """The in-loop downstream evaluator's factory when ``eval.downstream`` asks for one."""
-    if not cfg.eval.downstream.enabled:
-        return None
-    from indicfm.evaluation.in_loop import InLoopEvaluator
-
-    return InLoopEvaluator
 
 
 def summarise(
@@ -356,7 +348,7 @@ def summarise(
         median_tokens_per_s={h.name: float(np.nanmedian(h.train["tokens_per_s"][1:])) for h in histories},
         languages=languages,
         median_step_seconds={h.name: _median_step_seconds(h) for h in histories},
-        productive_share={h.name: _productive_share(h) for h in histories},
+        productive_share={h.name: h.productive_share() for h in histories},
         final_downstream={h.name: h.final_downstream() for h in histories},
     )
 
@@ -368,11 +360,6 @@ def _median_step_seconds(history: Any) -> float:
         return math.nan
     seconds = seconds if history.goodput else seconds[1:]
     return float(np.nanmedian(seconds)) if len(seconds) else math.nan
-
-
-def _productive_share(history: Any) -> float:
-    wall = history.goodput_wall() if history.goodput else 0.0
-    return history.goodput_totals()["productive"] / wall if wall > 0 else math.nan
 
 
 def _speedup_text(value: float | None, bound: float) -> str:
@@ -405,14 +392,14 @@ def bpb_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
 def downstream_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per downstream task (eval.downstream), each config's final accuracy beside
     its final bits per byte in the task's language; no rows when no run evaluated downstream tasks."""
-    from indicfm.report.runs import task_language
+    from indicfm.evaluation.harness import language_of_task
 
     names = [run.name for run in result.runs]
     tasks = sorted({task for per_run in result.final_downstream.values() for task in per_run})
     header = ["task", "language"] + [f"acc {n}" for n in names] + [f"bpb {n}" for n in names]
     rows = []
     for task in tasks:
-        lang = task_language(task)
+        lang = language_of_task(task)
         row = [task, lang or "–"]
         row += [f"{result.final_downstream[n][task]:.3f}" if task in result.final_downstream.get(n, {}) else "–" for n in names]
         row += [f"{result.final_bpb[n][lang]:.4f}" if lang and lang in result.final_bpb.get(n, {}) else "–" for n in names]

@@ -89,7 +89,7 @@ def summary_rows(runs: Sequence[RunHistory]) -> list[dict[str, str]]:
                 "peak (TFLOP/s)": _fmt(_nan_stat(np.nanmax, peak) / 1e12, ".4f"),
                 "training time (s)": _fmt(float(seconds[-1]) if len(seconds) else math.nan, ".0f"),
                 "wall clock (s)": _fmt(wall, ".0f"),
-                "productive": _fmt(run.goodput_totals()["productive"] / wall if wall > 0 else math.nan, ".1%"),
+                "productive": _fmt(run.productive_share(), ".1%"),
                 "final loss": _fmt(last("loss"), ".4f"),
                 "final mean bpb": _fmt(float(run.bpb["mean"][-1]) if "mean" in run.bpb and len(run.eval_steps) else math.nan, ".4f"),
                 "final downstream acc (mean of tasks)": _fmt(_mean(run.final_downstream().values()), ".3f"),
@@ -107,15 +107,16 @@ def _mean(values) -> float:
 def downstream_rows(runs: Sequence[RunHistory]) -> list[dict[str, str]]:
     """One row per downstream task: its language and each run's accuracy (± standard error) at its
     last in-loop evaluation, next to the run's final held-out bits per byte in that language."""
-    from indicfm.report.runs import task_language
+    from indicfm.evaluation.harness import language_of_task
 
     tasks = sorted({task for run in runs for task in run.downstream_tasks})
+    final = [(run.final_downstream(), run.final_downstream("acc_stderr")) for run in runs]
     rows = []
     for task in tasks:
-        lang = task_language(task)
+        lang = language_of_task(task)
         row = {"task": task, "language": lang or "–"}
-        for run in runs:
-            acc, stderr = run.final_downstream().get(task), run.final_downstream("acc_stderr").get(task)
+        for run, (accs, stderrs) in zip(runs, final):
+            acc, stderr = accs.get(task), stderrs.get(task)
             row[f"acc {run.name}"] = "–" if acc is None else f"{acc:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
             bpb = run.bpb.get(lang) if lang else None
             row[f"bpb {run.name}"] = _fmt(float(bpb[-1]) if bpb is not None and len(bpb) else math.nan, ".4f")

@@ -156,14 +156,15 @@ def plot_goodput(runs: Sequence[RunHistory], path: Path) -> Path | None:
     fig = plt.figure(figsize=(max(10.0, 4.6 * columns), 1.4 + 0.4 * len(shown) + 3.2 * (rows - 1)))
     grid = fig.add_gridspec(rows, columns, height_ratios=[0.5 + 0.3 * len(shown)] + [1.0] * (rows - 1))
     bars = fig.add_subplot(grid[0, :])
-    used = [c for c in CATEGORIES if any(run.goodput_totals()[c] > 0 for run in shown)]
+    totals_of = [run.goodput_totals() for run in shown]
+    used = [c for c in CATEGORIES if any(totals[c] > 0 for totals in totals_of)]
     longest = max(run.goodput_wall() for run in shown)
     for y, run in enumerate(shown):
-        totals, wall, left = run.goodput_totals(), run.goodput_wall(), 0.0
+        totals, wall, left = totals_of[y], run.goodput_wall(), 0.0
         for category in used:
             bars.barh(y, totals[category], left=left, color=GOODPUT_COLOURS[category], label=category if y == 0 else None)
             left += totals[category]
-        share = totals["productive"] / wall if wall > 0 else math.nan
+        share = run.productive_share()
         bars.text(left + 0.01 * longest, y, f"{wall:,.0f} s, {100 * share:.0f}% productive", va="center", fontsize=8)
     bars.set_xlim(0, 1.3 * longest)
     bars.set_yticks(range(len(shown)), [run.name for run in shown], fontsize=8)
@@ -274,7 +275,7 @@ def plot_downstream(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps
 
     One panel per task, the runs overlaid; a panel's title names the task's language when its name
     ends with one.  The dotted line is chance on two-choice tasks (the shipped minimal pairs)."""
-    from indicfm.report.runs import task_language
+    from indicfm.evaluation.harness import language_of_task
 
     shown = [(i, run) for i, run in enumerate(runs) if run.downstream_tasks and len(run.downstream_steps)]
     if not shown:
@@ -295,7 +296,7 @@ def plot_downstream(runs: Sequence[RunHistory], path: Path, axis: XAxis = "steps
                 ax.fill_between(x, acc - stderr, acc + stderr, color=run_colour(i), alpha=0.15, linewidth=0)
         if task.startswith("flores_pairs"):
             ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
-        lang = task_language(task)
+        lang = language_of_task(task)
         ax.set_title(f"{task}" + (f" ({lang})" if lang and lang not in task else ""), fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.tick_params(labelsize=7)

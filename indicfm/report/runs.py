@@ -23,7 +23,6 @@ them.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +126,11 @@ class RunHistory:
         """The run's accounted wall clock: its sessions' walls, summed."""
         return sum(max(p.wall for p in points) for points in self.goodput_sessions().values())
 
+    def productive_share(self) -> float:
+        """The share of the accounted wall clock spent on productive steps; NaN without a goodput log."""
+        wall = self.goodput_wall()
+        return self.goodput_totals()["productive"] / wall if wall > 0 else math.nan
+
     def goodput_over_time(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(wall clock, category → cumulative seconds) at every point, sessions one after another."""
         walls: list[float] = []
@@ -141,16 +145,6 @@ class RunHistory:
             offset += points[-1].wall
             base = {c: base[c] + points[-1].seconds.get(c, 0.0) for c in CATEGORIES}
         return np.array(walls), {c: np.array(v) for c, v in series.items()}
-
-
-FLORES_CODE = re.compile(r"(?:^|_)([a-z]{3}_[A-Z][a-z]{3})$")  # e.g. flores_pairs_hin_Deva → hin_Deva
-
-
-def task_language(task: str) -> str | None:
-    """The FLORES-200 language code a task name ends with (``flores_pairs_hin_Deva`` → ``hin_Deva``),
-    or None (a group, or a task named otherwise)."""
-    found = FLORES_CODE.search(task)
-    return found.group(1) if found else None
 
 
 def _float(value) -> float:

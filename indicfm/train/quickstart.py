@@ -62,15 +62,16 @@ def run_quickstart(
     rows = [[lang, f"{before.get(lang, float('nan')):.3f}", f"{after[lang]:.3f}"]
             for lang in sorted(after, key=lambda k: (k == "mean", k))]  # fmt: skip
     print_table(console, "held-out bits per byte (lower is better)", ["language"], ["before", "after"], rows)
+    downstream_scores = {**first.downstream, **resumed.downstream}
     if resumed.downstream:
-        _print_downstream(console, {**first.downstream, **resumed.downstream}, resumed.final_step)
+        _print_downstream(console, downstream_scores, resumed.final_step)
     first_loss = first.losses.get(min(first.losses)) if first.losses else float("nan")
     last_loss = resumed.losses.get(resumed.final_step, float("nan"))
     console.print(
         f"loss {first_loss:.3f} → {last_loss:.3f}; stopped at step {first.final_step} and resumed from step "
         f"{resumed.start_step}; checkpoints, metrics.jsonl and TensorBoard logs are in {workdir}"
     )
-    return QuickstartResult(first, resumed, before, after, {**first.downstream, **resumed.downstream})
+    return QuickstartResult(first, resumed, before, after, downstream_scores)
 
 
 def _print_downstream(console, scores: dict[int, dict[str, float]], final_step: int) -> None:
