@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import unicodedata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from indicfm.config import CONFIG_DIR
+from indicfm.text import normalize
 
 PARENT_FLOPS = 2e12
 EXTRA_FLOPS = 2e12
@@ -52,7 +52,7 @@ SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"]
 
 def _nfc_lines(path: Path, limit: int) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()[:limit]
-    return [unicodedata.normalize("NFC", line) for line in lines if line.strip()]
+    return [normalize(line) for line in lines if line.strip()]
 
 
 def _corpus(source: Path, out: Path, lines: int) -> Path:
@@ -218,14 +218,16 @@ def main(argv: list[str] | None = None) -> None:
     base = _base_tokenizer(text, out / "base", BASE_VOCAB)
     indic = _indic_model(text, out / "indic", INDIC_VOCAB)
     extended, method = _extend(base, indic, out / "extended", args.max_new, console)
+    from indicfm.tokenizer.extend import padded
     from indicfm.tokenizer.load import load_tokenizer
 
     base_size = load_tokenizer(base).vocab_size
+    base_rows = padded(base_size)
     common = {"data": {"inputs": [str(text)]}, "eval": {"heldout_dir": str(args.heldout.resolve())}}
 
     # the parent: the base tokenizer, from scratch, for B
     parent_cfg = _write_config(out / "configs" / "parent.yaml", {
-        **common, "model": {"vocab_size": -(-base_size // 128) * 128},
+        **common, "model": {"vocab_size": base_rows},
         "tokenizer": {"model_file": str(base)}, "checkpoint": {"every_steps": 100000}})
     parent_run = out / "runs" / "parent"
     parent_plan, parent_history, parent_s = _train(parent_cfg, B, parent_run, 2, console)
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     # (a) the same tokenizer and cache, continued for C
     cache = load_config(parent_run / "config.yaml").data.cache_dir
     arm_a = _write_config(out / "configs" / "base-continued.yaml", {
-        **common, "model": {"vocab_size": -(-base_size // 128) * 128}, "tokenizer": {"model_file": str(base)},
+        **common, "model": {"vocab_size": base_rows}, "tokenizer": {"model_file": str(base)},
         "data": {**common["data"], "cache_dir": cache}, "trainer": {"init_from": str(parent_run)}})
     # (b) the parent given the extended vocabulary (indicfm import tokenizer), its data prepared again
     initial = out / "initial" / "extended"

@@ -22,6 +22,7 @@ multiple of 128 is reported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from indicfm import __version__
-from indicfm.storage import file_sha256
+from indicfm.tokenizer.load import HF, Tokenizer, TokenizerFile, load_tokenizer, read_tokenizer_file
 from indicfm.tokenizer.piece_selection import (
     SelectionError,
     balanced_frequency,
@@ -40,6 +41,7 @@ from indicfm.tokenizer.piece_selection import (
 from indicfm.tokenizer.specials import CONFIG_FILE
 
 BYTE_LEVEL, SENTENCEPIECE_JSON, SENTENCEPIECE_MODEL = "byte-level BPE", "SentencePiece-style BPE (tokenizer.json)", "SentencePiece BPE (.model)"
+#: the size is reported padded to a multiple of this (the tile size matrix units and Megatron's padding use)
 PAD_MULTIPLE = 128
 MANIFEST = "extension.json"
 
@@ -73,13 +75,19 @@ def padded(size: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-size // multiple) * multiple
 
 
-def base_kind(path: Path) -> tuple[str, Any]:
-    """(kind, parsed base): a tokenizer.json as a dict, a .model as its bytes; ExtendError otherwise."""
+def read_base(path: Path) -> TokenizerFile:
+    """The base tokenizer file (with the special tokens a tokenizer_config.json beside it names),
+    read once; ExtendError where it cannot be read."""
     try:
-        data = path.read_bytes()
+        return read_tokenizer_file(path)
     except OSError as err:
         raise ExtendError(f"{path}: cannot read the base tokenizer ({err.strerror or err})") from None
-    if path.suffix == ".json" or data.lstrip()[:1] == b"{":
+
+
+def base_kind(path: Path, file: TokenizerFile) -> tuple[str, Any]:
+    """(kind, parsed base): a tokenizer.json as a dict, a .model as its bytes; ExtendError otherwise."""
+    data = file.data
+    if file.kind == HF:
         try:
             spec = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -127,7 +135,8 @@ def extend_tokenizer(
     base, add, output = Path(base), Path(add), Path(output)
     if max_new is not None and max_new < 1:
         raise ExtendError(f"--max-new {max_new}: must be at least 1")
-    kind, parsed = base_kind(base)
+    base_file = read_base(base)
+    kind, parsed = base_kind(base, base_file)
     try:
         model = read_indic_model(add)
         ranking, languages = balanced_frequency(model, Path(text_dir)) if text_dir is not None else (None, [])
@@ -156,10 +165,11 @@ def extend_tokenizer(
         if model_bytes is not None:
             model_file = output / "tokenizer.model"
             model_file.write_bytes(model_bytes)
-        _write_config(base, output, kind)
+        base_tokenizer = base_file.load()
+        _write_config(base, base_tokenizer, output, kind)
 
     vocab_size = base_size + len(added)
-    normalizer = _check_normalizer(base, tokenizer_file)
+    normalizer = _check_normalizer(base_tokenizer, tokenizer_file)
     result = ExtensionResult(
         output_dir=output, tokenizer_file=tokenizer_file, model_file=model_file, manifest_file=output / MANIFEST,
         base_kind=kind, base_size=base_size, vocab_size=vocab_size, added=added,
@@ -168,8 +178,8 @@ def extend_tokenizer(
     )  # fmt: skip
     manifest = {
         "indicfm_version": __version__,
-        "base": {"path": str(base), "sha256": file_sha256(base), "kind": kind, "vocab_size": base_size},
-        "add": {"path": str(add), "sha256": file_sha256(add)},
+        "base": {"path": str(base), "sha256": hashlib.sha256(base_file.data).hexdigest(), "kind": kind, "vocab_size": base_size},
+        "add": {"path": str(add), "sha256": hashlib.sha256(model.model_proto).hexdigest()},
         "selection": {"method": selection.method, "max_new": max_new, "text_dir": str(text_dir) if text_dir else None,
                       "languages": languages, "skipped": result.skipped},
         "vocab_size": vocab_size,
@@ -194,11 +204,9 @@ def _size_of(kind: str, parsed: Any) -> int:
     return max([*parsed["model"]["vocab"].values(), *(t["id"] for t in parsed.get("added_tokens", []))]) + 1
 
 
-def _write_config(base: Path, output: Path, kind: str) -> None:
+def _write_config(base: Path, base_tokenizer: Tokenizer, output: Path, kind: str) -> None:
     """The base's tokenizer_config.json (and special_tokens_map.json) where it has them, else one
     naming the special tokens indicfm finds in it: what load_tokenizer and transformers read."""
-    from indicfm.tokenizer.load import load_tokenizer
-
     copied = False
     if kind != SENTENCEPIECE_MODEL:
         for companion in (CONFIG_FILE, "special_tokens_map.json"):
@@ -207,7 +215,7 @@ def _write_config(base: Path, output: Path, kind: str) -> None:
                 copied = True
     if copied:
         return
-    special = load_tokenizer(base).special
+    special = base_tokenizer.special
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for role in ("bos", "eos", "pad", "unk"):
         s = getattr(special, role)
@@ -215,11 +223,9 @@ def _write_config(base: Path, output: Path, kind: str) -> None:
     (output / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def _check_normalizer(base: Path, extended: Path) -> str:
+def _check_normalizer(base: Tokenizer, extended: Path) -> str:
     """What the extended tokenizer's normaliser does beyond NFC; it must be what the base's does."""
-    from indicfm.tokenizer.load import load_tokenizer
-
-    before = [w.short for w in load_tokenizer(base).normalizer_warnings()]
+    before = [w.short for w in base.normalizer_warnings()]
     after = [w.short for w in load_tokenizer(extended).normalizer_warnings()]
     if before != after:  # a bug of the conversion, never the user's
         raise AssertionError(f"the extended tokenizer's normaliser differs from the base's: {after} vs {before}")

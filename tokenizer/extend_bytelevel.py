@@ -56,6 +56,8 @@ GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> character table, which every byte-level BPE vocabulary is written in:
     printable Latin-1 bytes stand for themselves, the others are shifted to U+0100 and up."""
+    from tokenizers import pre_tokenizers
+
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     shift = 0
@@ -63,6 +65,7 @@ def byte_to_unicode() -> dict[int, str]:
         if b not in table:
             table[b] = chr(256 + shift)
             shift += 1
+    assert set(table.values()) == set(pre_tokenizers.ByteLevel.alphabet())  # the library's own alphabet
     return table
 
 
@@ -228,7 +231,7 @@ def extend_byte_level(
 
 def base_indic_tokens(vocab: dict[str, int]) -> set[str]:
     """The base's tokens that are Indic text (SentencePiece spelling, ``▁`` for the space)."""
-    table = _unicode_to_byte()
+    table = unicode_to_byte()
     out = set()
     for token in vocab:
         try:
@@ -266,10 +269,11 @@ def _pair(merge: str | list[str]) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
+def unicode_to_byte() -> dict[str, int]:
+    """The inverse of :func:`byte_to_unicode`: a byte-level vocabulary character -> its byte."""
     return {c: b for b, c in byte_to_unicode().items()}
 
 
 def _bytes_of(token: str) -> bytes:
-    table = _unicode_to_byte()
+    table = unicode_to_byte()
     return bytes(table[c] for c in token)

@@ -39,7 +39,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import jax
@@ -48,13 +47,13 @@ from flax import nnx
 
 from indicfm.convert.hf_arch import ConversionError, plain_path
 from indicfm.sharding import Rules, state_shardings
+from indicfm.tokenizer.extend import PAD_MULTIPLE, padded
+from indicfm.tokenizer.extend_bytelevel import byte_to_unicode, unicode_to_byte
 from indicfm.tokenizer.load import HF, Tokenizer
+from indicfm.tokenizer.piece_selection import WHITESPACE
 
-#: rows are a multiple of this at least (the tile size matrix units and Megatron's padding use)
-PAD_MULTIPLE = 128
 #: a tokenizer larger than this is almost certainly the wrong file (the largest open vocabularies are ~262k)
 MAX_VOCABULARY = 1 << 20
-META_SPACE = "▁"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -65,40 +64,18 @@ class VocabularyError(ConversionError):
 # ------------------------------------------------------------------------------ which base rows
 
 
-@lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
-    from tokenizers import pre_tokenizers
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):  # the published construction: printable bytes map to themselves, the rest to 256 + n
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    assert set(mapping.values()) == set(pre_tokenizers.ByteLevel.alphabet())  # the library's own alphabet
-    return mapping
-
-
 def _style(tokenizer_json: dict) -> str:
     """``byte-level``, ``metaspace`` (SentencePiece-style ``▁`` for spaces) or ``plain`` token strings."""
     text = json.dumps([tokenizer_json.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")], ensure_ascii=False)
     if '"ByteLevel"' in text:
         return "byte-level"
-    return "metaspace" if META_SPACE in text or '"Metaspace"' in text else "plain"
-
-
-@lru_cache(maxsize=1)
-def _byte_of_char() -> dict[str, int]:
-    return {c: b for b, c in _byte_alphabet().items()}
+    return "metaspace" if WHITESPACE in text or '"Metaspace"' in text else "plain"
 
 
 def _piece_bytes(piece: str, style: str) -> bytes:
     """What a vocabulary entry stands for in a document, as bytes."""
     if style == "byte-level":
-        inverse = _byte_of_char()
+        inverse = unicode_to_byte()
         if all(c in inverse for c in piece):
             return bytes(inverse[c] for c in piece)
         return piece.encode("utf-8")
@@ -106,7 +83,7 @@ def _piece_bytes(piece: str, style: str) -> bytes:
         match = _BYTE_PIECE.fullmatch(piece)
         if match:  # a byte-fallback piece stands for one byte
             return bytes([int(match.group(1), 16)])
-        return piece.replace(META_SPACE, " ").encode("utf-8")
+        return piece.replace(WHITESPACE, " ").encode("utf-8")
     return piece.encode("utf-8")
 
 
@@ -129,7 +106,7 @@ def new_piece_texts(extended: Tokenizer, base_size: int) -> list[bytes]:
     for i in range(base_size, extended.vocab_size):
         if i in added:  # an added token's content is text (with "▁" for spaces in a metaspace tokenizer)
             content = added[i].content
-            out.append(content.replace(META_SPACE, " ").encode("utf-8") if style == "metaspace" else content.encode("utf-8"))
+            out.append(content.replace(WHITESPACE, " ").encode("utf-8") if style == "metaspace" else content.encode("utf-8"))
         else:
             out.append(_piece_bytes(tok.id_to_token(i) or "", style))
     return out
@@ -195,7 +172,7 @@ class _InContextEncoder:
         return self.processor.encode(text)
 
     def _bytes(self, data: bytes) -> list[int]:
-        names = ([_byte_alphabet()[b] for b in data] if self.style == "byte-level"
+        names = ([byte_to_unicode()[b] for b in data] if self.style == "byte-level"
                  else [f"<0x{b:02X}>" for b in data])
         return [self.vocab[n] for n in names if n in self.vocab]
 
@@ -275,7 +252,7 @@ def plan_vocabulary(
     check_extends(base, extended, base_name, extended_name)
     encoder = _InContextEncoder(base)
     sources = tuple(tuple(encoder.encode(text)) for text in new_piece_texts(extended, base.vocab_size))
-    rows = -(-max(extended.vocab_size, model_rows) // multiple) * multiple
+    rows = padded(max(extended.vocab_size, model_rows), multiple)
     return VocabularyPlan(base.vocab_size, extended.vocab_size, rows, model_rows, multiple, sources)
 
 
