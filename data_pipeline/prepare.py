@@ -35,7 +35,6 @@ from indicfm.data.workers import WorkerDied
 from indicfm.storage import (
     as_path,
     file_identity,
-    file_sha256,
     fresh,
     is_bucket_root,
     is_empty_or_missing,
@@ -138,7 +137,7 @@ def prepare(
         tok = load_tokenizer(tokenizer)
     except TokenizerError as err:
         raise PrepareError(str(err)) from None
-    tokenizer_sha = file_sha256(tokenizer)
+    tokenizer_sha = hashlib.sha256(tok.file.data).hexdigest()  # the bytes load_tokenizer read: the file's, read once
     fingerprint = _fingerprint(config, files, seq_len, tokenizer_sha, tok)
 
     start = time.perf_counter()

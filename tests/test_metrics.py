@@ -10,8 +10,7 @@ from indicfm.train.metrics import (
     MetricsWriter,
     expert_load_stats,
     mfu,
-    peak_flops_per_device,
-    total_peak_flops,
+    run_peak,
 )
 
 
@@ -35,13 +34,13 @@ class _FakeDevice:
 
 def test_peaks_come_from_the_hardware_table_and_totals():
     # vendor figures (dense bf16), independent of the table file's layout
-    assert peak_flops_per_device(_FakeDevice("NVIDIA A100-SXM4-80GB")) == pytest.approx(312e12)
-    assert peak_flops_per_device(_FakeDevice("TPU v5 lite", "tpu")) == pytest.approx(197e12)  # v5e, not v5p
-    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4) == pytest.approx(4 * 275e12)
-    assert total_peak_flops([_FakeDevice("TPU v4", "tpu")] * 4, override=1e12) == pytest.approx(4e12)
+    assert run_peak([_FakeDevice("NVIDIA A100-SXM4-80GB")]).flops == pytest.approx(312e12)
+    assert run_peak([_FakeDevice("TPU v5 lite", "tpu")]).flops == pytest.approx(197e12)  # v5e, not v5p
+    assert run_peak([_FakeDevice("TPU v4", "tpu")] * 4).flops == pytest.approx(4 * 275e12)
+    assert run_peak([_FakeDevice("TPU v4", "tpu")] * 4, override=1e12).flops == pytest.approx(4e12)
     with pytest.raises(ValueError, match="hardware.yaml"):
-        peak_flops_per_device(_FakeDevice("some new accelerator"))
-    cpu = peak_flops_per_device(_FakeDevice("cpu", "cpu"))  # measured, not looked up
+        run_peak([_FakeDevice("some new accelerator")])
+    cpu = run_peak([_FakeDevice("cpu", "cpu")], None, "float32").flops  # measured, not looked up
     assert 1e8 < cpu < 1e14
 
 

@@ -17,6 +17,7 @@ promises that the shard lacks.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -36,7 +37,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-#: safetensors dtype names -> NumPy dtypes (bfloat16 through ml_dtypes, which jax already needs)
+#: safetensors dtype names -> NumPy dtypes (bfloat16 through ml_dtypes, which jax already needs);
+#: built once, on first use
+@functools.cache
 def _dtypes() -> dict[str, Any]:
     import ml_dtypes
 
@@ -153,10 +156,6 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
-
-    def nbytes(self) -> int:
-        """Bytes of the checkpoint's files (what import is measured against)."""
-        return sum(file_size(p) for p in {e.file for e in self._where.values()})
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self

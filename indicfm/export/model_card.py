@@ -17,15 +17,10 @@ from indicfm.text import LANGUAGES
 def per_language_bpb(workdir: Path, step: int) -> tuple[int | None, dict[str, float]]:
     """The latest held-out bits per byte logged at or before ``step`` in ``<workdir>/metrics.jsonl``:
     ``(eval step, {lang: bpb})``; ``(None, {})`` when the run logged none."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return None, {}
+    from indicfm.train.metrics import iter_records
+
     best_step, best = None, {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in iter_records(Path(workdir) / "metrics.jsonl"):
         values = {k[len("bpb/"):]: v for k, v in record.items() if k.startswith("bpb/") and isinstance(v, (int, float))}
         record_step = int(record.get("step", -1))
         if values and record_step <= step and (best_step is None or record_step >= best_step):

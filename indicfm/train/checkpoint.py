@@ -116,6 +116,13 @@ def stored_tokenizer(item: dict) -> TokenizerFile:
     return TokenizerFile(tokenizer_bytes(item), item.get("file_name", "tokenizer.model"), item.get("special_tokens"))
 
 
+def restore_meta(manager: ocp.CheckpointManager, directory: str | Path, step: int) -> CheckpointMeta:
+    """The metadata of checkpoint ``step`` that ``manager`` (over ``directory``) holds, without
+    reading any array."""
+    data = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return CheckpointMeta.from_json(data, Path(directory) / str(step))
+
+
 def _use_replica_parallel(enabled: bool) -> None:
     """Orbax's replica-parallel saving splits each replicated array over its replicas so that every
     replica writes a slice; each slice is one eager op, which on CPU (or with many small arrays)
@@ -305,16 +312,15 @@ class Checkpointer:
         if with_tokenizer:
             items["tokenizer"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = self._meta(step, out["meta"])
+        meta = self._checked_step(step, CheckpointMeta.from_json(out["meta"], self.directory / str(step)))
         return Restored(step, out["state"], meta, out.get("tokenizer") if with_tokenizer else None, [])
 
     def read_meta(self, step: int) -> CheckpointMeta:
         """The metadata of one step, without reading any array."""
         self._join_save_thread()
-        return self._meta(step, self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        return self._checked_step(step, restore_meta(self.manager, self.directory, step))
 
-    def _meta(self, step: int, data: Any) -> CheckpointMeta:
-        meta = CheckpointMeta.from_json(data, self.directory / str(step))
+    def _checked_step(self, step: int, meta: CheckpointMeta) -> CheckpointMeta:
         if meta.step != step:
             raise ValueError(f"checkpoint {self.directory / str(step)}: metadata says step {meta.step}")
         return meta

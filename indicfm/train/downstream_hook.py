@@ -15,9 +15,10 @@ evaluations included, so none is counted twice.  The loop evaluates a step befor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from indicfm.train.metrics import iter_records
 
 if TYPE_CHECKING:
     from indicfm.config import Config
@@ -60,18 +61,7 @@ def live_model(graphdef: Any, state: Any) -> Any:
 
 def logged_steps(metrics_path: Path) -> set[int]:
     """Steps that have a downstream record in ``metrics.jsonl`` (damaged lines skipped)."""
-    path = Path(metrics_path)
-    if not path.is_file():
-        return set()
-    steps = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(record, dict) and SECONDS_KEY in record:
-            steps.add(int(record.get("step", -1)))
-    return steps
+    return {int(record.get("step", -1)) for record in iter_records(metrics_path) if SECONDS_KEY in record}
 
 
 def missed_at_resume(cfg: "DownstreamEvalConfig", step: int, last_step: int, metrics_path: Path) -> bool:

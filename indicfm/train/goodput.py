@@ -27,12 +27,13 @@ Everything takes an injectable clock, so tests drive it with a fake clock and a 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from indicfm.train.metrics import iter_records
 
 Clock = Callable[[], float]
 
@@ -55,7 +56,7 @@ class Timeline:
     Use: ``with timeline.host("data"): ...`` around host work that may leave the devices idle;
     :meth:`dispatched` and :meth:`completed` for every step (in step order);
     :meth:`advance` when no step is in flight (at the end of the run). :meth:`totals` then adds
-    up to ``accounted_until - start``.
+    up to :meth:`wall`.
 
     ``recomputed_through``: steps up to this one were logged by an earlier session that did not
     save them; redoing them is lost work, not progress.
@@ -161,12 +162,8 @@ class Timeline:
         self._cursor = until
 
     # ---- results ----------------------------------------------------------------------------
-    @property
-    def accounted_until(self) -> float:
-        return self._cursor
-
     def totals(self) -> dict[str, float]:
-        """Seconds per category, up to :attr:`accounted_until`; they add up to :meth:`wall`."""
+        """Seconds per category, up to the wall time accounted so far; they add up to :meth:`wall`."""
         return dict(self._totals)
 
     def wall(self) -> float:
@@ -196,16 +193,9 @@ def describe(totals: dict[str, float], wall: float) -> str:
 def last_logged_step(metrics_path: Path) -> int:
     """The highest training step in a ``metrics.jsonl`` (0 if none): on a resume from step R, steps
     R+1 .. this one were computed before and are lost work when computed again."""
-    path = Path(metrics_path)
-    if not path.is_file():
-        return 0
     last = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if isinstance(record, dict) and "loss" in record:
+    for record in iter_records(metrics_path):  # lines cut short by the crash are skipped
+        if "loss" in record:
             last = max(last, int(record.get("step", 0)))
     return last
 

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -63,17 +63,6 @@ def measure_cpu_peak(dtype: str = "float32", batch: int = CPU_PEAK_MATMUL[0], n:
         matmul(*inputs[i % 3]).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return Peak(2 * batch * n**3 / best, f"cpu: {dt.name} matmul {batch}x[{n}x{n}] (best of {repeats}), measured at start-up", dt.name)
-
-
-def peak_flops_per_device(device: Any, hardware: dict[str, Chip] | None = None) -> float:
-    """Peak FLOP/s of one device: on CPU a measurement (of the whole host), else the hardware table's
-    entry for its kind (float32 on CPU; :func:`run_peak` takes the run's compute dtype)."""
-    return run_peak([device], None, "float32", hardware).flops
-
-
-def total_peak_flops(devices: list[Any], override: float | None = None, hardware: dict[str, Chip] | None = None) -> float:
-    """Peak FLOP/s of all devices of the run (on CPU: the host, however many virtual devices it has)."""
-    return run_peak(devices, override, "float32", hardware).flops
 
 
 def mfu(model_flops_per_step: float, step_seconds: float, peak_flops: float) -> float:
@@ -209,6 +198,22 @@ def _step_of(line: str) -> int:
 def read_metrics(path: Path) -> list[dict]:
     """All records of a ``metrics.jsonl`` (``indicfm report`` and ``compare`` read runs with it)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    """The records of a ``metrics.jsonl`` that may be damaged, for the run's own bookkeeping: a
+    missing file yields nothing, and a line that is not a JSON object (cut short by a kill or a
+    crash) is skipped.  :func:`read_metrics` is the strict reader, for reports."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 class ProgressLine:

@@ -93,13 +93,12 @@ def _choose_step(directory: Path, manager: Any, step: int | None) -> int:
 def read_meta(path: str | Path, step: int | None = None) -> tuple[Path, int, CheckpointMeta]:
     """``(checkpoint directory, step, meta)`` without reading any array (step None = the newest); the
     metadata must hold the resolved config (a :class:`CheckpointMetaError` naming the checkpoint if not)."""
-    import orbax.checkpoint as ocp
+    from indicfm.train.checkpoint import restore_meta
 
     directory, named_step = parameter_directory(path)
     with _open(directory) as manager:
         step = _choose_step(directory, manager, step if step is not None else named_step)
-        data = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    meta = CheckpointMeta.from_json(data, directory / str(step))
+        meta = restore_meta(manager, directory, step)
     meta.saved_model_config()  # every reader of a run's parameters needs it: refuse here, before any array
     return directory, step, meta
 

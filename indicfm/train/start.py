@@ -102,6 +102,23 @@ def _origin(meta: CheckpointMeta) -> str:
     return ""
 
 
+def _check_tokenizer(meta: CheckpointMeta, tokenizer_sha256: str, cfg: Any, checkpoint: str, *, init_from: bool = False) -> None:
+    """Raise :class:`TokenizerChanged` when ``meta`` records another tokenizer than the run's: the ids
+    of one tokenizer mean other text under another, so the embedding rows would be read wrongly.
+    ``checkpoint`` names the checkpoint in the message (``init_from``: the one ``trainer.init_from`` names)."""
+    saved_sha = meta.tokenizer_sha256
+    if not saved_sha or saved_sha == tokenizer_sha256:
+        return
+    if init_from:
+        lead, advice = f"trainer.init_from: {checkpoint} was made", (
+            " (give a run a new vocabulary with `indicfm import tokenizer`, which initialises the new rows)")
+    else:
+        lead, advice = f"the checkpoint {checkpoint} was trained", ""
+    raise TokenizerChanged(
+        f"{lead} with tokenizer sha256 {saved_sha}, but {cfg.tokenizer.model_file} has sha256 {tokenizer_sha256}{advice}"
+    )
+
+
 def start_state(
     source: StartSource,
     cfg: Any,
@@ -132,12 +149,7 @@ def start_state(
         with restoring():
             restored = checkpointer.restore_latest_good(abstract_state, warn=warn, param_layout=param_layout(cfg.model))
         if restored is not None:
-            saved_sha = restored.meta.tokenizer_sha256
-            if saved_sha and saved_sha != tokenizer_sha256:
-                raise TokenizerChanged(
-                    f"the checkpoint at step {restored.step} in {checkpointer.directory} was trained with tokenizer "
-                    f"sha256 {saved_sha}, but {cfg.tokenizer.model_file} has sha256 {tokenizer_sha256}"
-                )
+            _check_tokenizer(restored.meta, tokenizer_sha256, cfg, f"at step {restored.step} in {checkpointer.directory}")
             return Started(
                 graphdef, restored.state, restored.step, dict(restored.meta.loader),
                 f"resuming from step {restored.step} ({checkpointer.directory / str(restored.step)})",
@@ -147,18 +159,13 @@ def start_state(
 
     meta = None
     if isinstance(source, FromCheckpoint):
-        from indicfm.train.saved_model import restore_model
+        from indicfm.train.saved_model import read_meta, restore_model
 
         with restoring():  # reading another run's or an imported model's parameters is restore time
-            saved = restore_model(source.path, mesh, cfg.model, rules=rules)
+            directory, step, meta = read_meta(source.path)  # no array yet: refuse a wrong tokenizer first
+            _check_tokenizer(meta, tokenizer_sha256, cfg, str(directory / str(step)), init_from=True)
+            saved = restore_model(source.path, mesh, cfg.model, step=step, rules=rules)
         model, meta = saved.model, saved.meta
-        if meta.tokenizer_sha256 and meta.tokenizer_sha256 != tokenizer_sha256:
-            # the ids of one tokenizer mean other text under another: the rows would be read wrongly
-            raise TokenizerChanged(
-                f"trainer.init_from: {saved.directory / str(saved.step)} was made with tokenizer sha256 "
-                f"{meta.tokenizer_sha256}, but {cfg.tokenizer.model_file} has sha256 {tokenizer_sha256} "
-                "(give a run a new vocabulary with `indicfm import tokenizer`, which initialises the new rows)"
-            )
         origin = f"the parameters of {saved.directory / str(saved.step)} (trainer.init_from{_origin(meta)})"
     else:
         model, origin = create_model(cfg.model, mesh, seed, rules), "random initialisation"
