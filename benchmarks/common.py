@@ -18,6 +18,8 @@ import dataclasses
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -81,6 +83,22 @@ def cpu_load() -> str:
     except OSError:
         return "unknown"
     return f"{load1:.1f}/{os.cpu_count()}"
+
+
+def run_indicfm(args: list[str], settings: Any = (), cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run the ``indicfm`` CLI in a child process (this interpreter), ``--set`` each of ``settings``;
+    (stopwatch seconds from before the child starts to after it exits, its stderr).  A failure raises
+    :class:`RuntimeError` with the exit code and the end of its stderr."""
+    command = [sys.executable, "-c", "from indicfm.cli import main; main()", *args]
+    for setting in settings:
+        command += ["--set", setting]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"indicfm {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, done.stderr
 
 
 def rss_peak_mib() -> float:

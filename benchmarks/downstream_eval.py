@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,18 +33,16 @@ LANGS = ("hin_Deva", "tam_Taml")
 
 def train_and_export(workdir: Path, steps: int) -> Path:
     """A quickstart-size run in ``workdir`` (unless it has a checkpoint) and its float32 HF export."""
+    from benchmarks.common import run_indicfm as run_cli
+
     if not (workdir / "checkpoints").is_dir():
-        command = [sys.executable, "-c", "from indicfm.cli import main; main()", "train", "--config",
-                   "configs/quickstart.yaml", "--workdir", str(workdir), "--set", f"trainer.steps={steps}",
-                   "--set", "eval.downstream.tasks=[]", "--set", "eval.at_start=false", "--set", "logging.progress=false"]
-        start = time.perf_counter()
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-        print(f"trained {steps} steps in {time.perf_counter() - start:.0f} s → {workdir}")
+        wall, _ = run_cli(["train", "--config", "configs/quickstart.yaml", "--workdir", str(workdir)],
+                          [f"trainer.steps={steps}", "eval.downstream.tasks=[]", "eval.at_start=false",
+                           "logging.progress=false"], cwd=REPO)
+        print(f"trained {steps} steps in {wall:.0f} s → {workdir}")
     export = workdir / "hf-export"
     if not (export / "config.json").is_file():
-        command = [sys.executable, "-c", "from indicfm.cli import main; main()", "export", "hf", "--workdir",
-                   str(workdir), "--output", str(export), "--dtype", "float32"]
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+        run_cli(["export", "hf", "--workdir", str(workdir), "--output", str(export), "--dtype", "float32"], cwd=REPO)
     return export
 
 

@@ -22,26 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.goodput import load_average
+from benchmarks.common import cpu_load, run_indicfm
 
 
 def quickstart(workdir: Path, settings: list[str]) -> tuple[float, str]:
     """Run ``indicfm quickstart``; (stopwatch seconds, its console output)."""
-    command = [sys.executable, "-c", "from indicfm.cli import main; main()", "quickstart", "--workdir", str(workdir)]
-    for setting in settings:
-        command += ["--set", setting]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"indicfm quickstart failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall, done.stderr
+    return run_indicfm(["quickstart", "--workdir", str(workdir)], settings)
 
 
 def figures(workdir: Path) -> dict:
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], help="config overrides, as for indicfm")
     args = parser.parse_args(argv)
 
-    print(f"load average before: {load_average()}")
+    print(f"load average before: {cpu_load()}")
     log = ""
     stopwatch = None
     if args.existing is not None:
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         base_wall, _ = quickstart(base_dir, args.settings + ["eval.downstream.tasks=[]"])
         print(f"quickstart without downstream evaluation: {base_wall:.1f} s; difference {stopwatch - base_wall:+.1f} s "
               f"({100 * (stopwatch - base_wall) / base_wall:+.1f}%; noisy on a shared machine)")
-    print(f"load average after: {load_average()}")
+    print(f"load average after: {cpu_load()}")
 
 
 if __name__ == "__main__":

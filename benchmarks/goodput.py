@@ -10,7 +10,7 @@ sees the interpreter's start-up and exit too), then prints from its ``metrics.js
 * the largest MFU and the peak it is measured against (FLOP/s, where from, dtype), with the
   model's compute dtype;
 * the goodput categories, their sum, the run's accounted wall clock and the stopwatch's;
-* the load average before and after (``/proc/loadavg``), because on a shared machine every time
+* the 1-minute load average per CPU before and after, because on a shared machine every time
   depends on it.
 
 ``--existing`` reads a workdir that already has a run (e.g. ``runs/compare/runs/dense`` of
@@ -21,34 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-
-def load_average() -> str:
-    """``/proc/loadavg`` (1, 5, 15-minute load; running/total tasks) and the CPU count."""
-    try:
-        return f"{Path('/proc/loadavg').read_text().strip()} on {os.cpu_count()} CPUs"
-    except OSError:
-        return f"unknown on {os.cpu_count()} CPUs"
+from benchmarks.common import cpu_load, run_indicfm
 
 
 def train(workdir: Path, config: str, settings: list[str]) -> float:
     """Run ``indicfm train``; its wall clock from before the child starts to after it exits."""
-    command = [sys.executable, "-c", "from indicfm.cli import main; main()", "train", "--config", config,
-               "--workdir", str(workdir)]  # fmt: skip
-    for setting in settings:
-        command += ["--set", setting]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"indicfm train failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    print("\n".join(line for line in done.stderr.splitlines() if line.startswith(("goodput", "step time", "training", "bug"))))
+    wall, stderr = run_indicfm(["train", "--config", config, "--workdir", str(workdir)], settings)
+    print("\n".join(line for line in stderr.splitlines() if line.startswith(("goodput", "step time", "training", "bug"))))
     return wall
 
 
@@ -102,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall", type=float, default=None, help="with --existing: the run's stopwatch seconds")
     args = parser.parse_args(argv)
 
-    print(f"load before: {load_average()}")
+    print(f"load before: {cpu_load()}")
     stopwatch = args.wall
     if not args.existing:
         if (args.workdir / "metrics.jsonl").exists():
             parser.error(f"{args.workdir} already has a run; pick a new --workdir (or --existing to read it)")
         settings = [f"trainer.steps={args.steps}", f"checkpoint.every_steps={args.checkpoint_every}", "logging.progress=false", *args.sets]
         stopwatch = train(args.workdir, args.config, settings)
-    print(f"load after:  {load_average()}")
+    print(f"load after:  {cpu_load()}")
     result = figures(args.workdir, stopwatch)
     print(json.dumps({"workdir": str(args.workdir), **result}, indent=2))
     return 0

@@ -34,6 +34,26 @@ def default_inputs() -> tuple[Path, Path]:
     return samples / "train", samples / "heldout"
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser, output: Path, parent_flops: float, extra_flops: float,
+                         quick_flops: float) -> None:
+    """The options of the parent-then-continue benchmarks (upcycle, vocab_extend): ``--corpus``,
+    ``--heldout``, ``--parent-flops`` (B), ``--extra-flops`` (C), ``--output`` and ``--quick``."""
+    corpus, heldout = default_inputs()
+    parser.add_argument("--corpus", type=Path, default=corpus)
+    parser.add_argument("--heldout", type=Path, default=heldout)
+    parser.add_argument("--parent-flops", type=float, default=None, help=f"B (default {parent_flops:.0e})")
+    parser.add_argument("--extra-flops", type=float, default=None, help=f"C (default {extra_flops:.0e})")
+    parser.add_argument("--output", type=Path, default=output)
+    parser.add_argument("--quick", action="store_true", help=f"B = C = {quick_flops:.0e}: checks the pipeline")
+
+
+def budgets(args: argparse.Namespace, parent: float, extra: float, quick: float) -> tuple[float, float]:
+    """(B, C) from :func:`add_budget_arguments`' options: given, else ``quick`` with ``--quick``, else the defaults."""
+    B = args.parent_flops or (quick if args.quick else parent)
+    C = args.extra_flops or (quick if args.quick else extra)
+    return B, C
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     corpus, heldout = default_inputs()

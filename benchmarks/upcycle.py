@@ -86,15 +86,9 @@ def _train_alone(config: Path, budget: float, workdir: Path, overrides: list[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from benchmarks.quality import default_inputs
+    from benchmarks.quality import add_budget_arguments, budgets
 
-    corpus, heldout = default_inputs()
-    parser.add_argument("--corpus", type=Path, default=corpus)
-    parser.add_argument("--heldout", type=Path, default=heldout)
-    parser.add_argument("--parent-flops", type=float, default=None, help=f"B (default {PARENT_FLOPS:.0e})")
-    parser.add_argument("--extra-flops", type=float, default=None, help=f"C (default {EXTRA_FLOPS:.0e})")
-    parser.add_argument("--output", type=Path, default=Path("runs/upcycle"))
-    parser.add_argument("--quick", action="store_true", help=f"B = C = {QUICK_FLOPS:.0e}: checks the pipeline")
+    add_budget_arguments(parser, Path("runs/upcycle"), PARENT_FLOPS, EXTRA_FLOPS, QUICK_FLOPS)
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -103,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     from indicfm.report.compare import flops_to_reach, run_compare
     from indicfm.report.runs import load_run
 
-    B = args.parent_flops or (QUICK_FLOPS if args.quick else PARENT_FLOPS)
-    C = args.extra_flops or (QUICK_FLOPS if args.quick else EXTRA_FLOPS)
+    B, C = budgets(args, PARENT_FLOPS, EXTRA_FLOPS, QUICK_FLOPS)
     out = args.output.resolve()
     console = Console(stderr=True)
     data = [f"data.inputs=[{args.corpus.resolve()}]", f"eval.heldout_dir={args.heldout.resolve()}"]

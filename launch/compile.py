@@ -31,6 +31,7 @@ from typing import Any
 from indicfm.hardware import GIB, Slice, parse_slice
 from indicfm.launch.compile_bound import CompiledBound, bound_lines, compiled_bound, size
 from indicfm.launch.hlo_cost import program_cost
+from indicfm.launch.hlo_graph import CallGraph, call_graph
 from indicfm.launch.hlo_stats import collective_stats, hlo_size
 
 # libtpu is only used as a compiler here.  It normally takes a machine-wide lock (one TPU runtime
@@ -225,9 +226,10 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     hlo = compiled.as_text()
-    stats = collective_stats(hlo)
+    graph = call_graph(hlo)  # parsed once for the collectives and the per-step costs
+    stats = collective_stats(graph)
     hlo_chars, hlo_instructions = hlo_size(hlo)
-    per_step = step_costs(cost, hlo)
+    per_step = step_costs(cost, graph)
     return CompileReport(
         hardware=slice_.name,
         topology=topology_name(slice_),
@@ -252,11 +254,11 @@ def compile_train_step(cfg: Any, slice_: Slice) -> CompileReport:
     )
 
 
-def step_costs(cost: dict[str, float], hlo_text: str) -> dict[str, float]:
+def step_costs(cost: dict[str, float], hlo: str | CallGraph) -> dict[str, float]:
     """The per-step fields of a :class:`CompileReport`, from XLA's ``cost_analysis()`` and the
-    compiled program's text (see :mod:`indicfm.launch.hlo_cost` for why XLA's own figures are not
-    per step)."""
-    program = program_cost(hlo_text)
+    compiled program's text or its parsed call graph (see :mod:`indicfm.launch.hlo_cost` for why
+    XLA's own figures are not per step)."""
+    program = program_cost(hlo)
     return {
         "step_flops_per_chip": program.step_flops(float(cost.get("flops", 0.0))),
         "flops_loop_scale": program.flops_scale,
@@ -363,12 +365,17 @@ def bound_for(report: CompileReport, plan: Any, assumed_step_seconds: float) -> 
         flops=report.step_flops_per_chip,
         hbm_bytes=report.step_hbm_bytes_per_chip,
         all_to_all_bytes=report.all_to_all_bytes,
-        model_flops=plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips,
+        model_flops=model_flops_per_chip(plan),
         mesh=report.mesh,
         slice_=parse_slice(report.hardware),
         assumed_step_seconds=assumed_step_seconds,
         assumed_mfu=plan.mfu,
     )
+
+
+def model_flops_per_chip(plan: Any) -> float:
+    """The plan's model FLOPs per step per chip: training FLOPs per token x tokens per step / chips."""
+    return plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips
 
 
 def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any = None) -> None:
@@ -413,7 +420,7 @@ def render_compiled(candidates: list[CompiledCandidate], plan: Any, console: Any
             f"  FLOPs per chip: XLA's cost analysis {r.flops_per_chip:.3e} (a loop body once, splash attention "
             f"as none); per step {r.step_flops_per_chip:.3e} (x{r.flops_loop_scale:.2f} for loop trip counts, "
             f"+{r.uncounted_kernel_flops_per_chip:.3e} in splash attention); model FLOPs "
-            f"{plan.flops_per_token * plan.global_batch * plan.seq_len / plan.num_chips:.3e}"
+            f"{c.bound.model_flops if c.bound else model_flops_per_chip(plan):.3e}"
         )
         console.print(
             f"  HBM read+written per step per chip: {size(r.step_hbm_bytes_per_chip)} (XLA's \"bytes accessed\" "

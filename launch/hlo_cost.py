@@ -230,12 +230,12 @@ def _local_costs(graph: CallGraph) -> tuple[dict[str, float], dict[str, float], 
         for line, found in instructions:
             op, shape = found["op"], found["shape"]
             operands = _OPERAND.findall(found["operands"])
+            mosaic = _MOSAIC_COST.search(line) if op == "custom-call" else None
             if op == "convolution" and len(operands) >= 2:
                 flops[name] += convolution_flops(line, shape, shapes.get(operands[0], ""), shapes.get(operands[1], ""))
             elif op == "dot" and operands:
                 flops[name] += dot_flops(line, shape, shapes.get(operands[0], ""))
             elif op == "custom-call":
-                mosaic = _MOSAIC_COST.search(line)
                 if mosaic:
                     flops[name] += float(mosaic.group(1))
                 elif 'custom_call_target="tpu_custom_call"' in line and len(operands) > 2:
@@ -256,17 +256,18 @@ def _local_costs(graph: CallGraph) -> tuple[dict[str, float], dict[str, float], 
                 nbytes[name] += 2 * result
             elif op == "dynamic-update-slice" and len(operands) > 1:
                 nbytes[name] += 2 * _hbm(shapes.get(operands[1], ""))
-            elif op == "custom-call" and (mosaic := _MOSAIC_COST.search(line)):
+            elif mosaic:
                 nbytes[name] += float(mosaic.group(2))
             else:
                 nbytes[name] += result + sum(_hbm(shapes.get(o, "")) for o in operands)
     return flops, hidden, nbytes
 
 
-def program_cost(hlo_text: str) -> ProgramCost:
+def program_cost(hlo: str | CallGraph) -> ProgramCost:
     """FLOPs and bytes of one step (loop bodies once per iteration), and the FLOPs counted as XLA's
-    cost analysis counts them."""
-    graph = call_graph(hlo_text)
+    cost analysis counts them; ``hlo`` is the module's text or its already parsed
+    :func:`~indicfm.launch.hlo_graph.call_graph`."""
+    graph = hlo if isinstance(hlo, CallGraph) else call_graph(hlo)
     flops, hidden, nbytes = _local_costs(graph)
     every, _ = run_counts(graph)
     once_every, once_taken = run_counts(graph, trip_counts=False)

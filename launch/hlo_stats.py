@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from indicfm.launch.hlo_graph import INSTRUCTION, CallGraph, array_bytes, call_graph, run_counts
 
-__all__ = ["COLLECTIVES", "CollectiveStats", "array_bytes", "collective_stats", "hlo_size", "HLO_INSTRUCTION"]
+__all__ = ["COLLECTIVES", "CollectiveStats", "collective_stats", "hlo_size", "HLO_INSTRUCTION"]
 
 #: Result kinds reported, in the order they are printed; ``*-start`` async forms count as their op.
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -145,9 +145,10 @@ def _local_collectives(graph: CallGraph) -> dict[str, list[tuple[str, float]]]:
     return local
 
 
-def collective_stats(hlo_text: str) -> CollectiveStats:
-    """Count the collectives one step runs (loop bodies weighted by their trip counts)."""
-    graph = call_graph(hlo_text)
+def collective_stats(hlo: str | CallGraph) -> CollectiveStats:
+    """Count the collectives one step runs (loop bodies weighted by their trip counts); ``hlo`` is
+    the module's text or its already parsed :func:`~indicfm.launch.hlo_graph.call_graph`."""
+    graph = hlo if isinstance(hlo, CallGraph) else call_graph(hlo)
     stats = CollectiveStats(unknown_trip_counts=graph.unknown_trip_counts)
     local = _local_collectives(graph)
     every, taken = run_counts(graph)
